@@ -1,0 +1,1082 @@
+"""Weak-to-strong generalization for CLIP-based classification, with class prototype learning (CPL).
+
+Reference implementation of J. Li, S. M. Erfani, L. Feng, J. Bailey and F. Liu, "Exploring
+Weak-to-Strong Generalization for CLIP-based Classification", TMLR 2025 (arXiv:2511.18396).
+A weak timm model, fine-tuned on true labels, labels held-out images; a frozen open_clip image tower
+plus one trainable head (LP, TP or CPL) learns from those weak labels only. Manual: README.md.
+
+    # CPU demo, no download: synthetic DomainNet-layout data, tiny random-init models (~2 min)
+    make demo
+    # one domain and method on DomainNet, five seeds (GPU; `make data DOMAIN=sketch` first)
+    python w2s_clip.py --domain sketch --method cpl
+    # every method of a domain; image features and weak logits are computed once and cached
+    python w2s_clip.py --domain sketch --method all --seeds 0
+    # the paper's tables from the results.json files
+    python w2s_clip.py --build-tables --out-dir runs --tables-dir results
+"""
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+LOSS_NAMES = ("ce", "kd", "auxconf", "adaptconf")
+METHOD_HEAD_LOSS = {"cpl": ("cpl", "cpl"), "cpl-text": ("cpl-text", "cpl"),  # weak-to-strong
+                    **{f"{loss}-{head}": (head, loss) for head in ("lp", "tp") for loss in LOSS_NAMES}}
+METHODS = ("weak", "ceiling") + tuple(METHOD_HEAD_LOSS)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--data-root", default="data/domainnet",
+                   help="folder with <domain>/<class>/<file>.jpg and <domain>_{train,test}.txt")
+    p.add_argument("--domain", choices=DOMAINS, default="sketch", help="DomainNet domain")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="one run per seed: the D_test split, weak model and head all follow it")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loader worker processes for image decoding")
+    # weak model
+    p.add_argument("--weak-model", default="resnet18", help="any timm model name")
+    p.add_argument("--no-weak-pretrained", dest="weak_pretrained", action="store_false",
+                   help="random-init weak model instead of ImageNet weights (offline use)")
+    p.add_argument("--weak-epochs", type=int, default=3, help="weak fine-tuning epochs on D_train")
+    p.add_argument("--weak-lr", type=float, default=1e-3, help="weak fine-tuning learning rate")
+    # strong model
+    p.add_argument("--clip-model", default="ViT-B-32",
+                   help="open_clip model name, or a path to an open_clip JSON model config")
+    p.add_argument("--clip-pretrained", default="openai",
+                   help="open_clip pretrained tag or checkpoint file; 'none' = random init")
+    # heads and losses
+    p.add_argument("--method", choices=METHODS + ("all",), default="cpl",
+                   help="weak, ceiling, cpl, cpl-text or <loss>-<lp|tp>; 'all' runs every one")
+    p.add_argument("--tau", type=float, default=1.0, help="CPL temperature (Eq. 4-5)")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="KD/AdaptConf temperature T")
+    p.add_argument("--aux-alpha", type=float, default=0.5, help="AuxConf final alpha")
+    p.add_argument("--adapt-tau", type=float, default=1.0, help="AdaptConf beta temperature")
+    p.add_argument("--prototype-init", choices=("single", "ensemble"), default="single",
+                   help="CPL init: 'a photo of a {}.' (paper) or open_clip's 80 ImageNet templates")
+    # training
+    p.add_argument("--strong-epochs", type=int, default=10, help="head training epochs")
+    p.add_argument("--batch-size", type=int, default=512, help="batch size, weak and strong")
+    p.add_argument("--lr", type=float, default=1e-2, help="head learning rate (AdamW)")
+    p.add_argument("--text-lr", type=float, default=1e-5,
+                   help="learning rate of the text tower for cpl-text (Table 4)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if any)")
+    # output
+    p.add_argument("--out-dir", default="runs", help="results go to <out-dir>/<domain>/<method>/")
+    p.add_argument("--cache-dir", default="cache", help="features, weak models and weak logits")
+    p.add_argument("--force", action="store_true", help="recompute caches and finished runs")
+    p.add_argument("--build-tables", action="store_true",
+                   help="only build Tables 2-4 and Figure 2 from the results under --out-dir")
+    p.add_argument("--tables-dir", default="results", help="where --build-tables writes")
+    p.add_argument("--make-demo", metavar="DIR",
+                   help="only write a synthetic DomainNet-layout dataset and a tiny CLIP config")
+    return p.parse_args(argv)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a path, a flag, a file); main() prints it as one line."""
+
+
+def set_seed(seed):
+    """Seed Python's, torch's and every CUDA device's generators."""
+    import random
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds all CUDA devices
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and splits (paper Section 5, step 0)
+# ------------------------------------------------------------------------------------------------
+def read_split_file(path):
+    """Parse an official DomainNet split file, one `<domain>/<class>/<file>.jpg <label>` per line.
+
+    Returns:
+        (paths, labels): relative image paths (list of n str) and labels (LongTensor [n]).
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"split file {path} not found; get it with `make data DOMAIN=<domain>`")
+    paths, labels = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or parts[0].count("/") < 2:
+                raise UserError(f"{path}:{lineno}: expected '<domain>/<class>/<file> <label>', "
+                                f"got {line.strip()!r}; re-download the split file")
+            paths.append(parts[0])
+            labels.append(int(parts[1]))
+    if not paths:
+        raise UserError(f"{path} is empty; re-download it with `make data`")
+    return paths, torch.tensor(labels)
+
+
+def classnames_from_splits(paths, labels, source="split files"):
+    """Class names in label order, from the class folder of each file (`_` -> space).
+
+    DomainNet's label order is not `sorted(folders)`, so names must come from the split files.
+    Returns a list of k names; raises UserError on a label outside 0..k-1 or a folder with 2 labels.
+    """
+    names = {}
+    for p, y in zip(paths, labels.tolist()):
+        name = p.split("/")[-2].replace("_", " ")
+        if names.setdefault(y, name) != name:
+            raise UserError(f"{source}: label {y} is used for both '{names[y]}' and '{name}'")
+    k = len(set(names.values()))
+    bad = sorted(y for y in names if not 0 <= y < k)
+    if bad:
+        raise UserError(f"{source}: label {bad[0]} is outside 0..{k - 1} ({k} class folders)")
+    return [names[y] for y in range(k)]
+
+
+def protocol_splits(n_test, seed, hold_frac=0.8, train_frac=0.8):
+    """Split D_test into hold-train / hold-val (D_hold = 80%, then 80/20) and D'_test (20%).
+
+    Returns:
+        dict of LongTensors of indices into D_test: hold_train, hold_val, test (disjoint, covering).
+    """
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_test, generator=g)
+    n_hold = int(hold_frac * n_test)
+    n_train = int(train_frac * n_hold)
+    return {"hold_train": perm[:n_train], "hold_val": perm[n_train:n_hold], "test": perm[n_hold:]}
+
+
+class ImageList(Dataset):
+    """Images `root/paths[i]` with labels, through `transform`; a bad file raises UserError."""
+
+    def __init__(self, root, paths, labels, transform):
+        self.root, self.paths, self.labels, self.transform = root, paths, labels, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = os.path.join(self.root, self.paths[i])
+        try:
+            image = Image.open(path).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read image {path} ({e}); re-download with `make data`")
+        return self.transform(image), self.labels[i]
+
+
+def check_images(root, paths, workers=16):
+    """Stop before any training if a listed image is missing or not an image (header check)."""
+    def bad(rel):
+        try:
+            with Image.open(os.path.join(root, rel)):
+                return None
+        except (OSError, ValueError):
+            return rel
+    with ThreadPoolExecutor(workers) as pool:
+        for rel in pool.map(bad, paths, chunksize=256):
+            if rel is not None:
+                what = "missing" if not os.path.exists(os.path.join(root, rel)) else "unreadable"
+                raise UserError(f"image {os.path.join(root, rel)} is {what}; "
+                                f"re-download the domain with `make data`")
+
+
+def load_domain(data_root, domain):
+    """Read `<domain>_train.txt` and `<domain>_test.txt`; return a dict with paths, labels, names."""
+    if not os.path.isdir(data_root):
+        raise UserError(f"data root {data_root} not found; run `make data DOMAIN={domain}` or "
+                        f"pass --data-root")
+    splits = {s: read_split_file(os.path.join(data_root, f"{domain}_{s}.txt"))
+              for s in ("train", "test")}
+    (tr_paths, tr_labels), (te_paths, te_labels) = splits["train"], splits["test"]
+    names = classnames_from_splits(tr_paths + te_paths, torch.cat([tr_labels, te_labels]),
+                                   source=f"{domain}_train.txt + {domain}_test.txt")
+    return {"train_paths": tr_paths, "train_labels": tr_labels, "test_paths": te_paths,
+            "test_labels": te_labels, "classnames": names,
+            "digest": file_digest(os.path.join(data_root, f"{domain}_train.txt"),
+                                  os.path.join(data_root, f"{domain}_test.txt"))}
+
+
+def make_loader(dataset, batch_size, device, workers, shuffle=False, seed=0):
+    """A DataLoader that keeps an accelerator busy: workers, pinned memory, seeded shuffling."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed),
+                      pin_memory=torch.device(device).type == "cuda",
+                      persistent_workers=workers > 0 and shuffle, drop_last=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weak model (step 1): a timm model fine-tuned on D_train with true labels
+# ------------------------------------------------------------------------------------------------
+def create_weak_model(name, num_classes, pretrained=True):
+    """A timm classifier with a fresh k-way head, plus timm's own train and eval transforms."""
+    import timm
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    cfg = timm.data.resolve_model_data_config(model)
+    return (model, timm.data.create_transform(**cfg, is_training=True),
+            timm.data.create_transform(**cfg))
+
+
+def warmup_cosine(step, total_steps, warmup_ratio):
+    """LR multiplier: linear warm-up over `warmup_ratio` of the steps, then cosine decay to 0."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_decay=0.0):
+    """Fine-tune all of `model` with cross-entropy on true labels (paper: 3 epochs, lr 1e-3)."""
+    cuda = torch.device(device).type == "cuda"
+    model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup_ratio))
+    for _ in tqdm(range(epochs), desc="weak model", disable=not sys.stderr.isatty()):
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
+                loss = F.cross_entropy(model(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Weak labels (step 2): the weak model's logits on D_hold
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(model, loader, device, desc="weak logits"):
+    """Logits of `model` on every batch of `loader`, in order: FloatTensor [n, k] on the CPU."""
+    cuda = torch.device(device).type == "cuda"
+    model.eval().to(device)
+    out = []
+    for images, _ in tqdm(loader, desc=desc, disable=not sys.stderr.isatty()):
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
+            out.append(model(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP features: the image tower is frozen for every head, so each image is encoded once
+# ------------------------------------------------------------------------------------------------
+def load_clip(model_name, pretrained, device="cpu"):
+    """An open_clip model (eval, frozen), its eval preprocessing and its tokenizer.
+
+    `model_name` is an open_clip name or a JSON config file; `pretrained` a tag, a file or None.
+    A tag trained with QuickGELU (OpenAI's) gets QuickGELU, as it was trained.
+    """
+    import open_clip
+    name = model_name
+    if model_name.endswith(".json"):
+        open_clip.add_model_config(model_name)
+        name = Path(model_name).stem
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device, force_quick_gelu=cfg.get("quick_gelu", False))
+    return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
+
+
+@torch.no_grad()
+def encode_images(clip_model, loader, device):
+    """CLIP image features (not normalised) of every image in `loader`: FloatTensor [n, d]."""
+    cuda = torch.device(device).type == "cuda"
+    clip_model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    out = []
+    for images, _ in tqdm(loader, desc="CLIP features", disable=not sys.stderr.isatty()):
+        images = images.to(device, non_blocking=True)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
+            out.append(clip_model.encode_image(images).float().cpu())
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Heads: LP (Eq. 1), TP as CoOp (Eq. 2), CPL prototypes (Eq. 3), text-encoder tuning (Table 4)
+# ------------------------------------------------------------------------------------------------
+class LinearHead(nn.Module):
+    """LP, Eq. 1: logits = W normalize(x) + b on frozen image features x [n, d] -> [n, k]."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, image_features):
+        return self.fc(F.normalize(image_features, dim=-1))
+
+
+class TextTower(nn.Module):
+    """The parts of an open_clip CLIP's text tower after the token embedding (shared, not copied)."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        if getattr(clip_model, "text_pool_type", "argmax") not in ("argmax", "eos"):
+            raise UserError(f"text pooling '{clip_model.text_pool_type}' is not supported; "
+                            f"use a CLIP with an end-of-text token (argmax/eos pooling)")
+        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
+        self.positional_embedding = clip_model.positional_embedding
+        self.text_projection = clip_model.text_projection
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+
+    def forward(self, x, eot):
+        """Token embeddings x [k, L, w] -> text features [k, d] read at end-of-text positions eot.
+
+        Only the first L positions run: under the causal mask the tokens after the end-of-text
+        token cannot change its feature, so L = max(eot) + 1 equals open_clip's 77-token result.
+        """
+        L = x.shape[1]
+        x = x + self.positional_embedding[:L]
+        mask = None if self.attn_mask is None else self.attn_mask[:L, :L]
+        x = self.ln_final(self.transformer(x, attn_mask=mask))
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (k, w)
+        proj = self.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x if proj is None else x @ proj
+
+
+def tokenize_prompts(clip_model, tokenizer, prompts):
+    """Token ids [k, L] cut after the longest prompt's end-of-text token, and each eot index [k]."""
+    tokens = tokenizer(list(prompts)).to(clip_model.positional_embedding.device)
+    eos = getattr(clip_model, "text_eos_id", None)
+    if getattr(clip_model, "text_pool_type", "argmax") == "eos" and eos is not None:
+        eot = (tokens == eos).int().argmax(dim=-1)
+    else:
+        eot = tokens.argmax(dim=-1)  # OpenAI BPE: end-of-text has the largest id
+    return tokens[:, : int(eot.max()) + 1], eot
+
+
+@torch.no_grad()
+def text_prototypes(clip_model, tokenizer, classnames, templates, batch_size=256):
+    """Zero-shot class embeddings: L2-normalised mean of normalised prompt embeddings, [k, d].
+
+    Args:
+        templates: format strings with `{}` or callables, e.g. open_clip.OPENAI_IMAGENET_TEMPLATES.
+    Equals `open_clip.build_zero_shot_classifier(...).T`, but runs only the prompts' real tokens.
+    """
+    tower = TextTower(clip_model)
+    prompts = [t.format(c) if isinstance(t, str) else t(c) for c in classnames for t in templates]
+    feats = []
+    for i in range(0, len(prompts), batch_size):
+        tokens, eot = tokenize_prompts(clip_model, tokenizer, prompts[i:i + batch_size])
+        feats.append(F.normalize(tower(clip_model.token_embedding(tokens), eot), dim=-1))
+    feats = torch.cat(feats).view(len(classnames), len(templates), -1).mean(dim=1)
+    return F.normalize(feats, dim=-1)
+
+
+class PromptHead(nn.Module):
+    """TP as CoOp (Zhou et al. 2022): one shared learnable context before each class name.
+
+    Prompt i is [SOS][ctx_1..ctx_m][name_i][.][EOS]; the context starts as the embedding of
+    `ctx_init` and is the only trainable tensor. logits = logit_scale * cos(x, text_i), [n, k].
+    """
+
+    def __init__(self, clip_model, tokenizer, classnames, ctx_init="a photo of a"):
+        super().__init__()
+        m = int((tokenizer([ctx_init])[0] != 0).sum()) - 2  # context tokens, no SOS/EOS
+        tokens, eot = tokenize_prompts(clip_model, tokenizer,
+                                       [f"{ctx_init} {c}." for c in classnames])
+        with torch.no_grad():
+            emb = clip_model.token_embedding(tokens)  # (k, L, w)
+        self.ctx = nn.Parameter(emb[0, 1:1 + m].clone())  # (m, w)
+        self.register_buffer("prefix", emb[:, :1].clone())
+        self.register_buffer("suffix", emb[:, 1 + m:].clone())
+        self.register_buffer("eot", eot)
+        self.text = TextTower(clip_model).requires_grad_(False)
+        self.logit_scale = float(clip_model.logit_scale.exp())
+
+    def text_features(self):
+        """L2-normalised class embeddings through the frozen text tower, [k, d]."""
+        k = self.prefix.shape[0]
+        x = torch.cat([self.prefix, self.ctx.expand(k, -1, -1), self.suffix], dim=1)
+        return F.normalize(self.text(x, self.eot), dim=-1)
+
+    def forward(self, image_features):
+        return self.logit_scale * F.normalize(image_features, dim=-1) @ self.text_features().T
+
+
+class PrototypeHead(nn.Module):
+    """CPL, Eq. 3: learnable class prototypes C [k, d]; logits = logit_scale * cos(x, C), [n, k]."""
+
+    def __init__(self, prototypes, logit_scale=100.0):
+        super().__init__()
+        self.prototypes = nn.Parameter(prototypes.detach().clone())
+        self.logit_scale = logit_scale
+
+    def forward(self, image_features):
+        x, c = F.normalize(image_features, dim=-1), F.normalize(self.prototypes, dim=-1)
+        return self.logit_scale * x @ c.T
+
+
+class TextEncoderHead(nn.Module):
+    """Table 4's alternative to CPL: fixed prompts, a trainable copy of the text tower.
+
+    The token-embedding table stays frozen (prompt embeddings are precomputed); the transformer,
+    positional embedding, final norm and projection train. logits = logit_scale * cos, [n, k].
+    """
+
+    def __init__(self, clip_model, tokenizer, classnames, template="a photo of a {}.",
+                 logit_scale=100.0):
+        super().__init__()
+        tokens, eot = tokenize_prompts(clip_model, tokenizer, [template.format(c) for c in classnames])
+        with torch.no_grad():
+            self.register_buffer("prompts", clip_model.token_embedding(tokens).clone())
+        self.register_buffer("eot", eot)
+        self.text = copy.deepcopy(TextTower(clip_model)).requires_grad_(True)
+        self.logit_scale = logit_scale
+
+    def text_features(self):
+        return F.normalize(self.text(self.prompts, self.eot), dim=-1)
+
+    def forward(self, image_features):
+        return self.logit_scale * F.normalize(image_features, dim=-1) @ self.text_features().T
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses: fn(strong_logits [n, k], weak_logits [n, k], **hyper) -> scalar mean over the batch
+# ------------------------------------------------------------------------------------------------
+def ce_loss(strong_logits, weak_logits):
+    """CE to the weak model's hard labels argmax(weak_logits)."""
+    return F.cross_entropy(strong_logits, weak_logits.argmax(dim=-1))
+
+
+def kd_loss(strong_logits, weak_logits, T=1.0):
+    """Hinton et al. 2015: T^2 * KL(softmax(w/T) || softmax(s/T))."""
+    return T * T * F.kl_div(F.log_softmax(strong_logits / T, dim=-1),
+                            F.log_softmax(weak_logits / T, dim=-1),
+                            reduction="batchmean", log_target=True)
+
+
+def auxconf_loss(strong_logits, weak_logits, alpha=0.5):
+    """Burns et al. 2023, aux. confidence loss (multiclass): (1-a) CE(s, softmax w) + a CE(s, argmax s)."""
+    soft = F.cross_entropy(strong_logits, F.softmax(weak_logits, dim=-1))
+    self_hard = F.cross_entropy(strong_logits, strong_logits.argmax(dim=-1).detach())
+    return (1 - alpha) * soft + alpha * self_hard
+
+
+def adaptconf_loss(strong_logits, weak_logits, T=1.0, tau=1.0):
+    """Guo et al. 2024, adaptive confidence distillation, weak-to-strong form (no true labels).
+
+    beta = e^{CE(s, argmax s)/tau} / (e^{CE(s, argmax s)/tau} + e^{CE(s, argmax w)/tau}), per sample,
+    detached; loss = mean((1 - beta) T^2 KL(softmax(w/T) || softmax(s/T)) + beta CE(s, argmax s)).
+    """
+    ce_self = F.cross_entropy(strong_logits, strong_logits.argmax(dim=-1), reduction="none")
+    ce_weak = F.cross_entropy(strong_logits, weak_logits.argmax(dim=-1), reduction="none")
+    beta = torch.sigmoid((ce_self - ce_weak) / tau).detach()  # the two-way softmax above
+    kl = T * T * F.kl_div(F.log_softmax(strong_logits / T, dim=-1),
+                          F.log_softmax(weak_logits / T, dim=-1),
+                          reduction="none", log_target=True).sum(dim=-1)
+    return ((1 - beta) * kl + beta * ce_self).mean()
+
+
+def cpl_loss(strong_logits, weak_logits, tau=1.0):
+    """CPL, Eq. 4-5: KL(softmax(w/tau) || softmax(s/tau)), the weak distribution as target."""
+    return F.kl_div(F.log_softmax(strong_logits / tau, dim=-1),
+                    F.log_softmax(weak_logits / tau, dim=-1),
+                    reduction="batchmean", log_target=True)
+
+
+LOSSES = {"ce": ce_loss, "kd": kd_loss, "auxconf": auxconf_loss, "adaptconf": adaptconf_loss,
+          "cpl": cpl_loss}
+
+
+def loss_hyper(loss, args):
+    """The CLI's hyperparameters for `loss`: a function (step, total_steps) -> kwargs.
+
+    AuxConf's alpha warms linearly from 0 to --aux-alpha over the first 20% of steps (Burns et al.).
+    """
+    fixed = {"ce": {}, "kd": {"T": args.kd_temperature}, "cpl": {"tau": args.tau},
+             "adaptconf": {"T": args.kd_temperature, "tau": args.adapt_tau}}
+    if loss == "auxconf":
+        return lambda step, total: {"alpha": args.aux_alpha * min(1.0, step / (0.2 * total))}
+    return lambda step, total: fixed[loss]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training and evaluation of a head on cached features (step 3; step 4 with true labels)
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(head, features, batch_size=8192):
+    """Head logits for features [n, d] in chunks (a prompt head encodes its text once a chunk)."""
+    head.eval()
+    return torch.cat([head(features[i:i + batch_size]) for i in range(0, len(features), batch_size)])
+
+
+def accuracy(logits, labels):
+    """Fraction of rows whose argmax equals labels [n]."""
+    return (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def train_head(head, loss_fn, hyper, x, targets, x_val, val_labels, *, epochs, batch_size, lr,
+               warmup_ratio=0.1, weight_decay=0.0, seed=0, param_lrs=None, probes=None):
+    """Train `head` on features x [n, d] against target logits [n, k]; keep the best epoch.
+
+    The best epoch maximises accuracy on x_val against val_labels [n_val] (the weak labels for
+    weak-to-strong, the true labels for the ceiling). `hyper(step, total)` gives the loss's kwargs.
+    `param_lrs` maps a parameter-name prefix to its own lr; `probes` maps a name to (features,
+    labels) measured every epoch for the curves (Figure 2), never used for selection.
+    Returns:
+        dict with best_epoch, val_score and curves (one row per epoch); `head` holds the best state.
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in head.parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in head.named_parameters() if p.requires_grad
+                          and n.startswith(pre)], "lr": plr} for pre, plr in (param_lrs or {}).items()]
+    grouped = {id(p) for grp in groups for p in grp["params"]}
+    groups.append({"params": [p for p in params if id(p) not in grouped]})
+    opt = torch.optim.AdamW([grp for grp in groups if grp["params"]], lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup_ratio))
+    best, curves, step = {"val_score": -1.0}, [], 0
+    for epoch in tqdm(range(epochs), desc="head", disable=not sys.stderr.isatty()):
+        head.train()
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            loss = loss_fn(head(x[idx]), targets[idx], **hyper(step, total))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+        row = {"epoch": epoch + 1, "step": step, "loss": loss.item(),
+               "val_score": accuracy(predict(head, x_val), val_labels)}
+        row.update({name: accuracy(predict(head, f), y) for name, (f, y) in (probes or {}).items()})
+        curves.append(row)
+        if row["val_score"] > best["val_score"]:
+            best = {"val_score": row["val_score"], "best_epoch": epoch + 1,
+                    "state": {n: p.detach().clone() for n, p in head.named_parameters()
+                              if p.requires_grad}}  # the frozen text tower needs no copy
+    head.load_state_dict(best.pop("state"), strict=False)
+    return {**best, "curves": curves}
+
+
+def per_class_accuracy(logits, labels, num_classes):
+    """Accuracy of each class [k] (nan for a class with no example)."""
+    hits = (logits.argmax(dim=-1) == labels).float()
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return torch.zeros(num_classes).index_add_(0, labels, hits) / counts
+
+
+def worst_k_accuracy(class_acc, k=10):
+    """Mean of the k lowest per-class accuracies (classes with no example are skipped)."""
+    acc = class_acc[~class_acc.isnan()]
+    return acc.sort().values[:k].mean().item()
+
+
+@torch.no_grad()
+def class_matching_margin(features, prototypes, labels, num_classes):
+    """Class-wise matching margin (Shao et al. 2023, "the worst-performing categories" of CLIP).
+
+    For image i of class y: cos(x_i, c_y) - max_{j != y} cos(x_i, c_j), averaged per class.
+    Returns:
+        (margins [k], nan for a class with no image; confused_with [k], the class that most often
+        holds that max for the class's images).
+    """
+    cos = F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T  # (n, k)
+    own = cos.gather(1, labels[:, None]).squeeze(1)
+    rival = cos.scatter(1, labels[:, None], float("-inf")).max(dim=1)
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    margins = torch.zeros(num_classes).index_add_(0, labels, (own - rival.values).float()) / counts
+    pairs = torch.bincount(labels * num_classes + rival.indices, minlength=num_classes ** 2)
+    return margins, pairs.view(num_classes, num_classes).argmax(dim=1)
+
+
+def pgr(weak, strong, ceiling):
+    """Performance gap recovered (Burns et al. 2023): (w2s - weak) / (ceiling - weak)."""
+    return (strong - weak) / (ceiling - weak) if ceiling != weak else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# Caches and results: keyed by everything that determines them, written atomically
+# ------------------------------------------------------------------------------------------------
+def file_digest(*paths):
+    """SHA-1 of the files' bytes, in order (16 hex digits)."""
+    h = hashlib.sha1()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def cache_key(**parts):
+    """A short stable hash of keyword arguments (anything json can print with str as fallback)."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_save(obj, path):
+    """torch.save (or JSON for a .json path) to a temporary file, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cached(path, compute, force=False):
+    """Load `path` if it exists (and not `force`), else compute, save atomically and return."""
+    if os.path.exists(path) and not force:
+        return torch.load(path, weights_only=True)
+    obj = compute()
+    atomic_save(obj, path)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# The protocol (Section 5): weak model -> weak labels -> features -> heads, per seed
+# ------------------------------------------------------------------------------------------------
+def weak_stage(args, data, seed, device):
+    """Steps 1-2: the weak model fine-tuned on D_train, then its logits on all of D_test, [n, k].
+
+    Both are cached; the model under a key of its data, settings and seed.
+    """
+    k, root = len(data["classnames"]), os.path.realpath(args.data_root)
+    key = cache_key(model=args.weak_model, pretrained=args.weak_pretrained, k=k, seed=seed,
+                    epochs=args.weak_epochs, lr=args.weak_lr, batch=args.batch_size,
+                    warmup=args.warmup_ratio, wd=args.weight_decay, domain=args.domain,
+                    root=root, splits=data["digest"])
+    stem = Path(args.cache_dir) / f"weak-{args.domain}-{args.weak_model}-seed{seed}-{key}"
+    if os.path.exists(f"{stem}-logits.pt") and not args.force:
+        return torch.load(f"{stem}-logits.pt", weights_only=True)
+    set_seed(seed)
+    model, train_tf, eval_tf = create_weak_model(args.weak_model, k, args.weak_pretrained)
+
+    def train():
+        loader = make_loader(ImageList(root, data["train_paths"], data["train_labels"], train_tf),
+                             args.batch_size, device, args.workers, shuffle=True, seed=seed)
+        return train_weak_model(model, loader, args.weak_epochs, args.weak_lr, args.warmup_ratio,
+                                device, args.weight_decay).cpu().state_dict()
+
+    model.load_state_dict(cached(f"{stem}-model.pt", train, args.force))
+    loader = make_loader(ImageList(root, data["test_paths"], data["test_labels"], eval_tf),
+                         args.batch_size, device, args.workers)
+    return cached(f"{stem}-logits.pt", lambda: predict_logits(model, loader, device), args.force)
+
+
+def feature_stage(args, data, device):
+    """The CLIP model, its tokenizer, and its image features of all of D_test [n, d] (cached)."""
+    pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
+    clip_model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
+    model_id = file_digest(args.clip_model) if args.clip_model.endswith(".json") else args.clip_model
+    root = os.path.realpath(args.data_root)
+    key = cache_key(model=model_id, pretrained=pretrained, transform=repr(preprocess),
+                    domain=args.domain, root=root, splits=data["digest"])
+    path = Path(args.cache_dir) / f"clip-{args.domain}-{Path(args.clip_model).stem}-{key}.pt"
+    loader = make_loader(ImageList(root, data["test_paths"], data["test_labels"], preprocess),
+                         args.batch_size, device, args.workers)
+    feats = cached(path, lambda: encode_images(clip_model, loader, device), args.force)
+    return clip_model, tokenizer, feats
+
+
+def make_head(kind, clip_model, tokenizer, classnames, dim, prototype_init="single"):
+    """The trainable head of a method: lp, tp, cpl or cpl-text."""
+    import open_clip
+    if kind == "lp":
+        return LinearHead(dim, len(classnames))
+    if kind == "tp":
+        return PromptHead(clip_model, tokenizer, classnames)
+    if kind == "cpl-text":
+        return TextEncoderHead(clip_model, tokenizer, classnames)
+    templates = (["a photo of a {}."] if prototype_init == "single"
+                 else open_clip.OPENAI_IMAGENET_TEMPLATES)
+    return PrototypeHead(text_prototypes(clip_model, tokenizer, classnames, templates))
+
+
+def fit_head(kind, loss, targets, val_labels, strong, labels, splits, classnames, args, seed):
+    """Train one head on hold-train (targets [n_ht, k]), select it on hold-val, score D'_test.
+
+    `strong` holds the CLIP model, its tokenizer and the D_test features [n, d] on the device.
+    """
+    set_seed(seed)
+    feats = strong["feats"]
+    head = make_head(kind, strong["clip"], strong["tokenizer"], classnames, feats.shape[1],
+                     args.prototype_init).to(feats.device)
+    ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
+    labels = labels.to(feats.device)
+    fit = train_head(head, LOSSES[loss], loss_hyper(loss, args), feats[ht], targets.to(feats.device),
+                     feats[hv], val_labels.to(feats.device), epochs=args.strong_epochs,
+                     batch_size=args.batch_size, lr=args.lr, warmup_ratio=args.warmup_ratio,
+                     weight_decay=args.weight_decay, seed=seed,
+                     param_lrs={"text.": args.text_lr} if kind == "cpl-text" else None,
+                     probes={"train_acc": (feats[ht], labels[ht]), "test_acc": (feats[te], labels[te])})
+    return head, fit, predict(head, feats[te]).cpu()
+
+
+def cmm_report(head, feats, labels, weak_pred, classnames, k_worst=10):
+    """CMM of a prototype head's classes on D'_test, with true and with weak labels, worst first."""
+    protos = head.prototypes if isinstance(head, PrototypeHead) else head.text_features()
+    report = {}
+    for name, y in (("true_labels", labels), ("weak_labels", weak_pred)):
+        margins, rival = class_matching_margin(feats.cpu(), protos.detach().cpu(), y, len(classnames))
+        order = [int(i) for i in margins.argsort() if not margins[i].isnan()][:k_worst]
+        report[name] = [{"class": classnames[i], "margin": margins[i].item(),
+                         "confused_with": classnames[int(rival[i])]} for i in order]
+    return report
+
+
+def run_method(method, args, data, splits, weak_logits, strong, seed):
+    """Steps 3-5 for one method and seed; returns its results (accuracies in [0, 1])."""
+    labels, names, k = data["test_labels"], data["classnames"], len(data["classnames"])
+    ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
+    out = {}
+    if method == "weak":
+        test_logits = weak_logits[te]
+    elif method == "ceiling":  # step 4: true labels; the head that is best on hold-val
+        runs = {kind: fit_head(kind, "ce", F.one_hot(labels[ht], k).float(), labels[hv], strong,
+                               labels, splits, names, args, seed) for kind in ("lp", "tp", "cpl")}
+        best = max(runs, key=lambda kind: runs[kind][1]["val_score"])
+        _, fit, test_logits = runs[best]
+        out["ceiling_head"] = best
+        out["heads"] = {kind: {"val_score": f["val_score"], "test_accuracy": accuracy(t, labels[te])}
+                        for kind, (_, f, t) in runs.items()}
+    else:  # step 3: weak-to-strong, selected by agreement with the weak labels on hold-val
+        kind, loss = METHOD_HEAD_LOSS[method]
+        head, fit, test_logits = fit_head(kind, loss, weak_logits[ht], weak_logits[hv].argmax(-1),
+                                          strong, labels, splits, names, args, seed)
+        if kind in ("cpl", "cpl-text", "tp"):
+            out["cmm"] = cmm_report(head, strong["feats"][te], labels[te],
+                                    weak_logits[te].argmax(-1), names)
+    if method != "weak":
+        out.update(best_epoch=fit["best_epoch"], val_score=fit["val_score"], curves=fit["curves"])
+    class_acc = per_class_accuracy(test_logits, labels[te], k)
+    return {"test_accuracy": accuracy(test_logits, labels[te]),
+            "weak_test_accuracy": accuracy(weak_logits[te], labels[te]),
+            "weak_label_accuracy_hold": accuracy(weak_logits[torch.cat([ht, hv])],
+                                                 labels[torch.cat([ht, hv])]),
+            "worst10_accuracy": worst_k_accuracy(class_acc), "per_class_accuracy": class_acc.tolist(),
+            **out}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting: Tables 2-4 and Figure 2 from the results.json files, never from logs
+# ------------------------------------------------------------------------------------------------
+TABLE2_ROWS = ("weak", "ce-lp", "kd-lp", "auxconf-lp", "adaptconf-lp", "ce-tp", "kd-tp",
+               "auxconf-tp", "adaptconf-tp", "cpl", "ceiling")
+# Published values to print beside ours, in percent: {(table, row, column): value}. The paper's
+# abstract gives CPL's gain over the best baseline; fill in the rest from its Tables 2-4.
+PAPER = {("table2", "Δ (CPL − best baseline)", "Avg."): 3.67}
+
+
+def load_results(out_dir):
+    """Every results.json under out_dir as a flat row: what identifies the run and its metrics."""
+    rows = []
+    for path in sorted(Path(out_dir).rglob("results.json")):
+        r = json.loads(path.read_text())
+        cfg = r["config"]
+        method = r["method"] + (" (ensemble init)" if r["method"] in ("cpl", "ceiling")
+                                and cfg.get("prototype_init") == "ensemble" else "")
+        rows.append({"domain": r["domain"], "method": method, "seed": r["seed"],
+                     "weak_model": cfg["weak_model"], "clip_model": cfg["clip_model"],
+                     "test_accuracy": r["test_accuracy"], "worst10_accuracy": r["worst10_accuracy"],
+                     "curves": r.get("curves", []), "path": str(path)})
+    return rows
+
+
+def mean_std(values):
+    """(mean, sample std) of a list; std is 0 for a single value."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
+
+
+def accuracy_grid(rows, row_key, col_key, metric="test_accuracy"):
+    """{(row, col): [per-seed values in %]} from flat result rows."""
+    grid = {}
+    for r in rows:
+        grid.setdefault((r[row_key], r[col_key]), []).append(100 * r[metric])
+    return grid
+
+
+def markdown_table(title, row_names, col_names, grid, table_id, pgr_of=None):
+    """Rows x columns of `mean ± std` cells, an Avg. column, the Δ row and an optional PGR column.
+
+    Avg. is the mean over columns of the per-column means (shown only when every column has runs).
+    The Δ row is CPL minus the best other weak-to-strong row, per column. `pgr_of(row, col)` gives
+    a PGR for a cell; its column shows the mean over the columns that have one.
+    """
+    means = {key: mean_std(v)[0] for key, v in grid.items()}
+    cols = list(col_names) + ["Avg."]
+    head = ["method"] + cols + (["PGR"] if pgr_of else []) + ["paper Avg."]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def avg(row):
+        vals = [means.get((row, c)) for c in col_names]
+        return sum(vals) / len(vals) if vals and None not in vals else None
+
+    baselines = [r for r in row_names if r not in ("weak", "ceiling", "cpl")]
+    for row in row_names:
+        cells = [(f"{mean_std(grid[(row, c)])[0]:.2f} ± {mean_std(grid[(row, c)])[1]:.2f}"
+                  if (row, c) in grid else "—") for c in col_names]
+        cells.append(f"{avg(row):.2f}" if avg(row) is not None else "—")
+        if pgr_of:
+            p = [v for v in (pgr_of(row, c) for c in col_names) if v is not None]
+            cells.append(f"{sum(p) / len(p):.2f}" if p else "—")
+        paper = PAPER.get((table_id, row, "Avg."))
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {paper if paper is not None else '—'} |")
+    if "cpl" in row_names and baselines:
+        delta = []
+        for c in cols:
+            get = (lambda r: avg(r)) if c == "Avg." else (lambda r: means.get((r, c)))
+            base = [get(r) for r in baselines if get(r) is not None]
+            delta.append(f"{get('cpl') - max(base):+.2f}" if get("cpl") is not None and base else "—")
+        name = "Δ (CPL − best baseline)"
+        paper = PAPER.get((table_id, name, "Avg."))
+        lines.append(f"| {name} | " + " | ".join(delta) + (" | |" if pgr_of else " |")
+                     + f" {paper if paper is not None else '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def pgr_lookup(grid):
+    """pgr_of(row, col) for a grid that holds `weak` and `ceiling` rows (mean accuracies)."""
+    def pgr_of(row, col):
+        keys = [("weak", col), (row, col), ("ceiling", col)]
+        if row in ("weak", "ceiling") or any(k not in grid for k in keys):
+            return None
+        return pgr(*(mean_std(grid[k])[0] for k in keys))
+    return pgr_of
+
+
+def build_tables(out_dir, tables_dir):
+    """Write table2.md, table3.md, table4.md, runs.csv and figure2.csv (+ .png) from results."""
+    rows = load_results(out_dir)
+    if not rows:
+        raise UserError(f"no results.json under {out_dir}; run experiments first")
+    os.makedirs(tables_dir, exist_ok=True)
+    fields = ["domain", "method", "seed", "weak_model", "clip_model", "test_accuracy",
+              "worst10_accuracy", "path"]
+    with open(Path(tables_dir) / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    weak_models = sorted({r["weak_model"] for r in rows},
+                         key=lambda w: (w != "resnet18", -sum(r["weak_model"] == w for r in rows)))
+    main_rows = [r for r in rows if r["weak_model"] == weak_models[0]]
+    domains = [d for d in DOMAINS if any(r["domain"] == d for r in main_rows)]
+    grid = accuracy_grid(main_rows, "method", "domain")
+    worst = accuracy_grid(main_rows, "method", "domain", "worst10_accuracy")
+    t2 = markdown_table(f"Table 2: accuracy (%) on D'_test, weak model {weak_models[0]}",
+                        TABLE2_ROWS, domains, grid, "table2", pgr_lookup(grid))
+    t2 += "\n" + markdown_table("Worst-10 class accuracy (%)", TABLE2_ROWS, domains, worst, "worst10")
+    (Path(tables_dir) / "table2.md").write_text(t2)
+    t3_domain = "clipart" if any(r["domain"] == "clipart" for r in rows) else domains[0]
+    t3_rows = [r for r in rows if r["domain"] == t3_domain]
+    g3 = accuracy_grid(t3_rows, "method", "weak_model")
+    (Path(tables_dir) / "table3.md").write_text(markdown_table(
+        f"Table 3: accuracy (%) on {t3_domain} by weak model", TABLE2_ROWS, weak_models, g3,
+        "table3", pgr_lookup(g3)))
+    t4_rows = ("cpl", "cpl (ensemble init)", "cpl-text")
+    (Path(tables_dir) / "table4.md").write_text(markdown_table(
+        "Table 4: tuning prototypes (cpl) vs. the text encoder (cpl-text)",
+        t4_rows, domains, grid, "table4"))
+    write_figure2(main_rows, Path(tables_dir), grid)
+    print(f"wrote {', '.join(sorted(os.listdir(tables_dir)))} to {tables_dir}")
+
+
+def write_figure2(rows, folder, grid, methods=("auxconf-tp", "cpl", "auxconf-lp")):
+    """Figure 2: train/test accuracy per epoch of three methods (mean over seeds), weak/ceiling lines."""
+    domain = next((d for d in DOMAINS if any(r["domain"] == d and r["curves"] for r in rows)), None)
+    if domain is None:
+        return
+    series = []
+    for m in methods:
+        curves = [r["curves"] for r in rows if r["domain"] == domain and r["method"] == m]
+        for epoch in range(min(map(len, curves), default=0)):
+            pts = [c[epoch] for c in curves]
+            series.append({"method": m, "epoch": epoch + 1, "step": pts[0]["step"],
+                           "train_acc": 100 * sum(p["train_acc"] for p in pts) / len(pts),
+                           "test_acc": 100 * sum(p["test_acc"] for p in pts) / len(pts)})
+    with open(folder / "figure2.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["method", "epoch", "step", "train_acc", "test_acc"])
+        writer.writeheader()
+        writer.writerows(series)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, split in zip(axes, ("train_acc", "test_acc")):
+        for m in methods:
+            pts = [s for s in series if s["method"] == m]
+            ax.plot([s["step"] for s in pts], [s[split] for s in pts], marker="o", label=m)
+        for level in ("weak", "ceiling"):
+            if (level, domain) in grid:
+                ax.axhline(mean_std(grid[(level, domain)])[0], ls="--", color="gray")
+                ax.annotate(level, (0, mean_std(grid[(level, domain)])[0]), color="gray")
+        ax.set(title=f"{domain}: {split.replace('_acc', '')} accuracy", xlabel="step",
+               ylabel="accuracy (%)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(folder / "figure2.png", dpi=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic DomainNet-layout data and a tiny CLIP config, for the demo and the tests
+# ------------------------------------------------------------------------------------------------
+DEMO_CLASSES = ("aircraft_carrier", "zebra", "The_Eiffel_Tower", "t-shirt", "apple", "bicycle",
+                "lighthouse", "umbrella", "cat", "house")  # label order differs from sorted()
+TINY_CLIP = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64,
+                                             "patch_size": 8, "head_width": 32},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                          "layers": 2}}
+
+
+def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_train=30, n_test=60,
+                             size=32, noise=0.35, seed=0):
+    """Write a DomainNet-layout dataset whose images carry a learnable, noisy class signal.
+
+    Class c has a colour and a stripe orientation; each domain adds its own colour shift; each image
+    adds Gaussian noise of std `noise`. n_train / n_test are images per class.
+    """
+    g = torch.Generator().manual_seed(seed)
+    colours, angles = torch.rand(len(classes), 3, generator=g), torch.rand(len(classes), generator=g)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    for d, domain in enumerate(domains):
+        shift = 0.3 * (torch.rand(3, generator=g) - 0.5)
+        for split, n in (("train", n_train), ("test", n_test)):
+            lines = []
+            for c, name in enumerate(classes):
+                os.makedirs(Path(root) / domain / name, exist_ok=True)
+                theta = math.pi * angles[c]
+                stripes = torch.sin(8 * (xx * math.cos(theta) + yy * math.sin(theta)))
+                for i in range(n):
+                    img = (colours[c] + shift)[:, None, None] + 0.25 * stripes \
+                        + noise * torch.randn(3, size, size, generator=g)
+                    rel = f"{domain}/{name}/{domain}_{split}_{c:03d}_{i:04d}.jpg"
+                    array = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+                    Image.fromarray(array).save(Path(root) / rel, quality=95)
+                    lines.append(f"{rel} {c}\n")
+            (Path(root) / f"{domain}_{split}.txt").write_text("".join(lines))
+
+
+def make_demo(folder, **kwargs):
+    """`--make-demo DIR`: DIR/data (synthetic DomainNet layout) and DIR/tiny-clip.json."""
+    make_synthetic_domainnet(Path(folder) / "data", **kwargs)
+    (Path(folder) / "tiny-clip.json").write_text(json.dumps(TINY_CLIP, indent=1))
+    print(f"wrote {folder}/data and {folder}/tiny-clip.json")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks before any work, and the command line's main()
+# ------------------------------------------------------------------------------------------------
+def check_models(args):
+    """Stop early on an unknown timm/open_clip model name or a pretrained tag it does not have."""
+    import open_clip
+    import timm
+    if not timm.is_model(args.weak_model):
+        raise UserError(f"--weak-model {args.weak_model}: not a timm model (see timm.list_models())")
+    if args.weak_pretrained and not timm.list_pretrained(args.weak_model):
+        raise UserError(f"--weak-model {args.weak_model} has no pretrained weights; pick a tagged "
+                        f"name from timm.list_pretrained() or pass --no-weak-pretrained")
+    name, tag = args.clip_model, args.clip_pretrained
+    if name.endswith(".json"):
+        if not os.path.isfile(name):
+            raise UserError(f"--clip-model {name}: config file not found")
+        if tag.lower() != "none" and not os.path.isfile(tag):
+            raise UserError(f"--clip-model {name} is a config: pass --clip-pretrained none or a file")
+        return
+    if name not in open_clip.list_models():
+        raise UserError(f"--clip-model {name}: not an open_clip model (see open_clip.list_models())")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag.lower() != "none" and tag not in tags and not os.path.isfile(tag):
+        raise UserError(f"--clip-pretrained {tag}: {name} has tags {', '.join(tags) or 'none'}")
+
+
+def check_writable(folder, flag):
+    """Stop early if `folder` cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = Path(folder) / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not writable ({e.strerror}); pick another folder")
+
+
+def result_path(out_dir, domain, method, seed):
+    return Path(out_dir) / domain / method / f"seed{seed}" / "results.json"
+
+
+def summary_box(out_dir, domain, seed, method):
+    """A boxed summary of weak, this method, ceiling and PGR, from whichever results exist."""
+    acc = {}
+    for m in dict.fromkeys(("weak", method, "ceiling")):
+        path = result_path(out_dir, domain, m, seed)
+        if path.exists():
+            acc[m] = json.loads(path.read_text())["test_accuracy"]
+    rows = [f"{domain}, seed {seed}: accuracy on D'_test"]
+    rows += [f"{m:<16}{100 * a:6.2f}" for m, a in acc.items()]
+    if method not in ("weak", "ceiling") and {"weak", method, "ceiling"} <= acc.keys():
+        rows.append(f"{'PGR':<16}{pgr(acc['weak'], acc[method], acc['ceiling']):6.2f}")
+    width = max(map(len, rows))
+    return "\n".join(["+" + "-" * (width + 2) + "+"] + [f"| {r:<{width}} |" for r in rows]
+                     + ["+" + "-" * (width + 2) + "+"])
+
+
+def run_experiment(args):
+    """The paper's protocol for one domain: for each seed, every requested method."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    data = load_domain(args.data_root, args.domain)
+    check_models(args)
+    check_writable(args.out_dir, "--out-dir")
+    check_writable(args.cache_dir, "--cache-dir")
+    todo = {seed: [m for m in methods if args.force
+                   or not result_path(args.out_dir, args.domain, m, seed).exists()]
+            for seed in args.seeds}
+    if not any(todo.values()):
+        print(f"all runs exist under {args.out_dir}/{args.domain}; --force recomputes them")
+        return
+    check_images(args.data_root, data["train_paths"] + data["test_paths"])
+    strong = None
+    for seed, seed_methods in todo.items():
+        splits = protocol_splits(len(data["test_labels"]), seed)
+        weak_logits = weak_stage(args, data, seed, device)
+        if strong is None and set(seed_methods) - {"weak"}:
+            clip_model, tokenizer, feats = feature_stage(args, data, device)
+            strong = {"clip": clip_model.to(device), "tokenizer": tokenizer, "feats": feats.to(device)}
+        for method in seed_methods:
+            start = time.time()
+            result = run_method(method, args, data, splits, weak_logits, strong, seed)
+            result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
+                          n_weak_train=len(data["train_labels"]),
+                          **{f"n_{s}": len(i) for s, i in splits.items()},
+                          seconds=time.time() - start, config=vars(args))
+            atomic_save(result, result_path(args.out_dir, args.domain, method, seed))
+            print(summary_box(args.out_dir, args.domain, seed, method))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.make_demo:
+            make_demo(args.make_demo)
+        elif args.build_tables:
+            build_tables(args.out_dir, args.tables_dir)
+        else:
+            run_experiment(args)
+    except UserError as e:  # also re-raised from data-loader workers, with their traceback
+        msg = str(e).strip().splitlines()[-1]
+        sys.exit("error: " + msg.split("UserError: ", 1)[-1])
+
+
+if __name__ == "__main__":
+    main()
