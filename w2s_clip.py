@@ -120,11 +120,15 @@ def read_split_file(path):
             if not line.strip():
                 continue
             parts = line.rsplit(None, 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or parts[0].count("/") < 2:
+            try:
+                label = int(parts[1]) if len(parts) == 2 and parts[0].count("/") >= 2 else None
+            except ValueError:
+                label = None
+            if label is None:
                 raise UserError(f"{path}:{lineno}: expected '<domain>/<class>/<file> <label>', "
                                 f"got {line.strip()!r}; re-download the split file")
             paths.append(parts[0])
-            labels.append(int(parts[1]))
+            labels.append(label)
     if not paths:
         raise UserError(f"{path} is empty; re-download it with `make data`")
     return paths, torch.tensor(labels)
@@ -225,7 +229,11 @@ def make_loader(dataset, batch_size, device, workers, shuffle=False, seed=0):
 def create_weak_model(name, num_classes, pretrained=True):
     """A timm classifier with a fresh k-way head, plus timm's own train and eval transforms."""
     import timm
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError) as e:  # no network, no weights, a bad file
+        raise UserError(f"cannot load timm model {name} (pretrained={pretrained}): "
+                        f"{str(e).splitlines()[0]}; check the network or pass --no-weak-pretrained")
     cfg = timm.data.resolve_model_data_config(model)
     return (model, timm.data.create_transform(**cfg, is_training=True),
             timm.data.create_transform(**cfg))
@@ -280,8 +288,8 @@ def predict_logits(model, loader, device, desc="weak logits"):
 def load_clip(model_name, pretrained, device="cpu"):
     """An open_clip model (eval, frozen), its eval preprocessing and its tokenizer.
 
-    `model_name` is an open_clip name or a JSON config file; `pretrained` a tag, a file or None.
-    A tag trained with QuickGELU (OpenAI's) gets QuickGELU, as it was trained.
+    `model_name` is an open_clip name or a JSON config file; `pretrained` a tag, a file or None
+    (random init, always from seed 0). A tag trained with QuickGELU (OpenAI's) gets QuickGELU.
     """
     import open_clip
     name = model_name
@@ -289,9 +297,15 @@ def load_clip(model_name, pretrained, device="cpu"):
         open_clip.add_model_config(model_name)
         name = Path(model_name).stem
     cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device, force_quick_gelu=cfg.get("quick_gelu", False))
-    return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a random-init model is then the same model in every run
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, force_quick_gelu=cfg.get("quick_gelu", False))
+    except (OSError, RuntimeError, ValueError) as e:  # no network, unknown tag, a bad file
+        raise UserError(f"cannot load open_clip {name} with weights {pretrained}: "
+                        f"{str(e).splitlines()[0]}; check the network or the --clip-* flags")
+    return model.to(device).eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
 
 
 @torch.no_grad()
@@ -385,6 +399,7 @@ class PromptHead(nn.Module):
 
     Prompt i is [SOS][ctx_1..ctx_m][name_i][.][EOS]; the context starts as the embedding of
     `ctx_init` and is the only trainable tensor. logits = logit_scale * cos(x, text_i), [n, k].
+    The text tower is shared with `clip_model`, not copied, and is frozen in place.
     """
 
     def __init__(self, clip_model, tokenizer, classnames, ctx_init="a photo of a"):
@@ -399,7 +414,7 @@ class PromptHead(nn.Module):
         self.register_buffer("suffix", emb[:, 1 + m:].clone())
         self.register_buffer("eot", eot)
         self.text = TextTower(clip_model).requires_grad_(False)
-        self.logit_scale = float(clip_model.logit_scale.exp())
+        self.logit_scale = clip_model.logit_scale.detach().exp().item()
 
     def text_features(self):
         """L2-normalised class embeddings through the frozen text tower, [k, d]."""
@@ -634,6 +649,8 @@ def atomic_save(obj, path):
 def cached(path, compute, force=False):
     """Load `path` if it exists (and not `force`), else compute, save atomically and return."""
     if os.path.exists(path) and not force:
+        if str(path).endswith(".json"):
+            return json.loads(Path(path).read_text())
         return torch.load(path, weights_only=True)
     obj = compute()
     atomic_save(obj, path)
