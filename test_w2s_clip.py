@@ -16,7 +16,6 @@ import math
 import shutil
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import open_clip
@@ -194,12 +193,13 @@ def test_adaptconf_beta_is_detached_and_auxconf_target_is_not_differentiated():
 
 def test_loss_hyper_auxconf_alpha_warms_up_over_20_percent_of_steps():
     """AuxConf alpha ramps linearly 0 -> --aux-alpha over the first 20% of steps, then stays."""
-    args = Namespace(aux_alpha=0.5, kd_temperature=3.0, tau=0.7, adapt_tau=2.0)
-    alpha = w2s_clip.loss_hyper("auxconf", args)
+    hyper = dict(aux_alpha=0.5, kd_temperature=3.0, tau=0.7, adapt_tau=2.0)
+    alpha = w2s_clip.loss_hyper("auxconf", **hyper)
     assert [alpha(s, 100)["alpha"] for s in (0, 10, 20, 60, 99)] == pytest.approx([0, .25, .5, .5, .5])
-    assert w2s_clip.loss_hyper("kd", args)(5, 100) == {"T": 3.0}
-    assert w2s_clip.loss_hyper("cpl", args)(5, 100) == {"tau": 0.7}
-    assert w2s_clip.loss_hyper("adaptconf", args)(5, 100) == {"T": 3.0, "tau": 2.0}
+    assert w2s_clip.loss_hyper("kd", **hyper)(5, 100) == {"T": 3.0}
+    assert w2s_clip.loss_hyper("cpl", **hyper)(5, 100) == {"tau": 0.7}
+    assert w2s_clip.loss_hyper("adaptconf", **hyper)(5, 100) == {"T": 3.0, "tau": 2.0}
+    assert w2s_clip.loss_hyper("ce", **hyper)(5, 100) == {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -599,7 +599,7 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     assert 0.0 <= r["test_accuracy"] <= 1.0
     assert r["classnames"] == ["aircraft carrier", "zebra", "The Eiffel Tower", "t-shirt"]
     assert len(r["per_class_accuracy"]) == 4
-    assert isinstance(r["config"], dict) and r["config"]["method"] == "cpl"
+    assert isinstance(r["config"], dict) and r["config"]["method"] == ["cpl"]
     assert (r["method"], r["seed"], r["domain"]) == ("cpl", 0, "sketch")
     assert len(r["curves"]) == 2 and r["best_epoch"] in (1, 2)
     # both runs used the same cached weak model: same logits, files not rewritten
@@ -607,6 +607,13 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("weak-*")} == weak_files
     box = proc.stdout[proc.stdout.index("+-"):]
     assert "weak" in box and "cpl" in box
+    # the same command again skips the finished run; other settings stop with a one-line error
+    again = run_cli(cli_args(demo, demo / "data", out, cache))
+    assert again.returncode == 0 and "all runs exist" in again.stdout
+    other = run_cli(cli_args(demo, demo / "data", out, cache, **{"--tau": "0.5"}))
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode != 0 and len(lines) == 1 and "other settings" in lines[0], other.stderr
+    assert json.loads((out / "sketch" / "cpl" / "seed0" / "results.json").read_text()) == r
 
 
 def assert_user_error(proc, out, *fragments):
@@ -766,7 +773,7 @@ def test_build_tables_mean_std_avg_delta_pgr_worst10(tmp_path):
     assert table_row(t2, "weak")[:3] == ["30.00 ± 0.00", "41.00 ± 1.41", "35.50"]
     assert table_row(t2, "cpl")[:4] == ["35.00 ± 0.00", "52.00 ± 2.83", "43.50", "0.40"]  # PGR .25, .55
     assert table_row(t2, "ce-lp")[:4] == ["40.00 ± 0.00", "45.00 ± 0.00", "42.50", "0.35"]  # .5, .2
-    assert table_row(t2, "Δ (CPL − best baseline)")[:3] == ["-5.00", "+7.00", "+1.00"]
+    assert table_row(t2, "Δ (CPL − best baseline)")[:3] == ["-5.00", "+7.00", "+1.00 [3.67]"]
     assert table_row(t2, "kd-tp")[:3] == ["—", "—", "—"]
     worst = t2[t2.index("Worst-10"):]
     assert table_row(worst, "cpl")[:3] == ["17.50 ± 0.00", "26.00 ± 1.41", "21.75"]
@@ -778,3 +785,36 @@ def test_build_tables_mean_std_avg_delta_pgr_worst10(tmp_path):
     assert len(csv_rows) == 1 + sum(map(len, runs.values())) + 2
     fig = (tmp_path / "tables" / "figure2.csv").read_text().splitlines()
     assert fig[0] == "method,epoch,step,train_acc,test_acc" and fig[1].startswith("cpl,1,3,")
+
+
+def test_demo_tables_small_version_end_to_end(demo, tmp_path):
+    """`make demo-tables` in small: every method on one generated domain, a second weak model,
+    the ensemble init; then --build-tables writes every row and column from the results alone."""
+    data = tmp_path / "data"
+    w2s_clip.make_synthetic_domainnet(data, domains=("clipart",), classes=DEMO_NAMES[:3],
+                                      n_train=6, n_test=15, size=32)
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    common = {"--data-root": data, "--domain": "clipart", "--cache-dir": cache}
+    for out, extra in ((runs / "t2", {"--method": "all"}),
+                       (runs / "t3", {"--method": "cpl", "--weak-model": "test_efficientnet"}),
+                       (runs / "ens", {"--method": "cpl"})):
+        args = cli_args(demo, data, out, cache, **common, **extra)
+        args += ["--prototype-init", "ensemble"] if out.name == "ens" else []
+        proc = run_cli(args)
+        assert proc.returncode == 0, proc.stderr
+    proc = run_cli(["--build-tables", "--out-dir", str(runs), "--tables-dir", str(tmp_path / "tables")])
+    assert proc.returncode == 0, proc.stderr
+    t2 = (tmp_path / "tables" / "table2.md").read_text()
+    for method in w2s_clip.TABLE2_ROWS:
+        assert "±" in table_row(t2, method)[0], method  # a clipart cell with mean ± std
+    for method in w2s_clip.TABLE2_ROWS[1:-1]:
+        float(table_row(t2, method)[2])  # a PGR for every weak-to-strong row
+    float(table_row(t2, "Δ (CPL − best baseline)")[0])
+    t3 = (tmp_path / "tables" / "table3.md").read_text()
+    assert "test_resnet" in t3 and "test_efficientnet" in t3
+    assert all("±" in cell for cell in table_row(t3, "cpl")[:2])
+    t4 = (tmp_path / "tables" / "table4.md").read_text()
+    for method in ("cpl", "cpl (ensemble init)", "cpl-text"):
+        assert "±" in table_row(t4, method)[0], method
+    figure = (tmp_path / "tables" / "figure2.csv").read_text()
+    assert all(f"\n{m},2," in figure for m in ("auxconf-tp", "cpl", "auxconf-lp"))

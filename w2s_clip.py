@@ -5,12 +5,13 @@ Weak-to-Strong Generalization for CLIP-based Classification", TMLR 2025 (arXiv:2
 A weak timm model, fine-tuned on true labels, labels held-out images; a frozen open_clip image tower
 plus one trainable head (LP, TP or CPL) learns from those weak labels only. Manual: README.md.
 
-    # CPU demo, no download: synthetic DomainNet-layout data, tiny random-init models (~2 min)
+    # CPU demo, no download: synthetic DomainNet-layout data, tiny random-init models (~1 min)
     make demo
     # one domain and method on DomainNet, five seeds (GPU; `make data DOMAIN=sketch` first)
     python w2s_clip.py --domain sketch --method cpl
     # every method of a domain; image features and weak logits are computed once and cached
     python w2s_clip.py --domain sketch --method all --seeds 0
+    # a few methods: python w2s_clip.py --domain sketch --method weak ceiling kd-lp cpl
     # the paper's tables from the results.json files
     python w2s_clip.py --build-tables --out-dir runs --tables-dir results
 """
@@ -40,7 +41,18 @@ METHOD_HEAD_LOSS = {"cpl": ("cpl", "cpl"), "cpl-text": ("cpl-text", "cpl"),  # w
 METHODS = ("weak", "ceiling") + tuple(METHOD_HEAD_LOSS)
 
 
+def positive(kind):
+    """argparse type: a number of `kind` (int or float) that must be > 0."""
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
+    """The command line; every flag is documented in README.md."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
@@ -49,33 +61,34 @@ def parse_args(argv=None):
     p.add_argument("--domain", choices=DOMAINS, default="sketch", help="DomainNet domain")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                    help="one run per seed: the D_test split, weak model and head all follow it")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
+                   default=min(8, os.cpu_count() or 1),
                    help="data-loader worker processes for image decoding")
     # weak model
     p.add_argument("--weak-model", default="resnet18", help="any timm model name")
     p.add_argument("--no-weak-pretrained", dest="weak_pretrained", action="store_false",
                    help="random-init weak model instead of ImageNet weights (offline use)")
-    p.add_argument("--weak-epochs", type=int, default=3, help="weak fine-tuning epochs on D_train")
-    p.add_argument("--weak-lr", type=float, default=1e-3, help="weak fine-tuning learning rate")
+    p.add_argument("--weak-epochs", type=positive(int), default=3, help="weak fine-tuning epochs on D_train")
+    p.add_argument("--weak-lr", type=positive(float), default=1e-3, help="weak fine-tuning learning rate")
     # strong model
     p.add_argument("--clip-model", default="ViT-B-32",
                    help="open_clip model name, or a path to an open_clip JSON model config")
     p.add_argument("--clip-pretrained", default="openai",
                    help="open_clip pretrained tag or checkpoint file; 'none' = random init")
     # heads and losses
-    p.add_argument("--method", choices=METHODS + ("all",), default="cpl",
-                   help="weak, ceiling, cpl, cpl-text or <loss>-<lp|tp>; 'all' runs every one")
-    p.add_argument("--tau", type=float, default=1.0, help="CPL temperature (Eq. 4-5)")
-    p.add_argument("--kd-temperature", type=float, default=1.0, help="KD/AdaptConf temperature T")
+    p.add_argument("--method", choices=METHODS + ("all",), nargs="+", default=["cpl"],
+                   help="one or more of weak, ceiling, cpl, cpl-text, <loss>-<lp|tp>; or all")
+    p.add_argument("--tau", type=positive(float), default=1.0, help="CPL temperature (Eq. 4-5)")
+    p.add_argument("--kd-temperature", type=positive(float), default=1.0, help="KD/AdaptConf temperature T")
     p.add_argument("--aux-alpha", type=float, default=0.5, help="AuxConf final alpha")
-    p.add_argument("--adapt-tau", type=float, default=1.0, help="AdaptConf beta temperature")
+    p.add_argument("--adapt-tau", type=positive(float), default=1.0, help="AdaptConf beta temperature")
     p.add_argument("--prototype-init", choices=("single", "ensemble"), default="single",
                    help="CPL init: 'a photo of a {}.' (paper) or open_clip's 80 ImageNet templates")
     # training
-    p.add_argument("--strong-epochs", type=int, default=10, help="head training epochs")
-    p.add_argument("--batch-size", type=int, default=512, help="batch size, weak and strong")
-    p.add_argument("--lr", type=float, default=1e-2, help="head learning rate (AdamW)")
-    p.add_argument("--text-lr", type=float, default=1e-5,
+    p.add_argument("--strong-epochs", type=positive(int), default=10, help="head training epochs")
+    p.add_argument("--batch-size", type=positive(int), default=512, help="batch size, weak and strong")
+    p.add_argument("--lr", type=positive(float), default=1e-2, help="head learning rate (AdamW)")
+    p.add_argument("--text-lr", type=positive(float), default=1e-5,
                    help="learning rate of the text tower for cpl-text (Table 4)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -201,9 +214,13 @@ def check_images(root, paths, workers=16):
 
 def load_domain(data_root, domain):
     """Read `<domain>_train.txt` and `<domain>_test.txt`; return a dict with paths, labels, names."""
+    get = f"`make data DOMAIN={domain} DATA={data_root}`"
     if not os.path.isdir(data_root):
-        raise UserError(f"data root {data_root} not found; run `make data DOMAIN={domain}` or "
-                        f"pass --data-root")
+        raise UserError(f"data root {data_root} not found; run {get} or pass --data-root")
+    for split in ("train", "test"):
+        if not os.path.isfile(os.path.join(data_root, f"{domain}_{split}.txt")):
+            raise UserError(f"split file {os.path.join(data_root, f'{domain}_{split}.txt')} "
+                            f"not found; get it with {get}")
     splits = {s: read_split_file(os.path.join(data_root, f"{domain}_{s}.txt"))
               for s in ("train", "test")}
     (tr_paths, tr_labels), (te_paths, te_labels) = splits["train"], splits["test"]
@@ -258,6 +275,8 @@ def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_dec
     for _ in tqdm(range(epochs), desc="weak model", disable=not sys.stderr.isatty()):
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
+            if cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
                 loss = F.cross_entropy(model(images), labels)
             opt.zero_grad(set_to_none=True)
@@ -272,13 +291,13 @@ def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_dec
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict_logits(model, loader, device, desc="weak logits"):
-    """Logits of `model` on every batch of `loader`, in order: FloatTensor [n, k] on the CPU."""
-    cuda = torch.device(device).type == "cuda"
+    """Logits of `model` on every batch of `loader`, in order: FloatTensor [n, k] on the CPU.
+
+    In float32 (no autocast): the logits are the soft targets of KD, AdaptConf and CPL.
+    """
     model.eval().to(device)
-    out = []
-    for images, _ in tqdm(loader, desc=desc, disable=not sys.stderr.isatty()):
-        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
-            out.append(model(images.to(device, non_blocking=True)).float().cpu())
+    out = [model(images.to(device, non_blocking=True)).float().cpu()
+           for images, _ in tqdm(loader, desc=desc, disable=not sys.stderr.isatty())]
     return torch.cat(out)
 
 
@@ -292,17 +311,16 @@ def load_clip(model_name, pretrained, device="cpu"):
     (random init, always from seed 0). A tag trained with QuickGELU (OpenAI's) gets QuickGELU.
     """
     import open_clip
-    name = model_name
-    if model_name.endswith(".json"):
-        open_clip.add_model_config(model_name)
-        name = Path(model_name).stem
-    cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    name = Path(model_name).stem if model_name.endswith(".json") else model_name
     try:
+        if model_name.endswith(".json"):
+            open_clip.add_model_config(model_name)
+        cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a random-init model is then the same model in every run
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, force_quick_gelu=cfg.get("quick_gelu", False))
-    except (OSError, RuntimeError, ValueError) as e:  # no network, unknown tag, a bad file
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # no network, bad tag or file
         raise UserError(f"cannot load open_clip {name} with weights {pretrained}: "
                         f"{str(e).splitlines()[0]}; check the network or the --clip-* flags")
     return model.to(device).eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
@@ -342,6 +360,8 @@ class TextTower(nn.Module):
 
     def __init__(self, clip_model):
         super().__init__()
+        if getattr(clip_model, "attn_mask", None) is None or not hasattr(clip_model, "transformer"):
+            raise UserError("TextTower needs open_clip's CLIP with a causal text transformer")
         if getattr(clip_model, "text_pool_type", "argmax") not in ("argmax", "eos"):
             raise UserError(f"text pooling '{clip_model.text_pool_type}' is not supported; "
                             f"use a CLIP with an end-of-text token (argmax/eos pooling)")
@@ -358,8 +378,7 @@ class TextTower(nn.Module):
         """
         L = x.shape[1]
         x = x + self.positional_embedding[:L]
-        mask = None if self.attn_mask is None else self.attn_mask[:L, :L]
-        x = self.ln_final(self.transformer(x, attn_mask=mask))
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask[:L, :L]))
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # (k, w)
         proj = self.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x if proj is None else x @ proj
@@ -511,15 +530,15 @@ LOSSES = {"ce": ce_loss, "kd": kd_loss, "auxconf": auxconf_loss, "adaptconf": ad
           "cpl": cpl_loss}
 
 
-def loss_hyper(loss, args):
-    """The CLI's hyperparameters for `loss`: a function (step, total_steps) -> kwargs.
+def loss_hyper(loss, tau=1.0, kd_temperature=1.0, aux_alpha=0.5, adapt_tau=1.0):
+    """The hyperparameters of `loss` as a function (step, total_steps) -> kwargs.
 
-    AuxConf's alpha warms linearly from 0 to --aux-alpha over the first 20% of steps (Burns et al.).
+    AuxConf's alpha warms linearly from 0 to `aux_alpha` over the first 20% of steps (Burns et al.).
     """
-    fixed = {"ce": {}, "kd": {"T": args.kd_temperature}, "cpl": {"tau": args.tau},
-             "adaptconf": {"T": args.kd_temperature, "tau": args.adapt_tau}}
+    fixed = {"ce": {}, "kd": {"T": kd_temperature}, "cpl": {"tau": tau},
+             "adaptconf": {"T": kd_temperature, "tau": adapt_tau}}
     if loss == "auxconf":
-        return lambda step, total: {"alpha": args.aux_alpha * min(1.0, step / (0.2 * total))}
+        return lambda step, total: {"alpha": aux_alpha * min(1.0, step / (0.2 * total))}
     return lambda step, total: fixed[loss]
 
 
@@ -669,7 +688,8 @@ def weak_stage(args, data, seed, device):
     key = cache_key(model=args.weak_model, pretrained=args.weak_pretrained, k=k, seed=seed,
                     epochs=args.weak_epochs, lr=args.weak_lr, batch=args.batch_size,
                     warmup=args.warmup_ratio, wd=args.weight_decay, domain=args.domain,
-                    root=root, splits=data["digest"])
+                    root=root, splits=data["digest"], workers=args.workers,  # augmentation RNGs
+                    device=torch.device(device).type)
     stem = Path(args.cache_dir) / f"weak-{args.domain}-{args.weak_model}-seed{seed}-{key}"
     if os.path.exists(f"{stem}-logits.pt") and not args.force:
         return torch.load(f"{stem}-logits.pt", weights_only=True)
@@ -693,9 +713,11 @@ def feature_stage(args, data, device):
     pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
     clip_model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
     model_id = file_digest(args.clip_model) if args.clip_model.endswith(".json") else args.clip_model
+    weights = file_digest(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
     root = os.path.realpath(args.data_root)
-    key = cache_key(model=model_id, pretrained=pretrained, transform=repr(preprocess),
-                    domain=args.domain, root=root, splits=data["digest"])
+    key = cache_key(model=model_id, pretrained=weights, transform=repr(preprocess),
+                    domain=args.domain, root=root, splits=data["digest"],
+                    device=torch.device(device).type)  # bf16 autocast on CUDA
     path = Path(args.cache_dir) / f"clip-{args.domain}-{Path(args.clip_model).stem}-{key}.pt"
     loader = make_loader(ImageList(root, data["test_paths"], data["test_labels"], preprocess),
                          args.batch_size, device, args.workers)
@@ -728,7 +750,8 @@ def fit_head(kind, loss, targets, val_labels, strong, labels, splits, classnames
                      args.prototype_init).to(feats.device)
     ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
     labels = labels.to(feats.device)
-    fit = train_head(head, LOSSES[loss], loss_hyper(loss, args), feats[ht], targets.to(feats.device),
+    hyper = loss_hyper(loss, args.tau, args.kd_temperature, args.aux_alpha, args.adapt_tau)
+    fit = train_head(head, LOSSES[loss], hyper, feats[ht], targets.to(feats.device),
                      feats[hv], val_labels.to(feats.device), epochs=args.strong_epochs,
                      batch_size=args.batch_size, lr=args.lr, warmup_ratio=args.warmup_ratio,
                      weight_decay=args.weight_decay, seed=seed,
@@ -737,9 +760,8 @@ def fit_head(kind, loss, targets, val_labels, strong, labels, splits, classnames
     return head, fit, predict(head, feats[te]).cpu()
 
 
-def cmm_report(head, feats, labels, weak_pred, classnames, k_worst=10):
-    """CMM of a prototype head's classes on D'_test, with true and with weak labels, worst first."""
-    protos = head.prototypes if isinstance(head, PrototypeHead) else head.text_features()
+def cmm_report(protos, feats, labels, weak_pred, classnames, k_worst=10):
+    """CMM of class embeddings [k, d] on D'_test, with true and with weak labels, worst first."""
     report = {}
     for name, y in (("true_labels", labels), ("weak_labels", weak_pred)):
         margins, rival = class_matching_margin(feats.cpu(), protos.detach().cpu(), y, len(classnames))
@@ -768,9 +790,16 @@ def run_method(method, args, data, splits, weak_logits, strong, seed):
         kind, loss = METHOD_HEAD_LOSS[method]
         head, fit, test_logits = fit_head(kind, loss, weak_logits[ht], weak_logits[hv].argmax(-1),
                                           strong, labels, splits, names, args, seed)
-        if kind in ("cpl", "cpl-text", "tp"):
-            out["cmm"] = cmm_report(head, strong["feats"][te], labels[te],
+        if kind != "lp":
+            with torch.no_grad():
+                protos = head.prototypes if kind == "cpl" else head.text_features()
+            out["cmm"] = cmm_report(protos, strong["feats"][te], labels[te],
                                     weak_logits[te].argmax(-1), names)
+        if kind == "cpl":  # the zero-shot prototypes CPL starts from
+            zero_shot = make_head(kind, strong["clip"], strong["tokenizer"], names,
+                                  strong["feats"].shape[1], args.prototype_init).prototypes
+            out["cmm_zero_shot"] = cmm_report(zero_shot, strong["feats"][te], labels[te],
+                                              weak_logits[te].argmax(-1), names)
     if method != "weak":
         out.update(best_epoch=fit["best_epoch"], val_score=fit["val_score"], curves=fit["curves"])
     class_acc = per_class_accuracy(test_logits, labels[te], k)
@@ -788,22 +817,28 @@ def run_method(method, args, data, splits, weak_logits, strong, seed):
 TABLE2_ROWS = ("weak", "ce-lp", "kd-lp", "auxconf-lp", "adaptconf-lp", "ce-tp", "kd-tp",
                "auxconf-tp", "adaptconf-tp", "cpl", "ceiling")
 # Published values to print beside ours, in percent: {(table, row, column): value}. The paper's
-# abstract gives CPL's gain over the best baseline; fill in the rest from its Tables 2-4.
+# abstract gives CPL's average gain over the best baseline; add the rest from its Tables 2-4.
 PAPER = {("table2", "Δ (CPL − best baseline)", "Avg."): 3.67}
 
 
 def load_results(out_dir):
-    """Every results.json under out_dir as a flat row: what identifies the run and its metrics."""
-    rows = []
+    """Every results.json under out_dir as a flat row; stops on two files for the same run."""
+    rows, seen = [], {}
     for path in sorted(Path(out_dir).rglob("results.json")):
         r = json.loads(path.read_text())
         cfg = r["config"]
         method = r["method"] + (" (ensemble init)" if r["method"] in ("cpl", "ceiling")
                                 and cfg.get("prototype_init") == "ensemble" else "")
-        rows.append({"domain": r["domain"], "method": method, "seed": r["seed"],
-                     "weak_model": cfg["weak_model"], "clip_model": cfg["clip_model"],
-                     "test_accuracy": r["test_accuracy"], "worst10_accuracy": r["worst10_accuracy"],
-                     "curves": r.get("curves", []), "path": str(path)})
+        row = {"domain": r["domain"], "method": method, "seed": r["seed"],
+               "weak_model": cfg["weak_model"], "clip_model": cfg["clip_model"],
+               "test_accuracy": r["test_accuracy"], "worst10_accuracy": r["worst10_accuracy"],
+               "curves": r.get("curves", []), "path": str(path)}
+        run = tuple(row[k] for k in ("domain", "method", "seed", "weak_model", "clip_model"))
+        if run in seen:
+            raise UserError(f"{path} and {seen[run]} are the same run; keep one, or build tables "
+                            f"from a narrower --out-dir")
+        seen[run] = path
+        rows.append(row)
     return rows
 
 
@@ -821,42 +856,45 @@ def accuracy_grid(rows, row_key, col_key, metric="test_accuracy"):
     return grid
 
 
-def markdown_table(title, row_names, col_names, grid, table_id, pgr_of=None):
-    """Rows x columns of `mean ± std` cells, an Avg. column, the Δ row and an optional PGR column.
+def markdown_table(title, row_names, col_names, grid, table_id, pgr_of=None, delta=True, paper=None):
+    """Rows x columns of `mean ± std` cells (paper value in brackets), an Avg. column, the Δ row.
 
-    Avg. is the mean over columns of the per-column means (shown only when every column has runs).
-    The Δ row is CPL minus the best other weak-to-strong row, per column. `pgr_of(row, col)` gives
-    a PGR for a cell; its column shows the mean over the columns that have one.
+    Avg. is the mean of the per-column means (shown when every column has runs). The Δ row is CPL
+    minus the best other weak-to-strong row. `pgr_of(row, col)` gives a cell's PGR; the PGR column
+    is their mean over columns. `paper` maps (table_id, row, column) to a published value.
     """
-    means = {key: mean_std(v)[0] for key, v in grid.items()}
+    stats = {key: mean_std(v) for key, v in grid.items()}
+    means = {key: m for key, (m, _) in stats.items()}
+    paper = paper or {}
     cols = list(col_names) + ["Avg."]
-    head = ["method"] + cols + (["PGR"] if pgr_of else []) + ["paper Avg."]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def avg(row):
         vals = [means.get((row, c)) for c in col_names]
         return sum(vals) / len(vals) if vals and None not in vals else None
 
-    baselines = [r for r in row_names if r not in ("weak", "ceiling", "cpl")]
+    def cell(row, col, text):
+        ref = paper.get((table_id, row, col))
+        return text if ref is None else f"{text} [{ref:.2f}]"
+
+    head = ["method"] + cols + (["PGR"] if pgr_of else [])
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in row_names:
-        cells = [(f"{mean_std(grid[(row, c)])[0]:.2f} ± {mean_std(grid[(row, c)])[1]:.2f}"
-                  if (row, c) in grid else "—") for c in col_names]
-        cells.append(f"{avg(row):.2f}" if avg(row) is not None else "—")
+        cells = [cell(row, c, "{:.2f} ± {:.2f}".format(*stats[(row, c)]) if (row, c) in stats
+                      else "—") for c in col_names]
+        cells.append(cell(row, "Avg.", f"{avg(row):.2f}" if avg(row) is not None else "—"))
         if pgr_of:
             p = [v for v in (pgr_of(row, c) for c in col_names) if v is not None]
             cells.append(f"{sum(p) / len(p):.2f}" if p else "—")
-        paper = PAPER.get((table_id, row, "Avg."))
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {paper if paper is not None else '—'} |")
-    if "cpl" in row_names and baselines:
-        delta = []
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    baselines = [r for r in row_names if r not in ("weak", "ceiling", "cpl")]
+    if delta and "cpl" in row_names and baselines:
+        name, cells = "Δ (CPL − best baseline)", []
         for c in cols:
-            get = (lambda r: avg(r)) if c == "Avg." else (lambda r: means.get((r, c)))
+            get = avg if c == "Avg." else (lambda r, c=c: means.get((r, c)))
             base = [get(r) for r in baselines if get(r) is not None]
-            delta.append(f"{get('cpl') - max(base):+.2f}" if get("cpl") is not None and base else "—")
-        name = "Δ (CPL − best baseline)"
-        paper = PAPER.get((table_id, name, "Avg."))
-        lines.append(f"| {name} | " + " | ".join(delta) + (" | |" if pgr_of else " |")
-                     + f" {paper if paper is not None else '—'} |")
+            ok = get("cpl") is not None and base
+            cells.append(cell(name, c, f"{get('cpl') - max(base):+.2f}" if ok else "—"))
+        lines.append(f"| {name} | " + " | ".join(cells) + (" | |" if pgr_of else " |"))
     return "\n".join(lines) + "\n"
 
 
@@ -870,8 +908,12 @@ def pgr_lookup(grid):
     return pgr_of
 
 
-def build_tables(out_dir, tables_dir):
-    """Write table2.md, table3.md, table4.md, runs.csv and figure2.csv (+ .png) from results."""
+def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, paper=PAPER):
+    """Write table2.md, table3.md, table4.md, runs.csv and figure2.csv (+ .png) from results.
+
+    Tables 2 and 4 use the CLIP model and the weak model (resnet18 if present) with the most runs;
+    Table 3 is clipart (or the first domain) by weak model. Every table has a worst-10 companion.
+    """
     rows = load_results(out_dir)
     if not rows:
         raise UserError(f"no results.json under {out_dir}; run experiments first")
@@ -882,33 +924,35 @@ def build_tables(out_dir, tables_dir):
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    count = lambda key, value: sum(r[key] == value for r in rows)
+    clip_model = max(sorted({r["clip_model"] for r in rows}), key=lambda c: count("clip_model", c))
+    rows = [r for r in rows if r["clip_model"] == clip_model]
     weak_models = sorted({r["weak_model"] for r in rows},
-                         key=lambda w: (w != "resnet18", -sum(r["weak_model"] == w for r in rows)))
+                         key=lambda w: (w != "resnet18", -count("weak_model", w), w))
     main_rows = [r for r in rows if r["weak_model"] == weak_models[0]]
-    domains = [d for d in DOMAINS if any(r["domain"] == d for r in main_rows)]
-    grid = accuracy_grid(main_rows, "method", "domain")
-    worst = accuracy_grid(main_rows, "method", "domain", "worst10_accuracy")
-    t2 = markdown_table(f"Table 2: accuracy (%) on D'_test, weak model {weak_models[0]}",
-                        TABLE2_ROWS, domains, grid, "table2", pgr_lookup(grid))
-    t2 += "\n" + markdown_table("Worst-10 class accuracy (%)", TABLE2_ROWS, domains, worst, "worst10")
-    (Path(tables_dir) / "table2.md").write_text(t2)
-    t3_domain = "clipart" if any(r["domain"] == "clipart" for r in rows) else domains[0]
+    cols = [d for d in domains if any(r["domain"] == d for r in main_rows)]
+    t3_domain = "clipart" if any(r["domain"] == "clipart" for r in rows) else cols[0]
     t3_rows = [r for r in rows if r["domain"] == t3_domain]
-    g3 = accuracy_grid(t3_rows, "method", "weak_model")
-    (Path(tables_dir) / "table3.md").write_text(markdown_table(
-        f"Table 3: accuracy (%) on {t3_domain} by weak model", TABLE2_ROWS, weak_models, g3,
-        "table3", pgr_lookup(g3)))
-    t4_rows = ("cpl", "cpl (ensemble init)", "cpl-text")
-    (Path(tables_dir) / "table4.md").write_text(markdown_table(
-        "Table 4: tuning prototypes (cpl) vs. the text encoder (cpl-text)",
-        t4_rows, domains, grid, "table4"))
-    write_figure2(main_rows, Path(tables_dir), grid)
+    specs = [("table2", f"Table 2: accuracy (%) on D'_test, {clip_model} with weak model "
+              f"{weak_models[0]}", table_rows, main_rows, "domain", cols, True),
+             ("table3", f"Table 3: accuracy (%) on {t3_domain} by weak model, {clip_model}",
+              table_rows, t3_rows, "weak_model", weak_models, True),
+             ("table4", "Table 4: tuning the prototypes (cpl) vs. the text encoder (cpl-text)",
+              ("cpl", "cpl (ensemble init)", "cpl-text"), main_rows, "domain", cols, False)]
+    for table_id, title, names, subset, col_key, col_names, delta in specs:
+        grid = accuracy_grid(subset, "method", col_key)
+        worst = accuracy_grid(subset, "method", col_key, "worst10_accuracy")
+        text = markdown_table(title, names, col_names, grid, table_id, pgr_lookup(grid), delta, paper)
+        text += "\n" + markdown_table("Worst-10 class accuracy (%): mean of the 10 lowest classes",
+                                       names, col_names, worst, f"{table_id}-worst10", delta=delta)
+        (Path(tables_dir) / f"{table_id}.md").write_text(text)
+    write_figure2(main_rows, Path(tables_dir), accuracy_grid(main_rows, "method", "domain"), domains)
     print(f"wrote {', '.join(sorted(os.listdir(tables_dir)))} to {tables_dir}")
 
 
-def write_figure2(rows, folder, grid, methods=("auxconf-tp", "cpl", "auxconf-lp")):
+def write_figure2(rows, folder, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-lp")):
     """Figure 2: train/test accuracy per epoch of three methods (mean over seeds), weak/ceiling lines."""
-    domain = next((d for d in DOMAINS if any(r["domain"] == d and r["curves"] for r in rows)), None)
+    domain = next((d for d in domains if any(r["domain"] == d and r["curves"] for r in rows)), None)
     if domain is None:
         return
     series = []
@@ -1009,12 +1053,23 @@ def check_models(args):
             raise UserError(f"--clip-model {name}: config file not found")
         if tag.lower() != "none" and not os.path.isfile(tag):
             raise UserError(f"--clip-model {name} is a config: pass --clip-pretrained none or a file")
-        return
-    if name not in open_clip.list_models():
-        raise UserError(f"--clip-model {name}: not an open_clip model (see open_clip.list_models())")
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if tag.lower() != "none" and tag not in tags and not os.path.isfile(tag):
-        raise UserError(f"--clip-pretrained {tag}: {name} has tags {', '.join(tags) or 'none'}")
+        try:
+            cfg = json.loads(Path(name).read_text())
+        except ValueError as e:
+            raise UserError(f"--clip-model {name}: not valid JSON ({e})")
+    else:
+        if name not in open_clip.list_models():
+            raise UserError(f"--clip-model {name}: not an open_clip model (open_clip.list_models())")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if tag.lower() != "none" and tag not in tags and not os.path.isfile(tag):
+            raise UserError(f"--clip-pretrained {tag}: {name} has tags {', '.join(tags) or 'none'}")
+        cfg = open_clip.get_model_config(name)
+    text = cfg.get("text_cfg", {})
+    if cfg.get("custom_text") or text.get("hf_model_name") or text.get("no_causal_mask"):
+        raise UserError(f"--clip-model {name}: TP and CPL need open_clip's CLIP text transformer "
+                        f"with a causal mask; pick a model like ViT-B-32")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device here; pass --device cpu")
 
 
 def check_writable(folder, flag):
@@ -1029,6 +1084,7 @@ def check_writable(folder, flag):
 
 
 def result_path(out_dir, domain, method, seed):
+    """Where a run's results.json goes."""
     return Path(out_dir) / domain / method / f"seed{seed}" / "results.json"
 
 
@@ -1048,40 +1104,62 @@ def summary_box(out_dir, domain, seed, method):
                      + ["+" + "-" * (width + 2) + "+"])
 
 
+RUN_FLAGS = ("seeds", "method", "workers", "device", "out_dir", "cache_dir", "force",
+             "build_tables", "tables_dir", "make_demo")  # flags that do not change a result
+
+
 def run_experiment(args):
     """The paper's protocol for one domain: for each seed, every requested method."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    methods = list(METHODS) if args.method == "all" else [args.method]
+    methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     data = load_domain(args.data_root, args.domain)
     check_models(args)
     check_writable(args.out_dir, "--out-dir")
     check_writable(args.cache_dir, "--cache-dir")
-    todo = {seed: [m for m in methods if args.force
-                   or not result_path(args.out_dir, args.domain, m, seed).exists()]
-            for seed in args.seeds}
+    settings = cache_key(**{k: v for k, v in vars(args).items() if k not in RUN_FLAGS})
+    todo = {}
+    for seed in args.seeds:
+        todo[seed] = []
+        for m in methods:
+            path = result_path(args.out_dir, args.domain, m, seed)
+            if path.exists() and not args.force:
+                if json.loads(path.read_text()).get("settings") != settings:
+                    raise UserError(f"{path} was made with other settings; pass --force to "
+                                    f"replace it or another --out-dir")
+                continue
+            todo[seed].append(m)
     if not any(todo.values()):
         print(f"all runs exist under {args.out_dir}/{args.domain}; --force recomputes them")
         return
-    check_images(args.data_root, data["train_paths"] + data["test_paths"])
+    data_key = cache_key(root=os.path.realpath(args.data_root), splits=data["digest"])
+    stamp = Path(args.cache_dir) / f"images-checked-{args.domain}-{data_key}"
+    if not stamp.exists():  # every listed image opens; checked once per data folder
+        check_images(args.data_root, data["train_paths"] + data["test_paths"])
+        stamp.touch()
     strong = None
     for seed, seed_methods in todo.items():
+        if not seed_methods:
+            continue
         splits = protocol_splits(len(data["test_labels"]), seed)
         weak_logits = weak_stage(args, data, seed, device)
         if strong is None and set(seed_methods) - {"weak"}:
             clip_model, tokenizer, feats = feature_stage(args, data, device)
-            strong = {"clip": clip_model.to(device), "tokenizer": tokenizer, "feats": feats.to(device)}
+            strong = {"clip": clip_model, "tokenizer": tokenizer, "feats": feats.to(device)}
         for method in seed_methods:
             start = time.time()
             result = run_method(method, args, data, splits, weak_logits, strong, seed)
             result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
                           n_weak_train=len(data["train_labels"]),
                           **{f"n_{s}": len(i) for s, i in splits.items()},
-                          seconds=time.time() - start, config=vars(args))
+                          seconds=time.time() - start, settings=settings, config=vars(args))
+            if torch.device(device).type == "cuda":
+                result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             atomic_save(result, result_path(args.out_dir, args.domain, method, seed))
             print(summary_box(args.out_dir, args.domain, seed, method))
 
 
 def main(argv=None):
+    """Parse the flags and run; a UserError becomes one line on stderr and exit status 1."""
     args = parse_args(argv)
     try:
         if args.make_demo:
