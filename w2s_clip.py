@@ -546,7 +546,7 @@ def loss_hyper(loss, tau=1.0, kd_temperature=1.0, aux_alpha=0.5, adapt_tau=1.0):
 # Training and evaluation of a head on cached features (step 3; step 4 with true labels)
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(head, features, batch_size=8192):
+def predict(head, features, batch_size=65536):
     """Head logits for features [n, d] in chunks (a prompt head encodes its text once a chunk)."""
     head.eval()
     return torch.cat([head(features[i:i + batch_size]) for i in range(0, len(features), batch_size)])
@@ -588,9 +588,11 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_labels, *, epochs, b
             opt.step()
             sched.step()
             step += 1
+        sets = {"val_score": (x_val, val_labels), **(probes or {})}  # one text pass for all sets
+        logits = predict(head, torch.cat([f for f, _ in sets.values()]))
+        logits = logits.split([len(f) for f, _ in sets.values()])
         row = {"epoch": epoch + 1, "step": step, "loss": loss.item(),
-               "val_score": accuracy(predict(head, x_val), val_labels)}
-        row.update({name: accuracy(predict(head, f), y) for name, (f, y) in (probes or {}).items()})
+               **{name: accuracy(z, y) for (name, (_, y)), z in zip(sets.items(), logits)}}
         curves.append(row)
         if row["val_score"] > best["val_score"]:
             best = {"val_score": row["val_score"], "best_epoch": epoch + 1,
@@ -1088,17 +1090,18 @@ def result_path(out_dir, domain, method, seed):
     return Path(out_dir) / domain / method / f"seed{seed}" / "results.json"
 
 
-def summary_box(out_dir, domain, seed, method):
-    """A boxed summary of weak, this method, ceiling and PGR, from whichever results exist."""
+def summary_box(out_dir, domain, seed, methods):
+    """A box of weak, `methods` and ceiling accuracy on D'_test (with PGR), from whichever
+    results.json exist for this domain and seed."""
     acc = {}
-    for m in dict.fromkeys(("weak", method, "ceiling")):
+    for m in ["weak", *[m for m in methods if m not in ("weak", "ceiling")], "ceiling"]:
         path = result_path(out_dir, domain, m, seed)
         if path.exists():
             acc[m] = json.loads(path.read_text())["test_accuracy"]
-    rows = [f"{domain}, seed {seed}: accuracy on D'_test"]
-    rows += [f"{m:<16}{100 * a:6.2f}" for m, a in acc.items()]
-    if method not in ("weak", "ceiling") and {"weak", method, "ceiling"} <= acc.keys():
-        rows.append(f"{'PGR':<16}{pgr(acc['weak'], acc[method], acc['ceiling']):6.2f}")
+    rows = [f"{domain}, seed {seed}: accuracy on D'_test (%), PGR"]
+    for m, a in acc.items():
+        gap = m not in ("weak", "ceiling") and {"weak", "ceiling"} <= acc.keys()
+        rows.append(f"{m:<16}{100 * a:6.2f}" + (f"{pgr(acc['weak'], a, acc['ceiling']):8.2f}" if gap else ""))
     width = max(map(len, rows))
     return "\n".join(["+" + "-" * (width + 2) + "+"] + [f"| {r:<{width}} |" for r in rows]
                      + ["+" + "-" * (width + 2) + "+"])
@@ -1154,8 +1157,11 @@ def run_experiment(args):
                           seconds=time.time() - start, settings=settings, config=vars(args))
             if torch.device(device).type == "cuda":
                 result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            atomic_save(result, result_path(args.out_dir, args.domain, method, seed))
-            print(summary_box(args.out_dir, args.domain, seed, method))
+            path = result_path(args.out_dir, args.domain, method, seed)
+            atomic_save(result, path)
+            print(f"{args.domain} seed {seed} {method}: {100 * result['test_accuracy']:.2f}% on "
+                  f"D'_test in {result['seconds']:.1f} s -> {path}", flush=True)
+        print(summary_box(args.out_dir, args.domain, seed, methods))
 
 
 def main(argv=None):
