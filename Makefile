@@ -27,7 +27,7 @@ DEMO_FLAGS := --data-root $(DEMO)/data --clip-model $(DEMO)/tiny-clip.json --cli
 DEMO_WEAK_MODELS := test_resnet test_byobnet test_efficientnet test_coatnet test_convnext
 DEMO_SEEDS ?= 0 1
 
-.PHONY: help venv test demo data paper-tables tables demo-tables bench clean
+.PHONY: help venv test demo data data-all paper-tables tables demo-tables bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ data: ## download and unpack DomainNet's DOMAIN (default sketch) and its split f
 	for s in train test; do \
 	  curl -fL --retry 3 -o $(DATA)/$(DOMAIN)_$$s.txt $(DOMAINNET)/domainnet/txt/$(DOMAIN)_$$s.txt; done
 	cd $(DATA) && unzip -q -o $(DOMAIN).zip && rm $(DOMAIN).zip
+
+data-all: ## download all DOMAINS (about 18 GB of archives) for make paper-tables
+	for d in $(DOMAINS); do $(MAKE) data DOMAIN=$$d DATA=$(DATA) || exit 1; done
 
 paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet), then build the tables
 	for d in $(DOMAINS); do \

@@ -510,6 +510,19 @@ def test_train_head_param_lrs_zero_freezes_that_group():
     assert not torch.equal(head.fc.bias.detach(), bias)
 
 
+def test_train_head_curve_loss_is_the_epoch_mean_over_uneven_batches():
+    """With every lr 0 the head never moves, so the logged epoch loss (batches of 7, 7 and 6)
+    must equal the loss of the whole set at once."""
+    torch.manual_seed(0)
+    head = w2s_clip.LinearHead(8, 3)
+    x, targets = torch.randn(20, 8), torch.randn(20, 3)
+    fit = w2s_clip.train_head(head, w2s_clip.kd_loss, lambda s, t: {"T": 2.0}, x, targets, x,
+                              targets.argmax(-1), epochs=2, batch_size=7, lr=1e-1, seed=0,
+                              param_lrs={"fc.": 0.0})
+    whole = w2s_clip.kd_loss(head(x), targets, T=2.0).item()
+    assert [row["loss"] for row in fit["curves"]] == pytest.approx([whole, whole], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Caches
 # ------------------------------------------------------------------------------------------------
@@ -709,6 +722,39 @@ def test_cli_error_output_folder_not_writable(demo, tmp_path):
     assert_user_error(proc, tmp_path, "--out-dir", str(blocker / "runs"))
 
 
+def test_cli_error_too_few_test_images_for_the_splits(demo, tmp_path):
+    data = corrupt_copy(demo, tmp_path)
+    split = data / "sketch_test.txt"
+    split.write_text("\n".join(split.read_text().splitlines()[:2]) + "\n")
+    proc = run_cli(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"))
+    assert_user_error(proc, tmp_path / "out", "sketch_test.txt", "2 images", "non-empty")
+
+
+@pytest.mark.parametrize("flag,value", [("--aux-alpha", "1.5"), ("--warmup-ratio", "-0.1"),
+                                        ("--weight-decay", "-1e-4"), ("--lr", "0")])
+def test_parse_args_refuses_out_of_range_values(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        w2s_clip.parse_args([flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_run_settings_change_with_what_shapes_a_result(tmp_path):
+    """The resume check's hash moves with --workers, the device type, the split files and the
+    data's real path, not with run-only flags (seeds, method, out-dir) or the device index."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    args = lambda *extra: w2s_clip.parse_args(["--data-root", str(tmp_path / "data"),
+                                               "--clip-pretrained", "none", *extra])
+    key = lambda a, digest="d1", device="cpu": w2s_clip.run_settings(a, {"digest": digest}, device)
+    base = key(args())
+    assert key(args("--seeds", "3", "--method", "kd-lp", "--out-dir", "x")) == base
+    assert key(args("--data-root", str(tmp_path / "link"))) == base
+    assert key(args(), device="cuda:0") == key(args(), device="cuda") != base
+    assert key(args(), digest="d2") != base
+    assert key(args("--workers", "3")) != key(args("--workers", "0"))
+    assert key(args("--tau", "0.5")) != base
+
+
 def test_cli_kill_9_then_rerun_equals_an_uninterrupted_run(demo, tmp_path):
     """Resume: kill -9 right after the weak model is cached, rerun the same command; the result
     equals that of an uninterrupted run in fresh folders (so it is also deterministic)."""
@@ -784,7 +830,8 @@ def test_build_tables_mean_std_avg_delta_pgr_worst10(tmp_path):
     csv_rows = (tmp_path / "tables" / "runs.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + sum(map(len, runs.values())) + 2
     fig = (tmp_path / "tables" / "figure2.csv").read_text().splitlines()
-    assert fig[0] == "method,epoch,step,train_acc,test_acc" and fig[1].startswith("cpl,1,3,")
+    assert fig[0] == "domain,method,epoch,step,train_acc,test_acc"
+    assert fig[1].startswith("clipart,cpl,1,3,")
 
 
 def test_demo_tables_small_version_end_to_end(demo, tmp_path):
@@ -817,4 +864,4 @@ def test_demo_tables_small_version_end_to_end(demo, tmp_path):
     for method in ("cpl", "cpl (ensemble init)", "cpl-text"):
         assert "±" in table_row(t4, method)[0], method
     figure = (tmp_path / "tables" / "figure2.csv").read_text()
-    assert all(f"\n{m},2," in figure for m in ("auxconf-tp", "cpl", "auxconf-lp"))
+    assert all(f"\nclipart,{m},2," in figure for m in ("auxconf-tp", "cpl", "auxconf-lp"))

@@ -51,6 +51,16 @@ def positive(kind):
     return parse
 
 
+def in_range(low, high):
+    """argparse type: a float in [low, high]."""
+    def parse(text):
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     """The command line; every flag is documented in README.md."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -80,7 +90,7 @@ def parse_args(argv=None):
                    help="one or more of weak, ceiling, cpl, cpl-text, <loss>-<lp|tp>; or all")
     p.add_argument("--tau", type=positive(float), default=1.0, help="CPL temperature (Eq. 4-5)")
     p.add_argument("--kd-temperature", type=positive(float), default=1.0, help="KD/AdaptConf temperature T")
-    p.add_argument("--aux-alpha", type=float, default=0.5, help="AuxConf final alpha")
+    p.add_argument("--aux-alpha", type=in_range(0, 1), default=0.5, help="AuxConf final alpha")
     p.add_argument("--adapt-tau", type=positive(float), default=1.0, help="AdaptConf beta temperature")
     p.add_argument("--prototype-init", choices=("single", "ensemble"), default="single",
                    help="CPL init: 'a photo of a {}.' (paper) or open_clip's 80 ImageNet templates")
@@ -90,8 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive(float), default=1e-2, help="head learning rate (AdamW)")
     p.add_argument("--text-lr", type=positive(float), default=1e-5,
                    help="learning rate of the text tower for cpl-text (Table 4)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=in_range(0, 1), default=0.1, help="linear warm-up share of steps")
+    p.add_argument("--weight-decay", type=in_range(0, float("inf")), default=0.0, help="AdamW weight decay")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if any)")
     # output
     p.add_argument("--out-dir", default="runs", help="results go to <out-dir>/<domain>/<method>/")
@@ -581,6 +591,7 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_labels, *, epochs, b
     best, curves, step = {"val_score": -1.0}, [], 0
     for epoch in tqdm(range(epochs), desc="head", disable=not sys.stderr.isatty()):
         head.train()
+        loss_sum = 0.0
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
             loss = loss_fn(head(x[idx]), targets[idx], **hyper(step, total))
             opt.zero_grad(set_to_none=True)
@@ -588,10 +599,11 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_labels, *, epochs, b
             opt.step()
             sched.step()
             step += 1
+            loss_sum += loss.item() * len(idx)
         sets = {"val_score": (x_val, val_labels), **(probes or {})}  # one text pass for all sets
         logits = predict(head, torch.cat([f for f, _ in sets.values()]))
         logits = logits.split([len(f) for f, _ in sets.values()])
-        row = {"epoch": epoch + 1, "step": step, "loss": loss.item(),
+        row = {"epoch": epoch + 1, "step": step, "loss": loss_sum / len(x),  # mean over the epoch
                **{name: accuracy(z, y) for (name, (_, y)), z in zip(sets.items(), logits)}}
         curves.append(row)
         if row["val_score"] > best["val_score"]:
@@ -646,7 +658,8 @@ def file_digest(*paths):
     h = hashlib.sha1()
     for path in paths:
         with open(path, "rb") as f:
-            h.update(f.read())
+            for block in iter(lambda: f.read(1 << 20), b""):  # a checkpoint can be gigabytes
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -710,12 +723,19 @@ def weak_stage(args, data, seed, device):
     return cached(f"{stem}-logits.pt", lambda: predict_logits(model, loader, device), args.force)
 
 
+def clip_identity(model_name, pretrained):
+    """(model, weights) as cache keys use them: a config file's or a checkpoint's digest, else the
+    open_clip name and tag."""
+    pretrained = None if pretrained.lower() == "none" else pretrained
+    model_id = file_digest(model_name) if model_name.endswith(".json") else model_name
+    return model_id, file_digest(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
+
+
 def feature_stage(args, data, device):
     """The CLIP model, its tokenizer, and its image features of all of D_test [n, d] (cached)."""
     pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
     clip_model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
-    model_id = file_digest(args.clip_model) if args.clip_model.endswith(".json") else args.clip_model
-    weights = file_digest(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
+    model_id, weights = clip_identity(args.clip_model, args.clip_pretrained)
     root = os.path.realpath(args.data_root)
     key = cache_key(model=model_id, pretrained=weights, transform=repr(preprocess),
                     domain=args.domain, root=root, splits=data["digest"],
@@ -809,7 +829,8 @@ def run_method(method, args, data, splits, weak_logits, strong, seed):
             "weak_test_accuracy": accuracy(weak_logits[te], labels[te]),
             "weak_label_accuracy_hold": accuracy(weak_logits[torch.cat([ht, hv])],
                                                  labels[torch.cat([ht, hv])]),
-            "worst10_accuracy": worst_k_accuracy(class_acc), "per_class_accuracy": class_acc.tolist(),
+            "worst10_accuracy": worst_k_accuracy(class_acc),
+            "per_class_accuracy": [None if math.isnan(a) else a for a in class_acc.tolist()],  # JSON
             **out}
 
 
@@ -953,7 +974,8 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
 
 
 def write_figure2(rows, folder, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-lp")):
-    """Figure 2: train/test accuracy per epoch of three methods (mean over seeds), weak/ceiling lines."""
+    """Figure 2: train/test accuracy per epoch of three methods (mean over seeds), weak/ceiling lines,
+    on the first of `domains` that has curves (clipart for the full grid)."""
     domain = next((d for d in domains if any(r["domain"] == d and r["curves"] for r in rows)), None)
     if domain is None:
         return
@@ -962,11 +984,11 @@ def write_figure2(rows, folder, grid, domains=DOMAINS, methods=("auxconf-tp", "c
         curves = [r["curves"] for r in rows if r["domain"] == domain and r["method"] == m]
         for epoch in range(min(map(len, curves), default=0)):
             pts = [c[epoch] for c in curves]
-            series.append({"method": m, "epoch": epoch + 1, "step": pts[0]["step"],
+            series.append({"domain": domain, "method": m, "epoch": epoch + 1, "step": pts[0]["step"],
                            "train_acc": 100 * sum(p["train_acc"] for p in pts) / len(pts),
                            "test_acc": 100 * sum(p["test_acc"] for p in pts) / len(pts)})
     with open(folder / "figure2.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["method", "epoch", "step", "train_acc", "test_acc"])
+        writer = csv.DictWriter(f, ["domain", "method", "epoch", "step", "train_acc", "test_acc"])
         writer.writeheader()
         writer.writerows(series)
     try:
@@ -1067,9 +1089,10 @@ def check_models(args):
             raise UserError(f"--clip-pretrained {tag}: {name} has tags {', '.join(tags) or 'none'}")
         cfg = open_clip.get_model_config(name)
     text = cfg.get("text_cfg", {})
-    if cfg.get("custom_text") or text.get("hf_model_name") or text.get("no_causal_mask"):
+    if (cfg.get("custom_text") or text.get("hf_model_name") or text.get("no_causal_mask")
+            or text.get("pool_type", "argmax") not in ("argmax", "eos")):
         raise UserError(f"--clip-model {name}: TP and CPL need open_clip's CLIP text transformer "
-                        f"with a causal mask; pick a model like ViT-B-32")
+                        f"with a causal mask and end-of-text pooling; pick a model like ViT-B-32")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device here; pass --device cpu")
 
@@ -1107,8 +1130,18 @@ def summary_box(out_dir, domain, seed, methods):
                      + ["+" + "-" * (width + 2) + "+"])
 
 
-RUN_FLAGS = ("seeds", "method", "workers", "device", "out_dir", "cache_dir", "force",
+RUN_FLAGS = ("seeds", "method", "device", "out_dir", "cache_dir", "force",
              "build_tables", "tables_dir", "make_demo")  # flags that do not change a result
+
+
+def run_settings(args, data, device):
+    """A hash of everything besides the seed and method that shapes a result: the flags (with
+    --workers, which sets the weak model's augmentation streams), the data's real path and
+    split files, the device type, and the CLIP config and checkpoint contents."""
+    flags = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
+    flags.update(data_root=os.path.realpath(args.data_root), splits=data["digest"],
+                 device=torch.device(device).type, clip=clip_identity(args.clip_model, args.clip_pretrained))
+    return cache_key(**flags)
 
 
 def run_experiment(args):
@@ -1119,7 +1152,11 @@ def run_experiment(args):
     check_models(args)
     check_writable(args.out_dir, "--out-dir")
     check_writable(args.cache_dir, "--cache-dir")
-    settings = cache_key(**{k: v for k, v in vars(args).items() if k not in RUN_FLAGS})
+    sizes = {name: len(i) for name, i in protocol_splits(len(data["test_labels"]), 0).items()}
+    if min(sizes.values()) == 0:
+        raise UserError(f"{args.data_root}/{args.domain}_test.txt lists {len(data['test_labels'])} "
+                        f"images, too few: the splits {sizes} must all be non-empty")
+    settings = run_settings(args, data, device)
     todo = {}
     for seed in args.seeds:
         todo[seed] = []
@@ -1127,8 +1164,9 @@ def run_experiment(args):
             path = result_path(args.out_dir, args.domain, m, seed)
             if path.exists() and not args.force:
                 if json.loads(path.read_text()).get("settings") != settings:
-                    raise UserError(f"{path} was made with other settings; pass --force to "
-                                    f"replace it or another --out-dir")
+                    raise UserError(f"{path} was made with other settings (flags, --workers, "
+                                    f"device type, data or weights); pass --force to replace "
+                                    f"it or use another --out-dir")
                 continue
             todo[seed].append(m)
     if not any(todo.values()):
@@ -1149,6 +1187,8 @@ def run_experiment(args):
             clip_model, tokenizer, feats = feature_stage(args, data, device)
             strong = {"clip": clip_model, "tokenizer": tokenizer, "feats": feats.to(device)}
         for method in seed_methods:
+            if torch.device(device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.time()
             result = run_method(method, args, data, splits, weak_logits, strong, seed)
             result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
