@@ -146,7 +146,9 @@ def main():
     rows.append(("peak host memory (RSS)", f"{max(rss):.2f} GiB",
                  f"bench process {rss[0]:.2f} GiB, largest CLI run {rss[1]:.2f} GiB"))
     if device.type == "cuda":
-        rows.append(("peak GPU memory", f"{gpu_peak:.2f} GiB", "largest CLI run (results.json)"))
+        rows.append(("peak GPU memory, method runs", f"{gpu_peak:.2f} GiB",
+                     "largest peak_gpu_memory_gib in results.json (feature extraction and weak "
+                     "training not included)"))
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{a.clip_model} + {a.weak_model}, {k} classes, {n} D_test images, on {name}\n")
