@@ -235,6 +235,23 @@ def test_text_prototypes_equal_build_zero_shot_classifier(clip, templates, per_b
         torch.testing.assert_close(ours.norm(dim=-1), torch.ones(len(PROMPT_NAMES)))
 
 
+def test_zero_shot_prototypes_computed_once_per_strong_bundle(clip, monkeypatch):
+    """CPL's start is "a photo of a {}." through text_prototypes, encoded once however many heads
+    (ceiling CPL, cpl, its zero-shot CMM) ask for it; each head trains its own copy."""
+    model, tok = clip
+    calls = []
+    real = w2s_clip.text_prototypes
+    monkeypatch.setattr(w2s_clip, "text_prototypes", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    strong = {"clip": model, "tokenizer": tok}
+    first = w2s_clip.zero_shot_prototypes(strong, PROMPT_NAMES)
+    assert w2s_clip.zero_shot_prototypes(strong, PROMPT_NAMES) is first and len(calls) == 1
+    torch.testing.assert_close(first, real(model, tok, PROMPT_NAMES, ["a photo of a {}."]))
+    head = w2s_clip.make_head("cpl", model, tok, PROMPT_NAMES, 64, first)
+    with torch.no_grad():
+        head.prototypes.add_(1.0)
+    torch.testing.assert_close(first, real(model, tok, PROMPT_NAMES, ["a photo of a {}."]))
+
+
 def test_prompt_head_starts_at_open_clip_text_features(clip):
     """Before training, text_features() = normalize(encode_text('a photo of a {c}.'))."""
     model, tok = clip

@@ -747,29 +747,43 @@ def feature_stage(args, data, device):
     return clip_model, tokenizer, feats
 
 
-def make_head(kind, clip_model, tokenizer, classnames, dim, prototype_init="single"):
-    """The trainable head of a method: lp, tp, cpl or cpl-text."""
+def zero_shot_prototypes(strong, classnames, prototype_init="single"):
+    """CPL's starting prototypes [k, d] (Eq. 3): "a photo of a {}." or open_clip's 80 templates.
+
+    Computed once and kept in `strong` (one CLIP model, one domain): the ceiling's CPL head, the
+    cpl run and its zero-shot CMM report all start from this tensor.
+    """
     import open_clip
+    if "prototypes" not in strong:
+        templates = (["a photo of a {}."] if prototype_init == "single"
+                     else open_clip.OPENAI_IMAGENET_TEMPLATES)
+        strong["prototypes"] = text_prototypes(strong["clip"], strong["tokenizer"], classnames,
+                                               templates)
+    return strong["prototypes"]
+
+
+def make_head(kind, clip_model, tokenizer, classnames, dim, prototypes=None):
+    """The trainable head of a method: lp, tp, cpl (starting from `prototypes` [k, d]) or cpl-text."""
     if kind == "lp":
         return LinearHead(dim, len(classnames))
     if kind == "tp":
         return PromptHead(clip_model, tokenizer, classnames)
     if kind == "cpl-text":
         return TextEncoderHead(clip_model, tokenizer, classnames)
-    templates = (["a photo of a {}."] if prototype_init == "single"
-                 else open_clip.OPENAI_IMAGENET_TEMPLATES)
-    return PrototypeHead(text_prototypes(clip_model, tokenizer, classnames, templates))
+    return PrototypeHead(prototypes)
 
 
 def fit_head(kind, loss, targets, val_labels, strong, labels, splits, classnames, args, seed):
     """Train one head on hold-train (targets [n_ht, k]), select it on hold-val, score D'_test.
 
-    `strong` holds the CLIP model, its tokenizer and the D_test features [n, d] on the device.
+    `strong` holds the CLIP model, its tokenizer and the D_test features [n, d] on the device
+    (and, once a CPL head needs them, the zero-shot prototypes).
     """
     set_seed(seed)
     feats = strong["feats"]
+    protos = zero_shot_prototypes(strong, classnames, args.prototype_init) if kind == "cpl" else None
     head = make_head(kind, strong["clip"], strong["tokenizer"], classnames, feats.shape[1],
-                     args.prototype_init).to(feats.device)
+                     protos).to(feats.device)
     ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
     labels = labels.to(feats.device)
     hyper = loss_hyper(loss, args.tau, args.kd_temperature, args.aux_alpha, args.adapt_tau)
@@ -818,8 +832,7 @@ def run_method(method, args, data, splits, weak_logits, strong, seed):
             out["cmm"] = cmm_report(protos, strong["feats"][te], labels[te],
                                     weak_logits[te].argmax(-1), names)
         if kind == "cpl":  # the zero-shot prototypes CPL starts from
-            zero_shot = make_head(kind, strong["clip"], strong["tokenizer"], names,
-                                  strong["feats"].shape[1], args.prototype_init).prototypes
+            zero_shot = zero_shot_prototypes(strong, names, args.prototype_init)
             out["cmm_zero_shot"] = cmm_report(zero_shot, strong["feats"][te], labels[te],
                                               weak_logits[te].argmax(-1), names)
     if method != "weak":
