@@ -33,9 +33,10 @@ DEMO_FLAGS := --data-root $(DEMO)/data --clip-model $(DEMO)/tiny-clip.json \
 DEMO_WEAK_MODELS := test_resnet test_byobnet test_efficientnet test_coatnet test_convnext
 DEMO_SEEDS ?= 0 1
 # The faithfulness ablation: the paper's defaults, then one flag changed at a time (flag=value).
-ABLATIONS := paper cpl-logit-scale=100 prototype-norm=unit lp-input=normalized lr-schedule=cosine \
-	max-grad-norm=0 select-by=agreement
-ABLATION_METHODS ?= weak zero-shot kd-lp adaptconf-lp cpl
+ABLATIONS := paper tune=none select-from=start-and-epochs ceiling-data=hold-train cpl-kl=printed \
+	cpl-logit-scale=100 prototype-norm=unit lp-input=normalized lr-schedule=cosine max-grad-norm=0 \
+	select-by=agreement
+ABLATION_METHODS ?= weak zero-shot ceiling kd-lp adaptconf-lp cpl
 ABLATION_DOMAINS ?= clipart
 ablation_flags = $$([ $$a = paper ] || echo "--$${a%%=*} $${a\#*=}")
 

@@ -20,7 +20,11 @@ ALTERNATIVES = {"cpl_logit_scale": 100.0,      # Eq. 3: cos; CLIP's 100 * cos
                 "lp_input": "normalized",      # Eq. 1: W f(x) + b; on f(x) / |f(x)|
                 "lr_schedule": "cosine",       # HF Trainer: linear decay; cosine
                 "max_grad_norm": 0.0,          # HF Trainer: clip at 1.0; no clipping
-                "select_by": "agreement"}      # HF Trainer: lowest eval loss; weak-label agreement
+                "select_by": "agreement",      # HF Trainer: lowest eval loss; weak-label agreement
+                "select_from": "start-and-epochs",  # HF Trainer: epochs only; the start too
+                "tune": "none",                # Section 5 step 4: tuned on hold-val; fixed flags
+                "ceiling_data": "hold-train",  # Section 5 step 5: D_hold; hold-train only
+                "cpl_kl": "printed"}           # Eq. 5's summand KL(p^w || p^s); as printed
 
 
 def variant_of(config, defaults, flags=tuple(ALTERNATIVES)):

@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip / timm are imported
 
+import copy
 import json
 import math
 import shutil
@@ -198,7 +199,7 @@ def test_loss_hyper_auxconf_alpha_warms_up_over_20_percent_of_steps():
     alpha = w2s_clip.loss_hyper("auxconf", **hyper)
     assert [alpha(s, 100)["alpha"] for s in (0, 10, 20, 60, 99)] == pytest.approx([0, .25, .5, .5, .5])
     assert w2s_clip.loss_hyper("kd", **hyper)(5, 100) == {"T": 3.0}
-    assert w2s_clip.loss_hyper("cpl", **hyper)(5, 100) == {"tau": 0.7}
+    assert w2s_clip.loss_hyper("cpl", **hyper)(5, 100) == {"tau": 0.7, "direction": "summand"}
     assert w2s_clip.loss_hyper("adaptconf", **hyper)(5, 100) == {"T": 3.0, "tau": 2.0}
     assert w2s_clip.loss_hyper("ce", **hyper)(5, 100) == {}
 
@@ -253,7 +254,7 @@ def test_text_prototypes_raw_equal_encode_text_unnormalised(clip, templates):
 
 
 def test_zero_shot_prototypes_computed_once_per_strong_bundle(clip, monkeypatch):
-    """CPL's start is "a photo of a {}." through text_prototypes, encoded once however many heads
+    """CPL's start is "a photo of a {}" through text_prototypes, encoded once however many heads
     (ceiling CPL, cpl, its zero-shot CMM) ask for it; each head trains its own copy."""
     model, tok = clip
     calls = []
@@ -262,7 +263,7 @@ def test_zero_shot_prototypes_computed_once_per_strong_bundle(clip, monkeypatch)
     strong = {"clip": model, "tokenizer": tok}
     first = w2s_clip.zero_shot_prototypes(strong, PROMPT_NAMES)
     assert w2s_clip.zero_shot_prototypes(strong, PROMPT_NAMES) is first and len(calls) == 1
-    raw = real(model, tok, PROMPT_NAMES, ["a photo of a {}."], normalize=False)  # Algorithm 1
+    raw = real(model, tok, PROMPT_NAMES, ["a photo of a {}"], normalize=False)  # Algorithm 1
     torch.testing.assert_close(first, raw)
     head = w2s_clip.make_head("cpl", model, tok, PROMPT_NAMES, 64, first)
     with torch.no_grad():
@@ -270,7 +271,7 @@ def test_zero_shot_prototypes_computed_once_per_strong_bundle(clip, monkeypatch)
     torch.testing.assert_close(first, raw)
     unit = w2s_clip.zero_shot_prototypes({"clip": model, "tokenizer": tok}, PROMPT_NAMES,
                                          prototype_norm="unit")
-    torch.testing.assert_close(unit, real(model, tok, PROMPT_NAMES, ["a photo of a {}."]))
+    torch.testing.assert_close(unit, real(model, tok, PROMPT_NAMES, ["a photo of a {}"]))
 
 
 def test_prompt_head_starts_at_open_clip_text_features(clip):
@@ -383,7 +384,7 @@ def test_text_encoder_head_packed_equals_plain_path_features_and_every_weight_gr
     model, tok, names = text_towers[tower], clip[1], PACKED_NAMES[names]
     packed, plain = (w2s_clip.TextEncoderHead(model, tok, names) for _ in range(2))
     plain.text.packed = False
-    full = tok([f"a photo of a {c}." for c in names])
+    full = tok([f"a photo of a {c}" for c in names])
     shared = 5 if len(names) > 1 else int(full.argmax())  # [SOS] a photo of a; one class: all
     assert packed.text.packed and packed.prefix.shape[0] == shared
     with torch.no_grad():
@@ -674,8 +675,8 @@ def test_linear_head_ceiling_on_true_labels(planted_data):
 
 def test_train_head_returns_curves_and_restores_best_epoch(planted_data):
     """Random targets pull the head away from the truth, so the best epoch (by agreement with true
-    labels) is not the last; the head left behind must score exactly val_score, the best row of
-    the curves, which start at epoch 0 (before the first step)."""
+    labels) is not the last; the head left behind must score exactly val_score, the best of the
+    rows after each epoch (the candidates); the curves start at epoch 0 (before the first step)."""
     p = planted_data
     x, y, va, te = p["x"], p["y"], p["va"], p["te"]
     xs = x[:300]
@@ -690,9 +691,9 @@ def test_train_head_returns_curves_and_restores_best_epoch(planted_data):
     assert len(curves) == 7 and [r["epoch"] for r in curves] == list(range(7))
     assert [r["step"] for r in curves] == [5 * e for e in range(7)]  # ceil(300 / 64) steps
     assert all({"loss", "val_loss", "val_score", "test_acc", "train_acc"} <= r.keys() for r in curves)
-    scores = [r["val_score"] for r in curves]
+    scores = [r["val_score"] for r in curves[1:]]
     assert fit["val_score"] == max(scores)
-    assert fit["best_epoch"] == scores.index(max(scores))
+    assert fit["best_epoch"] == 1 + scores.index(max(scores))
     assert fit["best_epoch"] < 6 and scores[-1] < fit["val_score"] - 0.1  # restoring matters
     assert w2s_clip.accuracy(w2s_clip.predict(head, x[va]), y[va]) == pytest.approx(fit["val_score"])
     row = curves[fit["best_epoch"]]
@@ -761,8 +762,9 @@ def test_train_head_clipping_and_schedule_match_torch_reference(max_grad_norm):
 
 def test_selection_by_loss_keeps_epoch_0_when_training_only_hurts(planted_data):
     """Prototypes start at the class means (perfect), training targets are random, hold-val's
-    supervision is right: every step raises the hold-val loss, so selection by loss returns
-    epoch 0 and the exact starting prototypes."""
+    supervision is right: every step raises the hold-val loss, so selection by loss with the start
+    a candidate (--select-from start-and-epochs) returns epoch 0 and the exact starting prototypes;
+    the Trainer's candidates return a trained head and say that the start would have won."""
     p = planted_data
     x, y, va = p["x"], p["y"], p["va"]
     means = F.normalize(torch.stack([x[:2000][y[:2000] == c].mean(0) for c in range(p["k"])]), dim=-1)
@@ -771,10 +773,242 @@ def test_selection_by_loss_keeps_epoch_0_when_training_only_hurts(planted_data):
     head = w2s_clip.PrototypeHead(means)
     fit = w2s_clip.train_head(head, w2s_clip.cpl_loss, lambda s, t: {"tau": 1.0}, x[:300], noise,
                               x[va], 5.0 * F.one_hot(y[va], p["k"]).float(), epochs=5,
-                              batch_size=64, lr=1e-2, seed=0)
+                              batch_size=64, lr=1e-2, seed=0, start_candidate=True)
     losses = [r["val_loss"] for r in fit["curves"]]
     assert fit["best_epoch"] == 0 and fit["val_loss"] == losses[0] < min(losses[1:])
     assert torch.equal(head.prototypes.detach(), means)
+    trainer = w2s_clip.train_head(w2s_clip.PrototypeHead(means), w2s_clip.cpl_loss,
+                                  lambda s, t: {"tau": 1.0}, x[:300], noise, x[va],
+                                  5.0 * F.one_hot(y[va], p["k"]).float(), epochs=5, batch_size=64,
+                                  lr=1e-2, seed=0)
+    assert trainer["best_epoch"] == 1 + losses[1:].index(min(losses[1:]))
+    assert trainer["start_would_win"] and fit["start_would_win"]
+
+
+class ReplaySampler(torch.utils.data.Sampler):
+    """Each epoch's order as train_head draws it: torch.randperm from one generator seeded once."""
+
+    def __init__(self, n, seed):
+        self.n, self.g = n, torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.g).tolist())
+
+
+def trainer_fit(tmp_path, head, x, targets, x_val, val_targets, epochs, batch_size, lr, T,
+                eval_on_start=False):
+    """Train `head` with transformers' own Trainer: eval and save every epoch, the best model by
+    eval loss loaded at the end, warm-up ratio 0.1, linear decay, max_grad_norm 1, torch AdamW.
+    Returns the chosen epoch (its global step / steps per epoch) and the eval losses per epoch."""
+    transformers = pytest.importorskip("transformers")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, features, labels=None):
+            logits = self.head(features)
+            return {"loss": w2s_clip.kd_loss(logits, labels, T=T), "logits": logits}
+
+    class Trainer(transformers.Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return ReplaySampler(len(x), seed=0)
+
+    rows = lambda f, t: [{"features": a, "labels": b} for a, b in zip(f, t)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=len(x_val), learning_rate=lr, weight_decay=0.0,
+        warmup_steps=0.1, lr_scheduler_type="linear", max_grad_norm=1.0, optim="adamw_torch",
+        eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+        metric_for_best_model="loss", eval_on_start=eval_on_start, save_only_model=True,
+        report_to="none", disable_tqdm=True, use_cpu=True, dataloader_drop_last=False, seed=0)
+    trainer = Trainer(model=Model(), args=args, train_dataset=rows(x, targets),
+                      eval_dataset=rows(x_val, val_targets))
+    trainer.train()
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    return trainer.state.best_global_step // steps_per_epoch, losses
+
+
+@pytest.mark.parametrize("case", ["val-unlike-train", "start-is-best"])
+def test_train_head_selection_schedule_and_clipping_equal_transformers_trainer(tmp_path, case):
+    """The same float64 linear head, batches and KD loss through train_head and through
+    transformers' Trainer: the same eval losses, the same chosen epoch and the same final weights.
+    "val-unlike-train": hold-val's targets differ from training's, so the best epoch is neither the
+    first nor the last. "start-is-best": hold-val's targets are the untrained head's own logits (eval
+    loss 0 at the start); the Trainer, even with eval_on_start, only loads a checkpoint saved after
+    training, and so does train_head; with start_candidate=True, train_head returns the start."""
+    g = torch.Generator().manual_seed(1)
+    n, d, k, batch_size, epochs, lr = 40, 6, 4, 16, 6, 0.3  # batches of 16, 16 and 8
+    x, x_val = 4 * torch.randn(n, d, generator=g).double(), 4 * torch.randn(24, d, generator=g).double()
+    A = torch.randn(d, k, generator=g).double()
+    targets = x @ A
+    torch.manual_seed(0)
+    start = w2s_clip.LinearHead(d, k).double()
+    with torch.no_grad():  # else hold-val's optimum lies halfway between the start and training's
+        val_targets = start(x_val) if case == "start-is-best" else 0.5 * (x_val @ A + start(x_val))
+    ours, theirs = copy.deepcopy(start), copy.deepcopy(start)
+    fit = w2s_clip.train_head(ours, w2s_clip.kd_loss, lambda s, t: {"T": 2.0}, x, targets, x_val,
+                              val_targets, epochs=epochs, batch_size=batch_size, lr=lr, seed=0)
+    best_epoch, losses = trainer_fit(tmp_path, theirs, x, targets, x_val, val_targets, epochs,
+                                     batch_size, lr, T=2.0, eval_on_start=case == "start-is-best")
+    ours_losses = [row["val_loss"] for row in fit["curves"][1:]]
+    assert losses[-epochs:] == pytest.approx(ours_losses, rel=1e-6, abs=1e-9)
+    assert fit["best_epoch"] == best_epoch
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.allclose(a, b, atol=1e-8, rtol=0)
+    if case == "val-unlike-train":
+        assert 1 < best_epoch < epochs  # selection matters
+    else:
+        assert fit["curves"][0]["val_loss"] == pytest.approx(0.0, abs=1e-12)
+        assert best_epoch >= 1 and fit["start_would_win"]
+        again = copy.deepcopy(start)
+        old = w2s_clip.train_head(again, w2s_clip.kd_loss, lambda s, t: {"T": 2.0}, x, targets,
+                                  x_val, val_targets, epochs=epochs, batch_size=batch_size, lr=lr,
+                                  seed=0, start_candidate=True)
+        assert old["best_epoch"] == 0
+        assert all(torch.equal(a, b) for a, b in zip(again.parameters(), start.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter tuning on hold-val (Section 5, step 4)
+# ------------------------------------------------------------------------------------------------
+def test_tuning_grid_is_the_product_of_the_open_parameters():
+    grids = {"tau": [0.1, 1.0], "kd_temperature": [1.0, 4.0], "aux_alpha": [0.5], "text_lr": [1e-5, 1e-4]}
+    assert w2s_clip.tuning_grid("lp", "ce", grids) == [{}]
+    assert w2s_clip.tuning_grid("tp", "kd", grids) == [{"kd_temperature": 1.0}, {"kd_temperature": 4.0}]
+    assert w2s_clip.tuning_grid("lp", "adaptconf", grids) == [{"kd_temperature": 1.0},
+                                                              {"kd_temperature": 4.0}]
+    assert w2s_clip.tuning_grid("lp", "auxconf", grids) == [{"aux_alpha": 0.5}]
+    assert w2s_clip.tuning_grid("cpl", "cpl", grids) == [{"tau": 0.1}, {"tau": 1.0}]
+    assert w2s_clip.tuning_grid("cpl-text", "cpl", grids) == [
+        {"tau": t, "text_lr": lr} for t in (0.1, 1.0) for lr in (1e-5, 1e-4)]
+
+
+def test_tuning_score_closed_forms():
+    s = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    assert w2s_clip.tuning_score(s, w, "agreement") == 0.5
+    p, q = F.softmax(w.double(), -1), F.softmax(s.double() / 0.5, -1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean().item()
+    assert w2s_clip.tuning_score(s, w, "weak-kl", temperature=0.5) == pytest.approx(-kl, rel=1e-5)
+
+
+def tuning_setup(planted_data, tune_by="agreement"):
+    """fit_tuned's inputs on the planted data: a CPL head from text prototypes, weak logits."""
+    p = planted_data
+    n = len(p["y"])
+    splits = {"hold_train": torch.arange(0, 600), "hold_val": torch.arange(2000, 2400),
+              "test": torch.arange(2400, n)}
+    strong = {"clip": None, "tokenizer": None, "feats": p["x"], "prototypes": 3.0 * p["t"]}
+    args = w2s_clip.parse_args(["--tau-grid", "0.02", "0.1", "1", "--strong-epochs", "4",
+                                "--batch-size", "128", "--tune-by", tune_by])
+    return 5.0 * F.one_hot(p["weak"], p["k"]).float(), strong, splits, args
+
+
+@pytest.mark.parametrize("tune_by", ["agreement", "weak-kl"])
+def test_tuning_picks_what_a_brute_force_loop_picks_without_true_labels(planted_data, tune_by):
+    """fit_tuned's choice equals a plain loop over the same grid (train_head per tau, score each
+    on hold-val against the weak logits), and scrambling every true label leaves the choice, the
+    scores and the chosen head unchanged: no true label takes part in tuning."""
+    p = planted_data
+    weak_logits, strong, splits, args = tuning_setup(planted_data, tune_by)
+    ht, hv = splits["hold_train"], splits["hold_val"]
+    head, fit, _, tuned, tuning = w2s_clip.fit_tuned("cpl", "cpl", weak_logits, strong, p["y"],
+                                                      splits, None, args, seed=0)
+    scores = []
+    for tau in (0.02, 0.1, 1.0):
+        torch.manual_seed(0)
+        ref = w2s_clip.PrototypeHead(3.0 * p["t"])
+        w2s_clip.train_head(ref, w2s_clip.cpl_loss, lambda s, t, tau=tau: {"tau": tau},
+                            p["x"][ht], weak_logits[ht], p["x"][hv], weak_logits[hv], epochs=4,
+                            batch_size=128, lr=1e-2, seed=0)
+        val = w2s_clip.predict(ref, p["x"][hv])
+        w = weak_logits[hv]
+        if tune_by == "agreement":
+            scores.append((val.argmax(-1) == w.argmax(-1)).float().mean().item())
+        else:
+            pw, ps = F.softmax(w.double(), -1), F.log_softmax(val.double() / tau, -1)
+            scores.append(-(pw * (pw.clamp_min(1e-300).log() - ps)).sum(-1).mean().item())
+    assert [row["score"] for row in tuning] == pytest.approx(scores, rel=1e-5, abs=1e-6)
+    assert len(set(scores)) > 1  # the grid points differ, so the choice is not trivial
+    assert tuned == {"tau": (0.02, 0.1, 1.0)[scores.index(max(scores))]}
+    scrambled = p["y"][torch.randperm(len(p["y"]), generator=torch.Generator().manual_seed(9))]
+    head2, _, _, tuned2, tuning2 = w2s_clip.fit_tuned("cpl", "cpl", weak_logits, strong, scrambled,
+                                                      splits, None, args, seed=0)
+    assert tuned2 == tuned and [r["score"] for r in tuning2] == [r["score"] for r in tuning]
+    assert torch.equal(head2.prototypes, head.prototypes)
+    assert [r["test_accuracy"] for r in tuning2] != [r["test_accuracy"] for r in tuning]
+
+
+def test_tune_none_trains_the_flag_values_once(planted_data):
+    weak_logits, strong, splits, args = tuning_setup(planted_data)
+    args.tune, args.tau = "none", 0.5
+    _, _, _, tuned, tuning = w2s_clip.fit_tuned("cpl", "cpl", weak_logits, strong,
+                                                planted_data["y"], splits, None, args, seed=0)
+    assert tuned == {"tau": 0.5} and len(tuning) == 1
+
+
+def test_huge_lr_no_trained_head_returns_the_start_unless_asked(planted_data):
+    """With lr 1000 training wrecks every head, so the hold-val loss is lowest at the start: the
+    Trainer's candidates (after each epoch) never return epoch 0; start_candidate=True does, with
+    the exact starting parameters (the old behaviour). (CPL at tau 0.1: at tau 1 its cosine logits
+    are so flat that even lr 1000 barely moves its hold-val loss.)"""
+    p = planted_data
+    x, wl = p["x"], 5.0 * F.one_hot(p["weak"], p["k"]).float()
+    tr, va = slice(0, 300), slice(2000, 2400)
+    runs = [("lp", "kd", {"T": 1.0}), ("lp", "cpl", {"tau": 0.1}), ("cpl", "cpl", {"tau": 0.1})]
+    heads = {"lp": lambda: w2s_clip.LinearHead(x.shape[1], p["k"]),
+             "cpl": lambda: w2s_clip.PrototypeHead(3.0 * p["t"])}
+    for (name, loss, hyper), start_candidate in [(r, c) for r in runs for c in (False, True)]:
+        torch.manual_seed(0)
+        head = heads[name]()
+        first = copy.deepcopy(head.state_dict())
+        fit = w2s_clip.train_head(head, w2s_clip.LOSSES[loss], lambda s, t: hyper, x[tr], wl[tr],
+                                  x[va], wl[va], epochs=3, batch_size=64, lr=1000.0, seed=0,
+                                  start_candidate=start_candidate)
+        assert fit["start_would_win"], (name, loss)
+        if start_candidate:
+            assert fit["best_epoch"] == 0
+            assert all(torch.equal(v, head.state_dict()[n]) for n, v in first.items())
+        else:
+            assert fit["best_epoch"] >= 1, (name, loss)
+
+
+def test_default_prompt_prototypes_equal_encode_text_of_algorithm_1_prompt(clip):
+    """CPL's default start: the raw text embedding of "a photo of a <name>" (no period)."""
+    model, tokenizer = clip
+    args = w2s_clip.parse_args([])
+    assert args.prompt_template == "a photo of a {}"
+    strong = {"clip": model, "tokenizer": tokenizer}
+    protos = w2s_clip.zero_shot_prototypes(strong, PROMPT_NAMES, args.prototype_init,
+                                           args.prototype_norm, args.prompt_template)
+    with torch.no_grad():
+        ref = model.encode_text(tokenizer([f"a photo of a {c}" for c in PROMPT_NAMES]),
+                                normalize=False)
+    assert torch.allclose(protos, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["a photo of a", "a {} of a {}", "{x} {}"])
+def test_prompt_template_needs_exactly_one_placeholder(bad, capsys):
+    with pytest.raises(SystemExit):
+        w2s_clip.parse_args(["--prompt-template", bad])
+    err = capsys.readouterr().err
+    assert "--prompt-template" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cpl_loss_printed_direction_is_kl_of_strong_to_weak():
+    s, w = logits_pair(6, 5)
+    ps, pw = F.softmax(s.double() / 0.5, -1), F.softmax(w.double() / 0.5, -1)
+    printed = (ps * (ps.log() - pw.log())).sum(-1).mean().item()
+    summand = (pw * (pw.log() - ps.log())).sum(-1).mean().item()
+    assert w2s_clip.cpl_loss(s, w, tau=0.5, direction="printed").item() == pytest.approx(printed, rel=1e-5)
+    assert w2s_clip.cpl_loss(s, w, tau=0.5).item() == pytest.approx(summand, rel=1e-5)
+    assert abs(printed - summand) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -836,7 +1070,8 @@ def cli_args(root, data, out, cache, **overrides):
              "--weak-model": "test_resnet", "--weak-epochs": "1", "--strong-epochs": "2",
              "--batch-size": "16", "--workers": "0", "--out-dir": out, "--cache-dir": cache}
     flags.update(overrides)
-    return [str(a) for kv in flags.items() for a in kv] + ["--no-weak-pretrained"]
+    return ([str(a) for k, v in flags.items() for a in [k, *(v if isinstance(v, list) else [v])]]
+            + ["--no-weak-pretrained"])
 
 
 def run_cli(args):
@@ -880,7 +1115,10 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     z = json.loads((out / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
     assert set(r) - set(z) == {"cmm_zero_shot"} and z["best_epoch"] == 0 and len(z["curves"]) == 1
     assert z["test_accuracy"] == pytest.approx(r["curves"][0]["test_acc"])
-    assert z["curves"][0]["val_loss"] == pytest.approx(r["curves"][0]["val_loss"])
+    # tuned on hold-val: one row per tau of the grid, the chosen tau the best-scoring one
+    assert [row["values"]["tau"] for row in r["tuning"]] == r["config"]["tau_grid"]
+    best = max(r["tuning"], key=lambda row: row["score"])
+    assert r["tuned"] == best["values"] and z["tuned"] == {} and z["tuning"] == []
     assert "zero-shot" in zs.stdout[zs.stdout.index("+-"):]
     # the same command again skips the finished run; other settings stop with a one-line error
     again = run_cli(cli_args(demo, demo / "data", out, cache))
@@ -889,6 +1127,27 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     lines = other.stderr.strip().splitlines()
     assert other.returncode != 0 and len(lines) == 1 and "other settings" in lines[0], other.stderr
     assert json.loads((out / "sketch" / "cpl" / "seed0" / "results.json").read_text()) == r
+
+
+def test_cli_huge_lr_never_returns_the_untrained_head_unless_the_start_is_a_candidate(demo, tmp_path):
+    """`--lr 1000`: every trained method's best_epoch is >= 1 (the Trainer's candidates);
+    `--select-from start-and-epochs` brings back the old behaviour, epoch 0 wherever the start
+    would have won, and each run records whether it would have."""
+    cache, methods = tmp_path / "cache", ["kd-lp", "kd-tp", "cpl"]
+    best = {}
+    for select_from in ("epochs", "start-and-epochs"):
+        out = tmp_path / select_from
+        proc = run_cli(cli_args(demo, demo / "data", out, cache, **{
+            "--method": methods, "--lr": "1000", "--tau": "0.1", "--tune": "none",
+            "--select-from": select_from}))
+        assert proc.returncode == 0, proc.stderr
+        rs = {m: json.loads((out / "sketch" / m / "seed0" / "results.json").read_text())
+              for m in methods}
+        best[select_from] = {m: (r["best_epoch"], r["start_would_win"]) for m, r in rs.items()}
+    assert all(epoch >= 1 for epoch, _ in best["epochs"].values()), best
+    assert any(won for _, won in best["epochs"].values()), best  # lr 1000 does hurt
+    for m, (epoch, won) in best["start-and-epochs"].items():
+        assert (epoch == 0) == won == best["epochs"][m][1], (m, best)
 
 
 def assert_user_error(proc, out, *fragments):

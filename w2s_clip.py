@@ -69,6 +69,14 @@ def in_range(low, high):
     return parse
 
 
+def prompt_template(text):
+    """argparse type: a prompt with exactly one `{}` for the class name."""
+    if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
+        raise argparse.ArgumentTypeError(f"needs exactly one {{}} for the class name and no other "
+                                         f"braces, got {text!r}")
+    return text
+
+
 def seed_value(text):
     """argparse type: a seed torch.Generator.manual_seed takes, an int in [0, 2**64 - 1]."""
     value = int(text)
@@ -131,7 +139,13 @@ def parse_args(argv=None):
     p.add_argument("--adapt-tau", type=positive(float), default=0.5,
                    help="AdaptConf beta temperature (Guo et al.'s code default)")
     p.add_argument("--prototype-init", choices=("single", "ensemble"), default="single",
-                   help="CPL init: 'a photo of a {}.' (paper) or open_clip's 80 ImageNet templates")
+                   help="CPL init: --prompt-template (Algorithm 1) or open_clip's 80 ImageNet templates")
+    p.add_argument("--prompt-template", type=prompt_template, default="a photo of a {}",
+                   help="CPL's and cpl-text's prompt, one {} for the class name (Algorithm 1, line 2, "
+                        "no period)")
+    p.add_argument("--cpl-kl", choices=("summand", "printed"), default="summand",
+                   help="CPL loss: KL(p^w || p^s), Eq. 5's summand (Hinton's distillation direction), "
+                        "or KL(p^s || p^w), Eq. 5's left-hand side as printed")
     # training
     p.add_argument("--strong-epochs", type=positive(int), default=10, help="head training epochs")
     p.add_argument("--batch-size", type=positive(int), default=512, help="batch size, weak and strong")
@@ -144,8 +158,33 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=in_range(0, float("inf")), default=1.0,
                    help="clip the gradient norm, weak and strong (HF Trainer default); 0 = off")
     p.add_argument("--select-by", choices=("loss", "agreement"), default="loss",
-                   help="best epoch (0 = before training): lowest hold-val loss against the run's "
-                        "supervision (HF Trainer default), or highest agreement with its labels")
+                   help="best epoch: lowest hold-val loss against the run's supervision (HF Trainer "
+                        "metric_for_best_model default), or highest agreement with its labels")
+    p.add_argument("--select-from", choices=("epochs", "start-and-epochs"), default="epochs",
+                   help="candidates for the best epoch: the head after each epoch (HF Trainer: only "
+                        "checkpoints saved after training steps), or also the head before training")
+    p.add_argument("--ceiling-data", choices=("hold", "hold-train"), default="hold",
+                   help="the ceiling's training set, true labels: all of D_hold (paper Section 5, "
+                        "step 5) or hold-train only (the weak-to-strong runs' set)")
+    # hold-val parameter tuning (paper Section 5, step 4)
+    p.add_argument("--tune", choices=("hold-val", "none"), default="hold-val",
+                   help="choose each weak-to-strong method's open hyperparameters from the grids "
+                        "below on hold-val with weak labels only (Section 5, step 4), or keep the "
+                        "fixed --tau, --kd-temperature, --aux-alpha, --text-lr")
+    p.add_argument("--tune-by", choices=("agreement", "weak-kl"), default="agreement",
+                   help="tuning criterion on hold-val: agreement with the weak labels, or the lowest "
+                        "KL(softmax(w) || the head's own p^s); both comparable across temperatures")
+    p.add_argument("--tau-grid", type=positive(float), nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0],
+                   help="CPL and cpl-text tau grid (not stated; 0.01 = CLIP's logit scale 100, 1 = Eq. 4 "
+                        "at face value)")
+    p.add_argument("--kd-temperature-grid", type=positive(float), nargs="+", default=[1.0, 2.0, 4.0],
+                   help="KD and AdaptConf T grid (not stated; Hinton et al. 2015's usual range)")
+    p.add_argument("--aux-alpha-grid", type=in_range(0, 1), nargs="+", default=[0.25, 0.5, 0.75],
+                   help="AuxConf alpha grid (Burns et al. 2023: 0.5 in their code, 0.75 for large "
+                        "students)")
+    p.add_argument("--text-lr-grid", type=positive(float), nargs="+", default=[1e-6, 1e-5, 1e-4],
+                   help="cpl-text text-tower learning-rate grid (not stated; a decade either side "
+                        "of --text-lr)")
     p.add_argument("--weight-decay", type=in_range(0, float("inf")), default=0.0, help="AdamW weight decay")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if any)")
     # output
@@ -806,7 +845,7 @@ class TextEncoderHead(nn.Module):
     The tokens all prompts share ([SOS] a photo of a) run once, each class's own ones packed.
     """
 
-    def __init__(self, clip_model, tokenizer, classnames, template="a photo of a {}.",
+    def __init__(self, clip_model, tokenizer, classnames, template="a photo of a {}",
                  logit_scale=100.0):
         super().__init__()
         tokens, eot = tokenize_prompts(clip_model, tokenizer, [template.format(c) for c in classnames])
@@ -863,24 +902,30 @@ def adaptconf_loss(strong_logits, weak_logits, T=1.0, tau=0.5):
     return ((1 - beta) * kl + beta * ce_self).mean()
 
 
-def cpl_loss(strong_logits, weak_logits, tau=1.0):
-    """CPL, Eq. 4-5: KL(softmax(w/tau) || softmax(s/tau)), one tau on both sides, the weak
-    distribution as target."""
-    return F.kl_div(F.log_softmax(strong_logits / tau, dim=-1),
-                    F.log_softmax(weak_logits / tau, dim=-1),
-                    reduction="batchmean", log_target=True)
+def cpl_loss(strong_logits, weak_logits, tau=1.0, direction="summand"):
+    """CPL, Eq. 4-5, one tau on both sides (p = softmax(logits / tau)).
+
+    Eq. 5 prints KL(p^s || p^w) but sums p^w log(p^w / p^s) = KL(p^w || p^s). direction="summand"
+    (default) computes the sum, the weak distribution as target (Hinton et al.'s direction);
+    "printed" computes KL(p^s || p^w) = sum p^s log(p^s / p^w).
+    """
+    log_s = F.log_softmax(strong_logits / tau, dim=-1)
+    log_w = F.log_softmax(weak_logits / tau, dim=-1)
+    if direction == "printed":
+        return F.kl_div(log_w, log_s, reduction="batchmean", log_target=True)
+    return F.kl_div(log_s, log_w, reduction="batchmean", log_target=True)
 
 
 LOSSES = {"ce": ce_loss, "kd": kd_loss, "auxconf": auxconf_loss, "adaptconf": adaptconf_loss,
           "cpl": cpl_loss}
 
 
-def loss_hyper(loss, tau=1.0, kd_temperature=1.0, aux_alpha=0.5, adapt_tau=0.5):
+def loss_hyper(loss, tau=1.0, kd_temperature=1.0, aux_alpha=0.5, adapt_tau=0.5, cpl_kl="summand"):
     """The hyperparameters of `loss` as a function (step, total_steps) -> kwargs.
 
     AuxConf's alpha warms linearly from 0 to `aux_alpha` over the first 20% of steps (Burns et al.).
     """
-    fixed = {"ce": {}, "kd": {"T": kd_temperature}, "cpl": {"tau": tau},
+    fixed = {"ce": {}, "kd": {"T": kd_temperature}, "cpl": {"tau": tau, "direction": cpl_kl},
              "adaptconf": {"T": kd_temperature, "tau": adapt_tau}}
     if loss == "auxconf":
         return lambda step, total: {"alpha": aux_alpha * (min(1.0, step / (0.2 * total)) if total
@@ -905,19 +950,23 @@ def accuracy(logits, labels):
 
 def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, batch_size, lr,
                warmup_ratio=0.1, weight_decay=0.0, seed=0, param_lrs=None, probes=None,
-               schedule="linear", max_grad_norm=1.0, select_by="loss"):
+               schedule="linear", max_grad_norm=1.0, select_by="loss", start_candidate=False):
     """Train `head` on features x [n, d] against target logits [n, k]; keep the best epoch.
 
-    The loop of the Hugging Face Trainer the paper names: AdamW, warm-up then `schedule` decay
-    (SCHEDULES), gradient norm clipped to `max_grad_norm` (0: off), the best state loaded at the
-    end. Candidates are the state before the first step (epoch 0) and after each epoch; the best
-    has the lowest loss_fn on x_val against val_targets [n_val, k] (select_by="loss", the Trainer's
-    default; the weak logits for weak-to-strong, one-hot true labels for the ceiling) or the highest
-    agreement with argmax(val_targets) ("agreement"). `hyper(step, total)` gives the loss's kwargs
-    (hold-val losses use the final ones). `param_lrs` maps a parameter-name prefix to its own lr;
-    `probes` maps a name to (features, labels) measured every epoch (Figure 2), never for selection.
+    The loop of the Hugging Face Trainer the paper names (eval_strategy="epoch",
+    load_best_model_at_end): AdamW, warm-up then `schedule` decay (SCHEDULES), gradient norm
+    clipped to `max_grad_norm` (0: off), the best state loaded at the end. Candidates are the
+    heads after each epoch, as the Trainer only loads checkpoints saved after training steps; the
+    head before the first step is evaluated (curves' epoch 0, like `eval_on_start`) and is a
+    candidate only with start_candidate=True (not the Trainer) or epochs=0. The best has the
+    lowest loss_fn on x_val against val_targets [n_val, k] (select_by="loss", the Trainer's
+    default; ties keep the earlier epoch, as its strict `np.less`) or the highest agreement with
+    argmax(val_targets) ("agreement"). `hyper(step, total)` gives the loss's kwargs (hold-val losses
+    use the final ones). `param_lrs` maps a parameter-name prefix to its own lr; `probes` maps a
+    name to (features, labels) measured every epoch (Figure 2), never for selection.
     Returns:
-        dict with best_epoch, val_score (agreement), val_loss and curves (one row per epoch from 0);
+        dict with best_epoch, val_score (agreement), val_loss, curves (one row per epoch from 0)
+        and start_would_win (the head before training beats the best, a candidate or not);
         `head` holds the best state.
     """
     g = torch.Generator().manual_seed(seed)
@@ -957,13 +1006,56 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
                "val_loss": loss_fn(logits[0], val_targets, **hyper(total, total)).item(),
                **{name: accuracy(z, y) for (name, (_, y)), z in zip(sets.items(), logits)}}
         curves.append(row)
-        if (best is None or (row["val_loss"] < best["val_loss"] if select_by == "loss"
-                             else row["val_score"] > best["val_score"])):
+        better = lambda a, b: (a["val_loss"] < b["val_loss"] if select_by == "loss"
+                               else a["val_score"] > b["val_score"])  # strict: ties keep the earlier
+        if epoch == 0 and not (start_candidate or epochs == 0):
+            continue
+        if best is None or better(row, best):
             best = {"val_score": row["val_score"], "val_loss": row["val_loss"], "best_epoch": epoch,
                     "state": {n: p.detach().clone() for n, p in head.named_parameters()
                               if p.requires_grad}}  # the frozen text tower needs no copy
     head.load_state_dict(best.pop("state"), strict=False)
-    return {**best, "curves": curves}
+    start_would_win = best["best_epoch"] == 0 or better(curves[0], best)
+    return {**best, "curves": curves, "start_would_win": start_would_win}
+
+
+# Section 5, step 4: the 20% of D'_hold "for parameter tuning". The paper names no parameter; these
+# are the ones each method leaves open (the text tower's lr only for cpl-text).
+TUNED_PARAMS = {"ce": (), "kd": ("kd_temperature",), "auxconf": ("aux_alpha",),
+                "adaptconf": ("kd_temperature",), "cpl": ("tau",)}
+
+
+def tuning_grid(kind, loss, grids):
+    """The hyperparameter points tried for a head and loss: the product of `grids[name]` over the
+    parameters the method leaves open (TUNED_PARAMS, plus text_lr for cpl-text), in grid order.
+
+    Args:
+        grids: {"tau": [...], "kd_temperature": [...], "aux_alpha": [...], "text_lr": [...]}.
+    Returns:
+        list of dicts, e.g. [{"tau": 0.01}, {"tau": 0.1}]; [{}] for CE, which has none.
+    """
+    points = [{}]
+    for name in TUNED_PARAMS[loss] + (("text_lr",) if kind == "cpl-text" else ()):
+        points = [{**point, name: value} for point in points for value in grids[name]]
+    return points
+
+
+@torch.no_grad()
+def tuning_score(val_logits, weak_val_logits, criterion="agreement", temperature=1.0):
+    """How well a trained head fits hold-val's weak supervision, higher is better, on one scale for
+    every grid point (a loss at temperature T is not comparable with one at another T).
+
+    Args:
+        val_logits, weak_val_logits: [n_val, k], the head's and the weak model's.
+        criterion: "agreement", the share of rows where the argmaxes agree; or "weak-kl",
+            -KL(softmax(w) || softmax(s / temperature)): the head's own class probabilities
+            (temperature = tau for CPL, whose p^s is Eq. 4's, else 1) against the weak model's.
+    """
+    if criterion == "agreement":
+        return accuracy(val_logits, weak_val_logits.argmax(dim=-1))
+    return -F.kl_div(F.log_softmax(val_logits / temperature, dim=-1),
+                     F.log_softmax(weak_val_logits, dim=-1), reduction="batchmean",
+                     log_target=True).item()
 
 
 def per_class_accuracy(logits, labels, num_classes):
@@ -1170,16 +1262,17 @@ def feature_stage(args, data, device):
     return clip_model, tokenizer, feats
 
 
-def zero_shot_prototypes(strong, classnames, prototype_init="single", prototype_norm="raw"):
-    """CPL's starting prototypes [k, d] (Algorithm 1, line 2): the text embeddings of "a photo of
-    a {}." (or the mean over open_clip's 80 templates), raw or L2-normalised.
+def zero_shot_prototypes(strong, classnames, prototype_init="single", prototype_norm="raw",
+                         template="a photo of a {}"):
+    """CPL's starting prototypes [k, d] (Algorithm 1, line 2): the text embeddings of `template`
+    ("a photo of a {y_i}") or the mean over open_clip's 80 templates, raw or L2-normalised.
 
     Computed once and kept in `strong` (one CLIP model, one domain): the ceiling's CPL head, the
     cpl and zero-shot runs and the zero-shot CMM report all start from this tensor.
     """
     import open_clip
     if "prototypes" not in strong:
-        templates = (["a photo of a {}."] if prototype_init == "single"
+        templates = ([template] if prototype_init == "single"
                      else open_clip.OPENAI_IMAGENET_TEMPLATES)
         strong["prototypes"] = text_prototypes(strong["clip"], strong["tokenizer"], classnames,
                                                templates, normalize=prototype_norm == "unit")
@@ -1187,44 +1280,84 @@ def zero_shot_prototypes(strong, classnames, prototype_init="single", prototype_
 
 
 def make_head(kind, clip_model, tokenizer, classnames, dim, prototypes=None, cpl_logit_scale=1.0,
-              lp_input="raw"):
-    """The trainable head of a method: lp, tp, cpl (starting from `prototypes` [k, d]) or cpl-text;
-    CPL and cpl-text logits are `cpl_logit_scale` * cos (Eq. 3)."""
+              lp_input="raw", template="a photo of a {}"):
+    """The trainable head of a method: lp, tp, cpl (starting from `prototypes` [k, d]) or cpl-text
+    (prompts `template`); CPL and cpl-text logits are `cpl_logit_scale` * cos (Eq. 3)."""
     if kind == "lp":
         return LinearHead(dim, len(classnames), normalize_input=lp_input == "normalized")
     if kind == "tp":
         return PromptHead(clip_model, tokenizer, classnames)
     if kind == "cpl-text":
-        return TextEncoderHead(clip_model, tokenizer, classnames, logit_scale=cpl_logit_scale)
+        return TextEncoderHead(clip_model, tokenizer, classnames, template=template,
+                               logit_scale=cpl_logit_scale)
     return PrototypeHead(prototypes, logit_scale=cpl_logit_scale)
 
 
 def fit_head(kind, loss, targets, val_targets, strong, labels, splits, classnames, args, seed,
-             epochs=None):
-    """Train one head on hold-train (targets [n_ht, k]), select it on hold-val (val_targets
-    [n_hv, k]), score D'_test; `epochs` (default --strong-epochs) 0 keeps the starting head.
+             epochs=None, values=None, train_idx=None):
+    """Train one head on `train_idx` (default hold-train; targets [n_train, k]), select it on
+    hold-val (val_targets [n_hv, k]), score D'_test; `epochs` (default --strong-epochs) 0 keeps
+    the starting head. `values` overrides the flags tau, kd_temperature, aux_alpha, text_lr.
 
     `strong` holds the CLIP model, its tokenizer and the D_test features [n, d] on the device
     (and, once a CPL head needs them, the zero-shot prototypes).
     """
     set_seed(seed)
+    v = {"tau": args.tau, "kd_temperature": args.kd_temperature, "aux_alpha": args.aux_alpha,
+         "text_lr": args.text_lr, **(values or {})}
     feats = strong["feats"]
-    protos = (zero_shot_prototypes(strong, classnames, args.prototype_init, args.prototype_norm)
-              if kind == "cpl" else None)
+    protos = (zero_shot_prototypes(strong, classnames, args.prototype_init, args.prototype_norm,
+                                   args.prompt_template) if kind == "cpl" else None)
     head = make_head(kind, strong["clip"], strong["tokenizer"], classnames, feats.shape[1],
-                     protos, args.cpl_logit_scale, args.lp_input).to(feats.device)
-    ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
+                     protos, args.cpl_logit_scale, args.lp_input,
+                     args.prompt_template).to(feats.device)
+    tr = splits["hold_train"] if train_idx is None else train_idx
+    hv, te = splits["hold_val"], splits["test"]
     labels = labels.to(feats.device)
-    hyper = loss_hyper(loss, args.tau, args.kd_temperature, args.aux_alpha, args.adapt_tau)
-    fit = train_head(head, LOSSES[loss], hyper, feats[ht], targets.to(feats.device),
+    hyper = loss_hyper(loss, v["tau"], v["kd_temperature"], v["aux_alpha"], args.adapt_tau,
+                       args.cpl_kl)
+    fit = train_head(head, LOSSES[loss], hyper, feats[tr], targets.to(feats.device),
                      feats[hv], val_targets.to(feats.device),
                      epochs=args.strong_epochs if epochs is None else epochs,
                      batch_size=args.batch_size, lr=args.lr, warmup_ratio=args.warmup_ratio,
                      weight_decay=args.weight_decay, seed=seed, schedule=args.lr_schedule,
                      max_grad_norm=args.max_grad_norm, select_by=args.select_by,
-                     param_lrs={"text.": args.text_lr} if kind == "cpl-text" else None,
-                     probes={"train_acc": (feats[ht], labels[ht]), "test_acc": (feats[te], labels[te])})
+                     start_candidate=args.select_from == "start-and-epochs",
+                     param_lrs={"text.": v["text_lr"]} if kind == "cpl-text" else None,
+                     probes={"train_acc": (feats[tr], labels[tr]), "test_acc": (feats[te], labels[te])})
     return head, fit, predict(head, feats[te]).cpu()
+
+
+def fit_tuned(kind, loss, weak_logits, strong, labels, splits, classnames, args, seed):
+    """Step 4 with its parameter tuning: one head per point of `tuning_grid` (the flags' values
+    under --tune none), each trained on hold-train's weak logits and selected on hold-val's; the
+    point whose head scores best on hold-val by `tuning_score` (--tune-by) against the weak logits
+    wins, ties to the earlier point. No true label takes part in the choice.
+
+    Returns:
+        (head, fit, test_logits, tuned: the winning values, tuning: one row per point with its
+        hold-val score and loss, and its D'_test accuracy for analysis, never for selection).
+    """
+    ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
+    grids = ({"tau": args.tau_grid, "kd_temperature": args.kd_temperature_grid,
+              "aux_alpha": args.aux_alpha_grid, "text_lr": args.text_lr_grid}
+             if args.tune == "hold-val" else
+             {"tau": [args.tau], "kd_temperature": [args.kd_temperature],
+              "aux_alpha": [args.aux_alpha], "text_lr": [args.text_lr]})
+    best, tuning = None, []
+    for values in tuning_grid(kind, loss, grids):
+        head, fit, test_logits = fit_head(kind, loss, weak_logits[ht], weak_logits[hv], strong,
+                                          labels, splits, classnames, args, seed, values=values)
+        temperature = values["tau"] if kind in ("cpl", "cpl-text") else 1.0  # the head's own p^s
+        score = tuning_score(predict(head, strong["feats"][hv]).cpu(), weak_logits[hv],
+                             args.tune_by, temperature)
+        tuning.append({"values": values, "score": score, "val_score": fit["val_score"],
+                       "val_loss": fit["val_loss"], "best_epoch": fit["best_epoch"],
+                       "test_accuracy": accuracy(test_logits, labels[te])})
+        if best is None or score > best[0]:
+            best = (score, head, fit, test_logits, values)
+        del head  # keep one head at a time (cpl-text copies the text tower)
+    return best[1], best[2], best[3], best[4], tuning
 
 
 def cmm_report(protos, feats, labels, weak_pred, classnames, k_worst=10):
@@ -1245,32 +1378,41 @@ def run_method(method, args, data, splits, weak_logits, strong, seed):
     out = {}
     if method == "weak":
         test_logits = weak_logits[te]
-    elif method == "ceiling":  # step 4: true labels; the head most accurate on hold-val
-        runs = {kind: fit_head(kind, "ce", F.one_hot(labels[ht], k).float(),
+    elif method == "ceiling":  # step 5: true labels of D_hold; the head most accurate on hold-val
+        train = torch.cat([ht, hv]) if args.ceiling_data == "hold" else ht
+        runs = {kind: fit_head(kind, "ce", F.one_hot(labels[train], k).float(),
                                F.one_hot(labels[hv], k).float(), strong, labels, splits, names,
-                               args, seed) for kind in ("lp", "tp", "cpl")}
+                               args, seed, train_idx=train) for kind in ("lp", "tp", "cpl")}
         best = max(runs, key=lambda kind: runs[kind][1]["val_score"])
         _, fit, test_logits = runs[best]
-        out["ceiling_head"] = best
+        out["ceiling_head"], out["ceiling_data"], out["n_ceiling_train"] = best, args.ceiling_data, len(train)
         out["heads"] = {kind: {"val_score": f["val_score"], "test_accuracy": accuracy(t, labels[te])}
                         for kind, (_, f, t) in runs.items()}
-    else:  # step 3: weak-to-strong, selected on hold-val's weak logits (zero-shot: no step)
-        kind, loss = METHOD_HEAD_LOSS.get(method, ("cpl", "cpl"))
-        head, fit, test_logits = fit_head(kind, loss, weak_logits[ht], weak_logits[hv], strong,
-                                          labels, splits, names, args, seed,
-                                          epochs=0 if method == "zero-shot" else None)
+    elif method == "zero-shot":  # CPL's starting head, no step
+        kind = "cpl"
+        head, fit, test_logits = fit_head(kind, "cpl", weak_logits[ht], weak_logits[hv], strong,
+                                          labels, splits, names, args, seed, epochs=0)
+    else:  # step 4: weak-to-strong, tuned and selected on hold-val's weak logits
+        kind, loss = METHOD_HEAD_LOSS[method]
+        head, fit, test_logits, out["tuned"], out["tuning"] = fit_tuned(
+            kind, loss, weak_logits, strong, labels, splits, names, args, seed)
+    if method not in ("weak", "ceiling"):
         if kind != "lp":
             with torch.no_grad():
                 protos = head.prototypes if kind == "cpl" else head.text_features()
             out["cmm"] = cmm_report(protos, strong["feats"][te], labels[te],
                                     weak_logits[te].argmax(-1), names)
         if method == "cpl":  # the zero-shot prototypes CPL starts from
-            zero_shot = zero_shot_prototypes(strong, names, args.prototype_init, args.prototype_norm)
+            zero_shot = zero_shot_prototypes(strong, names, args.prototype_init, args.prototype_norm,
+                                             args.prompt_template)
             out["cmm_zero_shot"] = cmm_report(zero_shot, strong["feats"][te], labels[te],
                                               weak_logits[te].argmax(-1), names)
     if method != "weak":
         out.update(best_epoch=fit["best_epoch"], val_score=fit["val_score"],
-                   val_loss=fit["val_loss"], curves=fit["curves"])
+                   val_loss=fit["val_loss"], start_would_win=fit["start_would_win"],
+                   curves=fit["curves"])
+    out.setdefault("tuned", {})  # weak, zero-shot and the ceiling (CE) have nothing to tune
+    out.setdefault("tuning", [])
     class_acc = per_class_accuracy(test_logits, labels[te], k)
     return {"test_accuracy": accuracy(test_logits, labels[te]),
             "weak_test_accuracy": accuracy(weak_logits[te], labels[te]),
@@ -1900,8 +2042,9 @@ def run_experiment(args):
                 result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             path = result_path(args.out_dir, args.domain, method, seed)
             atomic_save(result, path)
+            tuned = "".join(f", {name} {value:g}" for name, value in result["tuned"].items())
             print(f"{args.domain} seed {seed} {method}: {100 * result['test_accuracy']:.2f}% on "
-                  f"D'_test in {result['seconds']:.1f} s -> {path}", flush=True)
+                  f"D'_test in {result['seconds']:.1f} s{tuned} -> {path}", flush=True)
         print(summary_box(args.out_dir, args.domain, seed, methods, settings))
 
 
