@@ -33,7 +33,7 @@ DEMO_FLAGS := --data-root $(DEMO)/data --clip-model $(DEMO)/tiny-clip.json \
 DEMO_WEAK_MODELS := test_resnet test_byobnet test_efficientnet test_coatnet test_convnext
 DEMO_SEEDS ?= 0 1
 # The faithfulness ablation: the paper's defaults, then one flag changed at a time (flag=value).
-ABLATIONS := paper tune=none select-from=start-and-epochs ceiling-data=hold-train cpl-kl=printed \
+ABLATIONS := paper tune=none tune-by=weak-kl select-from=start-and-epochs ceiling-data=hold-train cpl-kl=printed \
 	cpl-logit-scale=100 prototype-norm=unit lp-input=normalized lr-schedule=cosine max-grad-norm=0 \
 	select-by=agreement
 ABLATION_METHODS ?= weak zero-shot ceiling kd-lp adaptconf-lp cpl
@@ -48,7 +48,7 @@ PT_TAGS ?= datacomp_s_s13m_b4k datacomp_m_s128m_b4k datacomp_xl_s13b_b90k openai
 PT_METHODS := $(T3_METHODS)
 
 .PHONY: help venv test demo data data-all paper-tables tables demo-tables demo-pretraining \
-	pretraining-table ablations demo-ablations bench clean
+	pretraining-table ablations demo-ablations demo-tuning bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -122,6 +122,13 @@ demo-ablations: venv ## the same ablation on the demo's synthetic sketch domain,
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(ABLATION_METHODS) \
 	    --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/ablations/$$a $(ablation_flags) || exit 1; done
 	$(PY) ablations_w2s_clip.py --out-dir $(DEMO)/ablations --output $(DEMO)/results/ablations.md
+
+demo-tuning: venv ## every method on the miniature with and without hold-val tuning -> demo/results/tuning.md, CPU
+	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN)
+	for t in hold-val none; do \
+	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method all --seeds $(DEMO_SEEDS) \
+	    --tune $$t --out-dir $(DEMO)/tuning/$$t || exit 1; done
+	$(PY) ablations_w2s_clip.py --out-dir $(DEMO)/tuning --output $(DEMO)/results/tuning.md
 
 demo-pretraining: venv ## the pretraining table on the miniature: DEMO_PRETRAIN_AXIS steps -> demo/results/pretraining.md
 	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN_AXIS)

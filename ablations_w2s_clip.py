@@ -23,6 +23,7 @@ ALTERNATIVES = {"cpl_logit_scale": 100.0,      # Eq. 3: cos; CLIP's 100 * cos
                 "select_by": "agreement",      # HF Trainer: lowest eval loss; weak-label agreement
                 "select_from": "start-and-epochs",  # HF Trainer: epochs only; the start too
                 "tune": "none",                # Section 5 step 4: tuned on hold-val; fixed flags
+                "tune_by": "weak-kl",          # tuning by weak-label agreement; by KL to p^w
                 "ceiling_data": "hold-train",  # Section 5 step 5: D_hold; hold-train only
                 "cpl_kl": "printed"}           # Eq. 5's summand KL(p^w || p^s); as printed
 
@@ -73,7 +74,8 @@ def ablation_table(out_dir, defaults=None, flags=tuple(ALTERNATIVES)):
                     continue
                 mean, std = stats[(domain, v, m)]
                 base = stats.get((domain, "paper defaults", m))
-                delta = f" ({mean - base[0]:+.2f})" if base and v != "paper defaults" else ""
+                diff = round(mean - base[0], 2) + 0.0 if base else None  # + 0.0: no "-0.00"
+                delta = f" ({diff:+.2f})" if base and v != "paper defaults" else ""
                 cells.append(f"{mean:.2f} ± {std:.2f}{delta}")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
