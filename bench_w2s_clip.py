@@ -159,8 +159,12 @@ def print_steps(rows, k, name):
 
 def main():
     a = parse_args()
+    try:
+        device = torch.device(W.check_device(a.device))
+    except W.UserError as e:
+        sys.exit(f"error: {e}")
     names = list(DOMAINNET_CLASSES[:a.classes])
-    k, device = len(names), torch.device(a.device)
+    k = len(names)
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
     if a.steps_only:

@@ -149,6 +149,9 @@ def make_demo(folder, flag="--make-demo", **kwargs):
         old = json.loads(manifest.read_text()) if manifest.is_file() else {}
     except ValueError:  # a damaged manifest: the folder is still ours, rewrite it
         old = {}
+    if (folder / "data").is_symlink():  # never write or delete through a link
+        raise UserError(f"{flag} {folder}: {folder / 'data'} is a symbolic link; the demo writes "
+                        f"only into folders of its own: remove the link or pick another folder")
     if old.get("data_key") == key and old.get("complete"):
         print(f"{folder}/data is up to date")
     else:

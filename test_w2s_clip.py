@@ -1945,3 +1945,175 @@ def test_cli_build_tables_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_text", full_disk)  # now the probe fails too
     main_error(["--build-tables", "--out-dir", tmp_path / "runs", "--tables-dir", tmp_path / "u"],
                "--tables-dir", f"no space left on {tmp_path / 'u'}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers that make sense, writes that cannot lose a run, and no traceback (reliability)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--lr", "nan"], ["--lr", "inf"], ["--weak-lr=-inf"],
+                                  ["--tau", "nan"], ["--cpl-logit-scale", "nan"],
+                                  ["--max-grad-norm", "inf"], ["--weight-decay", "nan"],
+                                  ["--warmup-ratio", "nan"], ["--aux-alpha", "nan"],
+                                  ["--tau-grid", "0.1", "nan"], ["--text-lr-grid", "inf"]])
+def test_parse_args_refuses_nan_and_infinity(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        w2s_clip.parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and argv[0].split("=")[0] in err and len(err.splitlines()) == 1, err
+    assert "finite" in err
+
+
+def test_train_head_stops_on_a_non_finite_loss():
+    torch.manual_seed(0)
+    x, targets = torch.randn(16, 4), torch.randn(16, 3)
+    targets[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="epoch 1, step 1"):
+        w2s_clip.train_head(w2s_clip.LinearHead(4, 3), w2s_clip.kd_loss, lambda s, t: {"T": 1.0},
+                            x, targets, x, torch.randn(16, 3), epochs=2, batch_size=16, lr=0.1)
+
+
+def test_train_head_warns_when_no_step_had_a_positive_learning_rate():
+    """One step, all warm-up: its lr is 0 (step / warm-up steps), so the head never moves; the fit
+    says so. With two epochs the second step has a positive lr and there is no warning."""
+    torch.manual_seed(0)
+    x, targets = torch.randn(16, 4), torch.randn(16, 3)
+    head = w2s_clip.LinearHead(4, 3)
+    start = copy.deepcopy(head.state_dict())
+    fit = w2s_clip.train_head(head, w2s_clip.kd_loss, lambda s, t: {"T": 1.0}, x, targets, x,
+                              targets, epochs=1, batch_size=16, lr=0.1, warmup_ratio=1.0)
+    assert len(fit["warnings"]) == 1 and "positive learning rate" in fit["warnings"][0]
+    assert all(torch.equal(v, head.state_dict()[n]) for n, v in start.items())
+    fit = w2s_clip.train_head(w2s_clip.LinearHead(4, 3), w2s_clip.kd_loss, lambda s, t: {"T": 1.0},
+                              x, targets, x, targets, epochs=2, batch_size=16, lr=0.1,
+                              warmup_ratio=0.5)
+    assert fit["warnings"] == []
+
+
+def test_cli_non_finite_loss_is_one_line_naming_method_epoch_and_flag(demo, tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli(cli_args(demo, demo / "data", out, tmp_path / "cache", **{
+        "--method": "kd-lp", "--lr": "1e38", "--tune": "none"}))
+    assert_user_error(proc, out, "kd-lp", "epoch", "--lr")
+
+
+def test_cli_untrained_head_warning_is_printed_and_recorded(demo, tmp_path):
+    """--strong-epochs 1 with one batch and --warmup-ratio 1: the only step has lr 0."""
+    out = tmp_path / "runs"
+    proc = run_cli(cli_args(demo, demo / "data", out, tmp_path / "cache", **{
+        "--method": "kd-lp", "--strong-epochs": "1", "--batch-size": "512", "--warmup-ratio": "1",
+        "--tune": "none"}))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: sketch seed 0 kd-lp: none of the 1 optimiser steps" in proc.stderr
+    r = json.loads((out / "sketch" / "kd-lp" / "seed0" / "results.json").read_text())
+    assert len(r["warnings"]) == 1 and r["curves"][1]["val_loss"] == r["curves"][0]["val_loss"]
+
+
+def test_cli_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(demo, tmp_path):
+    """SIGINT after the first finished run: exit status 130, one line, no traceback; the same
+    command then finishes the rest."""
+    import signal
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    args = cli_args(demo, demo / "data", out, cache, **{
+        "--method": ["weak", "kd-lp", "kd-tp", "cpl", "ceiling"], "--seeds": ["0", "1", "2"]})
+    proc = subprocess.Popen([sys.executable, "w2s_clip.py", *args], cwd=HERE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    first = proc.stdout.readline()  # the first finished run
+    assert "D'_test" in first, first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted; rerun the same command to resume"], err
+    again = run_cli(args)
+    assert again.returncode == 0, again.stderr
+    assert len(list(out.rglob("results.json"))) == 15
+
+
+def test_cli_error_data_root_is_a_file(demo, tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli(cli_args(demo, demo / "data" / "sketch_train.txt", out, tmp_path / "cache"))
+    assert_user_error(proc, out, "is a file, not a folder", "sketch_train.txt")
+
+
+def test_cli_error_label_too_large_for_int64(demo, tmp_path):
+    data = corrupt_copy(demo, tmp_path)
+    lines = (data / "sketch_train.txt").read_text().splitlines()
+    path, _ = lines[2].rsplit(None, 1)
+    lines[2] = f"{path} {2 ** 70}"
+    (data / "sketch_train.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "runs"
+    proc = run_cli(cli_args(demo, data, out, tmp_path / "cache"))
+    assert_user_error(proc, out, "sketch_train.txt:3", "far too large")
+
+
+def test_bench_error_device_nonsense_is_one_line():
+    proc = subprocess.run([sys.executable, "bench_w2s_clip.py", "--device", "nonsense"], cwd=HERE,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "--device nonsense" in lines[0], proc.stderr
+
+
+def test_make_demo_refuses_a_data_folder_that_is_a_symlink(tmp_path):
+    """A user's dataset linked in as DIR/data is never written into nor deleted."""
+    mine = tmp_path / "my-dataset"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / minidomainnet.MANIFEST).write_text(json.dumps({"written_by": "minidomainnet"}))
+    (folder / "data").symlink_to(mine)
+    main_error(["--make-demo", folder], "symbolic link", str(folder / "data"))
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+
+
+def test_a_result_written_meanwhile_with_other_settings_is_kept(demo, tmp_path, monkeypatch):
+    """Another command writes the same cell, with other settings, while this one trains: at its
+    write this one sees it (under the lock), keeps it and stops with one line naming both."""
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    path = out / "sketch" / "cpl" / "seed0" / "results.json"
+    foreign = {"domain": "sketch", "method": "cpl", "seed": 0, "test_accuracy": 0.5,
+               "worst10_accuracy": 0.5, "config": {"weak_model": "x", "clip_model": "y"},
+               "settings": {"lr": 123.0}}
+    real = w2s_clip.run_method
+
+    def concurrent(method, *a, **k):
+        result = real(method, *a, **k)
+        if method == "cpl":
+            w2s_clip.atomic_save(foreign, path)
+        return result
+    monkeypatch.setattr(w2s_clip, "run_method", concurrent)
+    main_error(cli_args(demo, demo / "data", out, cache, **{"--tune": "none"}),
+               str(path), "another command", "lr: 123.0 -> 0.01")
+    assert json.loads(path.read_text()) == foreign
+
+
+def test_tables_are_written_as_a_set_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while the tables are written replaces none of the earlier ones and leaves no
+    temporary file; a figure the new build does not make is removed rather than left stale; a
+    user's own file in the folder is left alone."""
+    out, tables = tmp_path / "runs", tmp_path / "tables"
+    write_result(out, "sketch", "cpl", 0, 0.5, 0.2)
+    w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tables)])
+    assert (tables / "figure2.csv").exists()
+    (tables / "mine.md").write_text("a user's file")
+    before = tree_state(tables)
+    write_result(out, "sketch", "kd-lp", 0, 0.25, 0.1)
+    real, calls = w2s_clip.atomic_save, []
+
+    def fail_third(obj, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise w2s_clip.UserError(f"no space left on {tables}")
+        return real(obj, path)
+    monkeypatch.setattr(w2s_clip, "atomic_save", fail_third)
+    main_error(["--build-tables", "--out-dir", out, "--tables-dir", tables], "no space left")
+    assert tree_state(tables) == before and not temp_files(tables)
+    monkeypatch.undo()
+    for path in out.rglob("results.json"):  # results without curves: no Figure 2
+        r = json.loads(path.read_text())
+        w2s_clip.atomic_save({**r, "curves": []}, path)
+    w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tables)])
+    assert "kd-lp" in (tables / "table2.md").read_text()
+    assert not (tables / "figure2.csv").exists() and not (tables / "figure2.png").exists()
+    assert (tables / "mine.md").read_text() == "a user's file"

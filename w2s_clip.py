@@ -18,6 +18,7 @@ Manual: README.md.
     python w2s_clip.py --build-tables --out-dir runs --tables-dir results
 """
 import argparse
+import contextlib
 import copy
 import csv
 import errno
@@ -49,10 +50,18 @@ METHOD_HEAD_LOSS = {"cpl": ("cpl", "cpl"), "cpl-text": ("cpl-text", "cpl"),  # w
 METHODS = ("weak", "zero-shot", "ceiling") + tuple(METHOD_HEAD_LOSS)
 
 
+def finite(text):
+    """argparse type: a float that is neither NaN nor +-inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def positive(kind):
-    """argparse type: a number of `kind` (int or float) that must be > 0."""
+    """argparse type: a finite number of `kind` (int or float) that must be > 0."""
     def parse(text):
-        value = kind(text)
+        value = finite(text) if kind is float else kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -60,9 +69,9 @@ def positive(kind):
 
 
 def in_range(low, high):
-    """argparse type: a float in [low, high]."""
+    """argparse type: a finite float in [low, high] (high may be inf: no upper bound)."""
     def parse(text):
-        value = float(text)
+        value = finite(text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
         return value
@@ -247,6 +256,9 @@ def read_split_file(path):
                 label = int(parts[1]) if len(parts) == 2 and parts[0].count("/") >= 2 else None
             except ValueError:
                 label = None
+            if label is not None and not -2 ** 63 <= label < 2 ** 63:  # beyond torch's int64
+                raise UserError(f"{path}:{lineno}: label {parts[1]} is far too large for a class "
+                                f"index; re-download the split file")
             if label is None:
                 raise UserError(f"{path}:{lineno}: expected '<domain>/<class>/<file> <label>', "
                                 f"got {line.strip()!r}; re-download the split file")
@@ -360,6 +372,9 @@ def image_stats_digest(root, paths, workers=16):
 def load_domain(data_root, domain):
     """Read `<domain>_train.txt` and `<domain>_test.txt`; return a dict with paths, labels, names."""
     get = f"`make data DOMAIN={domain} DATA={data_root}`"
+    if os.path.exists(data_root) and not os.path.isdir(data_root):
+        raise UserError(f"--data-root {data_root} is a file, not a folder; pass the folder that "
+                        f"holds <domain>_train.txt and <domain>_test.txt")
     if not os.path.isdir(data_root):
         raise UserError(f"data root {data_root} not found; run {get} or pass --data-root")
     for split in ("train", "test"):
@@ -512,6 +527,8 @@ def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_dec
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
                 loss = F.cross_entropy(model(images), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the weak model's training loss became {loss.item()}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm > 0:  # HF Trainer: clip before the step
@@ -553,8 +570,13 @@ def load_clip(model_name, pretrained, device="cpu"):
         cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a random-init model is then the same model in every run
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, force_quick_gelu=cfg.get("quick_gelu", False))
+            if not pretrained:  # asked for: open_clip's "no pretrained weights" warning is noise
+                logging.disable(logging.WARNING)
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pretrained, force_quick_gelu=cfg.get("quick_gelu", False))
+            finally:
+                logging.disable(logging.NOTSET)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
             pickle.UnpicklingError) as e:  # no network, bad tag, config or checkpoint file
         raise UserError(f"cannot load open_clip {name} with weights {pretrained}: "
@@ -965,9 +987,10 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
     use the final ones). `param_lrs` maps a parameter-name prefix to its own lr; `probes` maps a
     name to (features, labels) measured every epoch (Figure 2), never for selection.
     Returns:
-        dict with best_epoch, val_score (agreement), val_loss, curves (one row per epoch from 0)
-        and start_would_win (the head before training beats the best, a candidate or not);
-        `head` holds the best state.
+        dict with best_epoch, val_score (agreement), val_loss, curves (one row per epoch from 0),
+        start_would_win (the head before training beats the best, a candidate or not) and
+        warnings (no step with a positive lr; a hold-val loss that never moved); `head` holds the
+        best state. A training or hold-val loss that is NaN or inf raises FloatingPointError.
     """
     g = torch.Generator().manual_seed(seed)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -981,18 +1004,28 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
     multiplier = SCHEDULES[schedule]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: multiplier(s, total, warmup_ratio))
     sets = {"val_score": (x_val, val_targets.argmax(dim=-1)), **(probes or {})}
-    best, curves, step = None, [], 0
+    best, curves, step, stepped = None, [], 0, 0
     for epoch in tqdm(range(epochs + 1), desc="head", disable=not sys.stderr.isatty()):
         if epoch > 0:
             head.train()
             loss_sum = 0.0
             for idx in torch.randperm(len(x), generator=g).split(batch_size):
                 loss = loss_fn(head(x[idx]), targets[idx], **hyper(step, total))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the training loss became {loss.item()} at epoch "
+                                             f"{epoch}, step {step + 1}")
+                stepped += any(grp["lr"] > 0 for grp in opt.param_groups)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if max_grad_norm > 0:  # HF Trainer: clip the norm over all parameters, then step
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                opt.step()
+                try:
+                    opt.step()
+                except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) beyond float
+                    if "overflow" not in str(e):
+                        raise
+                    raise FloatingPointError(f"the optimiser step overflowed at epoch {epoch}, "
+                                             f"step {step + 1}") from None
                 sched.step()
                 step += 1
                 loss_sum += loss.item() * len(idx)
@@ -1005,6 +1038,8 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
         row = {"epoch": epoch, "step": step, "loss": loss_mean,
                "val_loss": loss_fn(logits[0], val_targets, **hyper(total, total)).item(),
                **{name: accuracy(z, y) for (name, (_, y)), z in zip(sets.items(), logits)}}
+        if not math.isfinite(row["val_loss"]):
+            raise FloatingPointError(f"the hold-val loss became {row['val_loss']} at epoch {epoch}")
         curves.append(row)
         better = lambda a, b: (a["val_loss"] < b["val_loss"] if select_by == "loss"
                                else a["val_score"] > b["val_score"])  # strict: ties keep the earlier
@@ -1016,7 +1051,13 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
                               if p.requires_grad}}  # the frozen text tower needs no copy
     head.load_state_dict(best.pop("state"), strict=False)
     start_would_win = best["best_epoch"] == 0 or better(curves[0], best)
-    return {**best, "curves": curves, "start_would_win": start_would_win}
+    warnings = []
+    if epochs > 0 and not stepped:
+        warnings.append(f"none of the {step} optimiser steps had a positive learning rate "
+                        f"(all in warm-up, or lr 0): the head is untrained")
+    elif epochs > 0 and all(row["val_loss"] == curves[0]["val_loss"] for row in curves):
+        warnings.append("the hold-val loss never moved: the head did not learn")
+    return {**best, "curves": curves, "start_would_win": start_would_win, "warnings": warnings}
 
 
 # Section 5, step 4: the 20% of D'_hold "for parameter tuning". The paper names no parameter; these
@@ -1169,6 +1210,21 @@ def atomic_save(obj, path):
         if isinstance(e, OSError):
             raise UserError(f"cannot write {path} ({e.strerror or e}); check the folder") from None
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive advisory lock (fcntl.flock) on the hidden file `.<name>.lock` beside `path`,
+    held for the block: processes writing the same file take turns."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_cache(path):
@@ -1410,7 +1466,7 @@ def run_method(method, args, data, splits, weak_logits, strong, seed):
     if method != "weak":
         out.update(best_epoch=fit["best_epoch"], val_score=fit["val_score"],
                    val_loss=fit["val_loss"], start_would_win=fit["start_would_win"],
-                   curves=fit["curves"])
+                   warnings=fit["warnings"], curves=fit["curves"])
     out.setdefault("tuned", {})  # weak, zero-shot and the ceiling (CE) have nothing to tune
     out.setdefault("tuning", [])
     class_acc = per_class_accuracy(test_logits, labels[te], k)
@@ -1693,7 +1749,7 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
     check_writable(tables_dir, "--tables-dir")
     fields = ["domain", "method", "seed", "weak_model", "clip_model", "test_accuracy",
               "worst10_accuracy", "n_predicted_classes", "path"]
-    atomic_save(csv_text(rows, fields), Path(tables_dir) / "runs.csv")
+    files = {"runs.csv": csv_text(rows, fields)}  # written together at the end
     count = lambda key, value: sum(r[key] == value for r in rows)
     clip_model = max(sorted({r["clip_model"] for r in rows}), key=lambda c: count("clip_model", c))
     rows = [r for r in rows if r["clip_model"] == clip_model]
@@ -1728,22 +1784,49 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
         text += "\n" + markdown_table("Distinct classes predicted on D'_test (a collapsed head "
                                        "predicts few)", names, col_names, classes,
                                        f"{table_id}-classes", delta=False)
-        atomic_save(text, Path(tables_dir) / f"{table_id}.md")
+        files[f"{table_id}.md"] = text
         gaps.append(paper_gap(title.split(":")[0], table_id, names, col_names, subset, col_key, shown))
-    atomic_save("\n".join(gaps), Path(tables_dir) / "paper_gap.md")
-    write_figure2(main_rows, Path(tables_dir), accuracy_grid(main_rows, "method", "domain"), domains,
-                  paper=paper)
-    print(f"wrote {', '.join(sorted(os.listdir(tables_dir)))} to {tables_dir}")
+    files["paper_gap.md"] = "\n".join(gaps)
+    files.update(figure2(main_rows, accuracy_grid(main_rows, "method", "domain"), domains,
+                         paper=paper))
+    save_together(files, tables_dir, owned=TABLE_FILES)
+    print(f"wrote {', '.join(sorted(files))} to {tables_dir}")
 
 
-def write_figure2(rows, folder, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-lp"),
-                  paper=None):
+TABLE_FILES = ("runs.csv", "table2.md", "table3.md", "table4.md", "paper_gap.md", "figure2.csv",
+               "figure2.png")  # what build_tables owns in --tables-dir
+
+
+def save_together(files, folder, owned=()):
+    """Write {name: str or bytes} into `folder` as a set: every file to a temporary name first,
+    then all renamed into place, so a failure replaces none of them; then remove the files of
+    `owned` this set does not hold (left by an earlier build, they would be stale)."""
+    folder = Path(folder)
+    temps = {}
+    try:
+        for name, data in files.items():
+            remove_stale_temps(folder, name)  # of a killed build
+            temps[name] = folder / f".{name}.{os.getpid()}.tmp"
+            atomic_save(data, temps[name])
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for name, tmp in temps.items():
+        os.replace(tmp, folder / name)
+    for name in set(owned) - set(files):
+        (folder / name).unlink(missing_ok=True)
+
+
+def figure2(rows, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-lp"), paper=None):
     """Figure 2: train/test accuracy per epoch of three methods (mean over seeds), weak/ceiling lines,
     on the first of `domains` that has curves (clipart for the full grid); the paper's levels
-    (`paper[("figure2", level, domain)]`) in brackets beside ours."""
+    (`paper[("figure2", level, domain)]`) in brackets beside ours.
+    Returns {"figure2.csv": text, "figure2.png": bytes} ({} without curves; no png without
+    matplotlib)."""
     domain = next((d for d in domains if any(r["domain"] == d and r["curves"] for r in rows)), None)
     if domain is None:
-        return
+        return {}
     series = []
     for m in methods:
         curves = [r["curves"] for r in rows if r["domain"] == domain and r["method"] == m]
@@ -1753,14 +1836,14 @@ def write_figure2(rows, folder, grid, domains=DOMAINS, methods=("auxconf-tp", "c
                            "step": pts[0]["step"],
                            "train_acc": 100 * sum(p["train_acc"] for p in pts) / len(pts),
                            "test_acc": 100 * sum(p["test_acc"] for p in pts) / len(pts)})
-    atomic_save(csv_text(series, ["domain", "method", "epoch", "step", "train_acc", "test_acc"]),
-                folder / "figure2.csv")
+    files = {"figure2.csv": csv_text(series, ["domain", "method", "epoch", "step", "train_acc",
+                                              "test_acc"])}
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return files
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, split in zip(axes, ("train_acc", "test_acc")):
         for m in methods:
@@ -1779,7 +1862,8 @@ def write_figure2(rows, folder, grid, domains=DOMAINS, methods=("auxconf-tp", "c
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
-    atomic_save(png.getvalue(), folder / "figure2.png")
+    plt.close(fig)
+    return {**files, "figure2.png": png.getvalue()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2024,7 +2108,11 @@ def run_experiment(args):
         if not seed_methods:
             continue
         splits = protocol_splits(len(data["test_labels"]), seed)
-        weak_logits = weak_stage(args, data, seed, device)
+        try:
+            weak_logits = weak_stage(args, data, seed, device)
+        except FloatingPointError as e:
+            raise UserError(f"{args.domain} seed {seed} weak: {e}; lower --weak-lr (now "
+                            f"{args.weak_lr:g})") from None
         if strong is None and set(seed_methods) - {"weak"}:
             clip_model, tokenizer, feats = feature_stage(args, data, device)
             strong = {"clip": clip_model, "tokenizer": tokenizer, "feats": feats.to(device)}
@@ -2032,7 +2120,15 @@ def run_experiment(args):
             if torch.device(device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.time()
-            result = run_method(method, args, data, splits, weak_logits, strong, seed)
+            try:
+                result = run_method(method, args, data, splits, weak_logits, strong, seed)
+            except FloatingPointError as e:
+                raise UserError(f"{args.domain} seed {seed} {method}: {e}; lower --lr (now "
+                                f"{args.lr:g}) or check --tau-grid, --cpl-logit-scale, "
+                                f"--kd-temperature-grid") from None
+            for warning in result.get("warnings", []):
+                print(f"warning: {args.domain} seed {seed} {method}: {warning}", file=sys.stderr,
+                      flush=True)
             result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
                           n_weak_train=len(data["train_labels"]),
                           **{f"n_{s}": len(i) for s, i in splits.items()},
@@ -2041,7 +2137,14 @@ def run_experiment(args):
             if torch.device(device).type == "cuda":
                 result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             path = result_path(args.out_dir, args.domain, method, seed)
-            atomic_save(result, path)
+            with file_lock(path):  # check and write as one step: a concurrent run loses nothing
+                other = read_result(path, "replaced") if path.exists() else None
+                if (other is not None and not args.force
+                        and settings_key(other.get("settings")) != settings_key(settings)):
+                    raise UserError(f"{path} was written by another command meanwhile, with other "
+                                    f"settings ({describe_difference(other.get('settings'), settings)}"
+                                    f"); kept it: rerun with another --out-dir")
+                atomic_save(result, path)
             tuned = "".join(f", {name} {value:g}" for name, value in result["tuned"].items())
             print(f"{args.domain} seed {seed} {method}: {100 * result['test_accuracy']:.2f}% on "
                   f"D'_test in {result['seconds']:.1f} s{tuned} -> {path}", flush=True)
@@ -2062,6 +2165,9 @@ def main(argv=None):
     except UserError as e:  # also re-raised from data-loader workers, with their traceback
         msg = str(e).strip().splitlines()[-1]
         sys.exit("error: " + msg.split("UserError: ", 1)[-1])
+    except KeyboardInterrupt:  # finished runs and caches are complete files; the rest is redone
+        print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(130)
     except OSError as e:  # a full disk outside atomic_save (a table, a stamp file)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
