@@ -14,7 +14,8 @@ from pathlib import Path
 
 import w2s_clip
 
-# The flags of the paper's letter and their alternatives (README, deviations): flag -> value.
+# The flags of the paper's letter and their alternatives (README, deviations), in the order the
+# table lists them: flag -> value. Any other changed flag is a variant too, listed after these.
 ALTERNATIVES = {"cpl_logit_scale": 100.0,      # Eq. 3: cos; CLIP's 100 * cos
                 "prototype_norm": "unit",      # Algorithm 1: raw text embeddings; unit norm
                 "lp_input": "normalized",      # Eq. 1: W f(x) + b; on f(x) / |f(x)|
@@ -28,42 +29,75 @@ ALTERNATIVES = {"cpl_logit_scale": 100.0,      # Eq. 3: cos; CLIP's 100 * cos
                 "cpl_kl": "printed"}           # Eq. 5's summand KL(p^w || p^s); as printed
 
 
-def variant_of(config, defaults, flags=tuple(ALTERNATIVES)):
-    """The label of a run's variant: "paper defaults", or the `--flag value` pairs of `flags`
-    whose value in `config` (a results.json "config") differs from `defaults` (parse_args([]))."""
-    changed = [f"--{f.replace('_', '-')} {config[f]}" for f in flags
-               if f in config and config[f] != defaults[f]]
-    return ", ".join(changed) or "paper defaults"
+# Settings that say what was run on, not how: never a variant.
+NOT_VARIANTS = ("data_root", "splits", "clip", "clip_model", "clip_pretrained", "device", "workers",
+                "domain")
 
 
-def ablation_table(out_dir, defaults=None, flags=tuple(ALTERNATIVES)):
-    """Markdown: per domain, rows = variants (paper defaults first), columns = methods; each cell
-    is the D'_test accuracy (%) mean ± std over seeds and, for an alternative, its difference from
-    the paper-defaults cell.
+def flag_text(name, value):
+    """`--name value` as typed (lists space-separated)."""
+    shown = " ".join(map(str, value)) if isinstance(value, list) else value
+    return f"--{name.replace('_', '-')} {shown}"
+
+
+def reference_settings(settings_list):
+    """Per setting, the value most runs have: with one flag changed per variant, the common
+    reference every variant departs from (the paper's defaults in `make ablations`)."""
+    names = sorted({k for s in settings_list for k in s})
+    reference = {}
+    for name in names:
+        values = [json.dumps(s.get(name), sort_keys=True) for s in settings_list]
+        reference[name] = json.loads(max(sorted(set(values)), key=values.count))
+    return reference
+
+
+def variant_of(settings, reference, ignore=NOT_VARIANTS):
+    """The label of a run's variant: the `--flag value` of every setting (any flag) in which
+    `settings` differs from `reference`, or "" when none does."""
+    return ", ".join(flag_text(k, settings.get(k)) for k in sorted(settings.keys() | reference.keys())
+                     if k not in ignore and settings.get(k) != reference.get(k))
+
+
+def ablation_table(out_dir, defaults=None):
+    """Markdown: per domain, rows = variants (the reference first), columns = methods; each cell
+    is the D'_test accuracy (%) mean ± std over seeds and, for a variant, its difference from the
+    reference cell. Runs are read with w2s_clip's results reader (bad files are named and skipped);
+    a variant is whatever differs from the settings most runs share (any flag).
 
     Args:
         out_dir: folder searched for results.json files (any depth).
-        defaults: the flags' paper defaults; default vars(w2s_clip.parse_args([])).
+        defaults: the paper's defaults; default vars(w2s_clip.parse_args([])). The reference row
+            is "paper defaults" when it equals them, else "reference" with a line saying how it
+            differs.
     Returns:
         the markdown text (str); raises w2s_clip.UserError when there is no result.
     """
     defaults = defaults or vars(w2s_clip.parse_args([]))
+    rows = w2s_clip.load_results(out_dir)
+    if not rows:
+        raise w2s_clip.UserError(f"no readable results.json under {out_dir}; run `make ablations` "
+                                 f"first")
+    settings = [r["settings"] if isinstance(r["settings"], dict) else r["config"] for r in rows]
+    reference = reference_settings(settings)
+    off_paper = variant_of({k: reference[k] for k in defaults if k in reference},
+                           {k: defaults[k] for k in defaults if k in reference})
+    ref_name = "reference" if off_paper else "paper defaults"
     acc = {}  # (domain, variant, method) -> [accuracy in % per seed]
-    for path in sorted(Path(out_dir).rglob("results.json")):
-        r = json.loads(path.read_text())
-        key = (r["domain"], variant_of(r["config"], defaults, flags), r["method"])
+    for r, s in zip(rows, settings):
+        key = (r["domain"], variant_of(s, reference) or ref_name, r["method"])
         acc.setdefault(key, []).append(100 * r["test_accuracy"])
-    if not acc:
-        raise w2s_clip.UserError(f"no results.json under {out_dir}; run `make ablations` first")
     stats = {key: w2s_clip.mean_std(v) for key, v in acc.items()}
-    order = ["paper defaults"] + [variant_of({f: v}, defaults, flags) for f, v in
-                                  ALTERNATIVES.items() if f in flags]
+    order = [ref_name] + [flag_text(f, v) for f, v in ALTERNATIVES.items()]
     lines = ["# Faithfulness ablation: accuracy (%) on D'_test, one flag changed at a time", ""]
-    for domain in [d for d in w2s_clip.DOMAINS if any(k[0] == d for k in acc)]:
+    if off_paper:
+        lines += [f"reference: the paper's defaults but {off_paper}", ""]
+    domains = sorted({k[0] for k in acc}, key=lambda d: (d not in w2s_clip.DOMAINS, d))
+    for domain in domains:
         variants = {k[1] for k in acc if k[0] == domain}
         variants = [v for v in order if v in variants] + sorted(variants - set(order))
-        methods = [m for m in dict.fromkeys(w2s_clip.TABLE2_ROWS + w2s_clip.METHODS)  # Table 2's order
-                   if any(k[0] == domain and k[2] == m for k in acc)]
+        ran = {k[2] for k in acc if k[0] == domain}
+        methods = [m for m in dict.fromkeys(w2s_clip.TABLE2_ROWS + w2s_clip.METHODS) if m in ran]
+        methods += sorted(ran - set(methods))  # Table 2's order, then e.g. "cpl (ensemble init)"
         lines += [f"### {domain}", "", "| variant | " + " | ".join(methods) + " |",
                   "|" + "---|" * (len(methods) + 1)]
         for v in variants:
@@ -73,9 +107,9 @@ def ablation_table(out_dir, defaults=None, flags=tuple(ALTERNATIVES)):
                     cells.append("—")
                     continue
                 mean, std = stats[(domain, v, m)]
-                base = stats.get((domain, "paper defaults", m))
+                base = stats.get((domain, ref_name, m))
                 diff = round(mean - base[0], 2) + 0.0 if base else None  # + 0.0: no "-0.00"
-                delta = f" ({diff:+.2f})" if base and v != "paper defaults" else ""
+                delta = f" ({diff:+.2f})" if base and v != ref_name else ""
                 cells.append(f"{mean:.2f} ± {std:.2f}{delta}")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -372,7 +372,8 @@ def pretraining_table(levels, tables_dir):
     """Write `tables_dir/pretraining.md` from runs made with differently pretrained strong models.
 
     Args:
-        levels: list of (label, out_dir); each out_dir holds w2s_clip results of one domain.
+        levels: list of (label, out_dir) of w2s_clip results; one row per label and domain, from
+            the runs with the settings most of that folder's runs share (the rest are named).
     Returns:
         the markdown text
     """
@@ -385,8 +386,12 @@ def pretraining_table(levels, tables_dir):
         if not rows:
             raise UserError(f"--pretraining-table {label}={out_dir}: no results.json there; "
                             f"run w2s_clip.py with --out-dir {out_dir} first")
-        domains = sorted({r["domain"] for r in rows})
-        lines.append(pretraining_row(f"{label} ({', '.join(domains)})", seed_means(rows)))
+        rows, notes = w2s_clip.comparable_runs(rows)  # one setting per row, named if not
+        for note in notes:
+            print(f"note: {label}: {note}")
+        for domain in sorted({r["domain"] for r in rows}):  # one row per domain, never averaged
+            lines.append(pretraining_row(f"{label} ({domain})",
+                                         seed_means([r for r in rows if r["domain"] == domain])))
     text = "\n".join(lines) + "\n"
     w2s_clip.check_writable(tables_dir, "--tables-dir")
     w2s_clip.atomic_save(text, Path(tables_dir) / "pretraining.md")

@@ -1424,17 +1424,20 @@ def test_build_tables_mean_std_avg_delta_pgr_worst10(tmp_path):
     w2s_clip.build_tables(tmp_path / "runs", tmp_path / "tables")
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     # columns: clipart, sketch (DomainNet order), Avg., PGR; the paper's value in brackets
-    assert table_row(t2, "weak")[:4] == ["30.00 ± 0.00 [67.15]", "41.00 ± 1.41 [52.26]", "35.50", "—"]
+    # a cell over fewer seeds than most says so
+    assert table_row(t2, "weak")[:4] == ["30.00 ± 0.00 (n=1) [67.15]", "41.00 ± 1.41 [52.26]",
+                                         "35.50", "—"]
     # Avg.: weak 35.5, ceiling 65.5. PGR (43.5 - 35.5) / 30; the mean of .125 and .55 would be .34
     # (the paper's Avg. is over six domains: not shown beside an Avg. over two)
-    assert table_row(t2, "cpl")[:4] == ["35.00 ± 0.00 [73.10]", "52.00 ± 2.83 [64.01]", "43.50", "0.27"]
+    assert table_row(t2, "cpl")[:4] == ["35.00 ± 0.00 (n=1) [73.10]", "52.00 ± 2.83 [64.01]", "43.50",
+                                        "0.27"]
     assert table_row(t2, "ce-lp")[2:4] == ["47.50", "0.40"]  # not the mean of .5 and .2
     assert table_row(t2, "Δ (CPL − best baseline)")[:3] == ["-15.00 [2.41]", "+7.00 [3.83]", "-4.00"]
     assert table_row(t2, "kd-tp")[:4] == ["— [69.57]", "— [59.93]", "—", "—"]
     worst = t2[t2.index("Worst-10"):]
-    assert table_row(worst, "cpl")[:3] == ["17.50 ± 0.00", "26.00 ± 1.41", "21.75"]
+    assert table_row(worst, "cpl")[:3] == ["17.50 ± 0.00 (n=1)", "26.00 ± 1.41", "21.75"]
     classes = t2[t2.index("Distinct classes"):]  # round(10 acc) + seed: cpl 4; 5 and 6
-    assert table_row(classes, "cpl")[:3] == ["4.00 ± 0.00", "5.50 ± 0.71", "4.75"]
+    assert table_row(classes, "cpl")[:3] == ["4.00 ± 0.00 (n=1)", "5.50 ± 0.71", "4.75"]
     t3 = (tmp_path / "tables" / "table3.md").read_text()  # clipart by weak model
     assert table_row(t3, "cpl")[:2] == ["35.00 ± 0.00", "33.00 ± 0.00"]
     t4 = (tmp_path / "tables" / "table4.md").read_text()
@@ -1563,28 +1566,37 @@ def test_demo_tables_small_version_end_to_end(demo, tmp_path):
     assert all(f"\nclipart,{m},2," in figure for m in ("auxconf-tp", "cpl", "auxconf-lp"))
 
 
-def test_ablation_table_groups_runs_by_the_one_changed_flag(tmp_path):
-    """Hand-made results: a run's variant is the flag whose config differs from parse_args([]);
-    cells are mean ± std over seeds with the difference from the paper-defaults cell."""
+def test_ablation_table_groups_runs_by_the_one_changed_flag(tmp_path, capsys):
+    """Hand-made results: a run's variant is every setting (any flag, --lr too) in which it
+    differs from the settings most runs share; cells are mean ± std over seeds with the
+    difference from the reference cell; a damaged file is named and skipped."""
     import ablations_w2s_clip as ablations
-    defaults = vars(w2s_clip.parse_args([]))
+    defaults = json.loads(json.dumps(vars(w2s_clip.parse_args([]))))
     runs = {("paper", "cpl"): [0.50, 0.54], ("paper", "kd-lp"): [0.40, 0.40],
-            ("clip", "cpl"): [0.30, 0.34], ("norm", "kd-lp"): [0.10, 0.20]}
-    changes = {"paper": {}, "clip": {"cpl_logit_scale": 100.0}, "norm": {"lp_input": "normalized"}}
+            ("paper", "adaptconf-lp"): [0.2, 0.2], ("clip", "cpl"): [0.30, 0.34],
+            ("norm", "kd-lp"): [0.10, 0.20], ("lr", "kd-lp"): [0.3, 0.3]}
+    changes = {"paper": {}, "clip": {"cpl_logit_scale": 100.0}, "norm": {"lp_input": "normalized"},
+               "lr": {"lr": 0.1}}
     for (variant, method), accs in runs.items():
         for seed, acc in enumerate(accs):
+            settings = {**defaults, **changes[variant], "data_root": f"/data/{variant}"}
             w2s_clip.atomic_save({"domain": "clipart", "method": method, "seed": seed,
-                                  "test_accuracy": acc,
-                                  "config": {**defaults, **changes[variant]}},
+                                  "test_accuracy": acc, "worst10_accuracy": acc,
+                                  "config": settings, "settings": settings},
                                  tmp_path / variant / "clipart" / method / f"seed{seed}" / "results.json")
+    damaged = tmp_path / "lr" / "clipart" / "cpl" / "seed0" / "results.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text('{"domain": "clipart", "method": "cpl", "seed": 0, "test_accuracy": "0.9"')
     text = ablations.ablation_table(tmp_path)
+    assert str(damaged) in capsys.readouterr().err
     assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")][1:] \
-        == ["paper defaults", "--cpl-logit-scale 100.0", "--lp-input normalized"]
-    assert table_row(text, "variant") == ["kd-lp", "cpl"]  # Table 2's order
-    assert table_row(text, "paper defaults") == ["40.00 ± 0.00", "52.00 ± 2.83"]
-    assert table_row(text, "--cpl-logit-scale 100.0") == ["—", "32.00 ± 2.83 (-20.00)"]
-    assert table_row(text, "--lp-input normalized") == ["15.00 ± 7.07 (-25.00)", "—"]
-    with pytest.raises(w2s_clip.UserError, match="no results.json"):
+        == ["paper defaults", "--cpl-logit-scale 100.0", "--lp-input normalized", "--lr 0.1"]
+    assert table_row(text, "variant") == ["kd-lp", "adaptconf-lp", "cpl"]  # Table 2's order
+    assert table_row(text, "paper defaults") == ["40.00 ± 0.00", "20.00 ± 0.00", "52.00 ± 2.83"]
+    assert table_row(text, "--cpl-logit-scale 100.0") == ["—", "—", "32.00 ± 2.83 (-20.00)"]
+    assert table_row(text, "--lp-input normalized") == ["15.00 ± 7.07 (-25.00)", "—", "—"]
+    assert table_row(text, "--lr 0.1") == ["30.00 ± 0.00 (-10.00)", "—", "—"]
+    with pytest.raises(w2s_clip.UserError, match="no readable results.json"):
         ablations.ablation_table(tmp_path / "empty")
 
 
@@ -2117,3 +2129,210 @@ def test_tables_are_written_as_a_set_or_not_at_all(tmp_path, monkeypatch):
     assert "kd-lp" in (tables / "table2.md").read_text()
     assert not (tables / "figure2.csv").exists() and not (tables / "figure2.png").exists()
     assert (tables / "mine.md").read_text() == "a user's file"
+
+
+# ------------------------------------------------------------------------------------------------
+# One results reader for every table: what is combined, what is left out (and named)
+# ------------------------------------------------------------------------------------------------
+def good_result(method="cpl", seed=0, acc=0.5, domain="sketch", **settings):
+    """A results.json dict as the run command writes it, with a settings dict (flags overridden
+    by `settings`)."""
+    s = {**json.loads(json.dumps(vars(w2s_clip.parse_args([])))), "splits": "abc",
+         "data_root": "/data", **settings}
+    return {"domain": domain, "method": method, "seed": seed, "test_accuracy": acc,
+            "worst10_accuracy": acc / 2, "curves": [], "config": s, "settings": s,
+            "settings_key": w2s_clip.settings_key(s)}
+
+
+def put(out, r, sub=""):
+    path = w2s_clip.result_path(Path(out) / sub, r["domain"], r["method"], r["seed"])
+    w2s_clip.atomic_save(r, path)
+    return path
+
+
+@pytest.mark.parametrize("edit", [
+    {"test_accuracy": "0.5"}, {"test_accuracy": None}, {"test_accuracy": 50.0},
+    {"test_accuracy": float("nan")}, {"seed": "0"}, {"seed": -1}, {"method": "mystery"},
+    {"domain": ""}, {"curves": {"epoch": 1}}, {"curves": [1, 2]}, {"curves": [{"epoch": 1}]},
+    {"curves": None}, {"config": "flags"}, {"settings": 3}, {"n_predicted_classes": "ten"},
+    {"worst10_accuracy": True}])
+def test_a_hand_edited_results_json_is_named_and_skipped_by_tables_and_box(tmp_path, capsys, edit):
+    """Each damaged file is named with its reason and left out of the tables and the box; the
+    good runs beside it are still combined; no traceback."""
+    out = tmp_path / "runs"
+    put(out, good_result("weak", acc=0.4))
+    put(out, good_result("ceiling", acc=0.8))
+    bad = w2s_clip.result_path(out, "sketch", "cpl", 0)  # where the box looks for it
+    w2s_clip.atomic_save({**good_result("cpl"), **edit}, bad)
+    w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert f"warning: {bad} cannot be read as a results file" in err, err
+    assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "— [64.01]"
+    box = w2s_clip.summary_box(out, "sketch", 0, ["cpl"])
+    assert "cpl" not in box.split("PGR", 1)[1] and "weak" in box and str(bad) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'{"a": 1}'])
+def test_unreadable_results_files_are_skipped(tmp_path, capsys, content):
+    out = tmp_path / "runs"
+    put(out, good_result("weak", acc=0.4))
+    bad = w2s_clip.result_path(out, "sketch", "cpl", 0)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(content)
+    rows = w2s_clip.load_results(out)
+    assert [r["method"] for r in rows] == ["weak"] and str(bad) in capsys.readouterr().err
+
+
+def test_results_with_extra_keys_are_read():
+    r = {**good_result(), "a_key_of_a_later_version": [1, 2, 3]}
+    assert w2s_clip.result_problems(r) == []
+
+
+def test_split_files_changed_between_seeds_are_not_averaged_in_one_cell(tmp_path, capsys):
+    out = tmp_path / "runs"
+    for seed in (0, 1):
+        put(out, good_result("cpl", seed, 0.5 + seed / 10))
+    put(out, good_result("cpl", 2, 0.9, splits="edited"))
+    w2s_clip.build_tables(out, tmp_path / "t")
+    printed = capsys.readouterr().out
+    assert "left out 1 runs of sketch made with other split files" in printed, printed
+    assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "55.00 ± 7.07 [64.01]"
+
+
+def test_one_clip_config_typed_two_ways_is_one_setting_to_the_tables(tmp_path):
+    """The settings hold the real path; the tables group on it, not on the typed string."""
+    out = tmp_path / "runs"
+    real = str(tmp_path / "cfg" / "tiny.json")
+    for seed, typed in ((0, "cfg/tiny.json"), (1, "tiny.json")):
+        r = good_result("cpl", seed, 0.5 + seed / 10, clip_model=real)
+        r["config"] = {**r["config"], "clip_model": typed}
+        put(out, r)
+    rows = w2s_clip.load_results(out)
+    assert {r["clip_model"] for r in rows} == {real}
+    w2s_clip.build_tables(out, tmp_path / "t")
+    text = (tmp_path / "t" / "table2.md").read_text()
+    assert table_row(text, "cpl")[0] == "55.00 ± 7.07 [64.01]" and "tiny.json with weak model" in text
+    assert str(tmp_path) not in text.splitlines()[0]  # the title names the file, not the path
+
+
+def test_runs_of_another_clip_model_are_named_when_left_out(tmp_path, capsys):
+    out = tmp_path / "runs"
+    for seed in (0, 1):
+        put(out, good_result("cpl", seed))
+    put(out, good_result("cpl", 2, clip_model="ViT-L-14"), "other")
+    w2s_clip.build_tables(out, tmp_path / "t")
+    assert "left out 1 runs of other CLIP models than the 2 of ViT-B-32 (ViT-L-14)" in \
+        capsys.readouterr().out
+
+
+def test_runs_of_other_settings_are_left_out_with_the_setting_named(tmp_path, capsys):
+    out = tmp_path / "runs"
+    for seed in (0, 1):
+        put(out, good_result("cpl", seed))
+    put(out, good_result("kd-lp", 0, tune="none"), "untuned")
+    w2s_clip.build_tables(out, tmp_path / "t")
+    assert "(differing: tune)" in capsys.readouterr().out
+
+
+def test_make_tables_over_a_folder_that_holds_the_ablations(tmp_path, capsys):
+    """After `make ablations` into OUT: OUT/ablations/paper repeats the main grid's runs (same
+    settings: counted once, named) and the variants differ in a flag (left out, named); Table 2
+    is built from the main grid."""
+    out = tmp_path / "runs"
+    for seed in (0, 1):
+        put(out, good_result("cpl", seed, 0.5))
+        put(out, good_result("kd-lp", seed, 0.4))
+        put(out, good_result("cpl", seed, 0.5), "ablations/paper")
+        put(out, good_result("cpl", seed, 0.9, cpl_kl="printed"), "ablations/cpl-kl=printed")
+    w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
+    printed = capsys.readouterr().out
+    assert printed.count("(same settings); counted once") == 2
+    assert "left out 2 runs made with other settings" in printed and "cpl_kl" in printed
+    assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "50.00 ± 0.00 [64.01]"
+
+
+def test_ablation_reference_other_than_the_papers_defaults_is_said(tmp_path):
+    import ablations_w2s_clip as ablations
+    out = tmp_path / "abl"
+    for seed in (0, 1):
+        put(out, good_result("cpl", seed, 0.5, batch_size=32), "paper")
+        put(out, good_result("cpl", seed, 0.7, batch_size=32, tune="none"), "tune=none")
+        put(out, good_result("cpl", seed, 0.6, batch_size=32, domain="clipart"), "paper")
+    text = ablations.ablation_table(out)
+    assert "reference: the paper's defaults but --batch-size 32" in text
+    assert table_row(text, "--tune none") == ["70.00 ± 0.00 (+20.00)"]
+    assert text.index("### clipart") < text.index("### sketch")  # DomainNet's order, two sections
+
+
+def test_pretraining_table_rows_per_domain_and_settings(tmp_path, capsys):
+    """Two domains under one label are two rows, never averaged; runs of other settings in a
+    folder are left out and named."""
+    out = tmp_path / "pt"
+    for domain, acc in (("sketch", 0.6), ("clipart", 0.2)):
+        for method, a in (("weak", 0.4), ("ceiling", 0.9), ("cpl", acc), ("kd-lp", 0.5)):
+            put(out, good_result(method, 0, a, domain=domain))
+    put(out, good_result("cpl", 1, 0.99, lr=0.5))
+    text = minidomainnet.pretraining_table([("300 steps", out)], tmp_path / "t")
+    assert table_row(text, "300 steps (clipart)")[3:5] == ["kd-lp 50.00", "20.00"]
+    assert table_row(text, "300 steps (sketch)")[3:5] == ["kd-lp 50.00", "60.00"]
+    assert "differing: lr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--cache-dir"])
+def test_cli_error_output_folder_is_a_file(demo, tmp_path, flag):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    out = tmp_path / "runs" if flag != "--out-dir" else target
+    main_error(cli_args(demo, demo / "data", tmp_path / "runs", tmp_path / "cache", **{flag: target}),
+               flag, "is a file, not a folder")
+
+
+def test_cli_error_build_tables_paths_that_are_files(tmp_path):
+    f = tmp_path / "results.json"
+    w2s_clip.atomic_save(good_result(), f)
+    main_error(["--build-tables", "--out-dir", f, "--tables-dir", tmp_path / "t"],
+               "--out-dir", "is a file, not a folder")
+    put(tmp_path / "runs", good_result())
+    main_error(["--build-tables", "--out-dir", tmp_path / "runs", "--tables-dir", f],
+               "--tables-dir", "is a file, not a folder")
+    main_error(["--build-tables", "--out-dir", tmp_path / "nothing-here", "--tables-dir",
+                tmp_path / "t"], "no readable results.json")
+
+
+def test_stale_temporary_table_files_of_a_killed_build_are_removed(tmp_path):
+    put(tmp_path / "runs", good_result())
+    tables = tmp_path / "t"
+    tables.mkdir()
+    stale = tables / ".table2.md.999999999.tmp"  # no such process
+    stale.write_text("half")
+    w2s_clip.build_tables(tmp_path / "runs", tables)
+    assert not stale.exists() and (tables / "table2.md").exists()
+
+
+def test_tables_of_weak_runs_only(tmp_path):
+    put(tmp_path / "runs", good_result("weak", acc=0.3))
+    w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    t2 = (tmp_path / "t" / "table2.md").read_text()
+    assert table_row(t2, "weak")[0] == "30.00 ± 0.00 [52.26]" and table_row(t2, "cpl")[0] == "— [64.01]"
+
+
+@pytest.mark.parametrize("argv", [["--tau-grid"], ["--aux-alpha-grid", "1.5"],
+                                  ["--text-lr-grid", "0"], ["--kd-temperature-grid", "-1"],
+                                  ["--tune", "sometimes"], ["--cpl-kl", "both"]])
+def test_parse_args_refuses_bad_grids_and_choices_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        w2s_clip.parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and argv[0] in err and len(err.splitlines()) == 1, err
+
+
+def test_a_leftover_lock_file_does_not_block_a_rerun(demo, tmp_path):
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    lock = w2s_clip.result_path(out, "sketch", "weak", 0).with_name(".results.json.lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    proc = run_cli(cli_args(demo, demo / "data", out, cache, **{"--method": "weak"}))
+    assert proc.returncode == 0, proc.stderr
+    assert w2s_clip.result_path(out, "sketch", "weak", 0).exists()
+    tables = run_cli(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
+    assert tables.returncode == 0 and "weak" in (tmp_path / "t" / "table2.md").read_text()

@@ -1534,49 +1534,92 @@ PAPER = {**{("table2", row, col): v for row, vals in PAPER_TABLE2.items()
 RESULT_KEYS = ("domain", "method", "seed", "test_accuracy", "worst10_accuracy", "config")
 
 
+def result_problems(r):
+    """What keeps a parsed results.json from being read by the tables: a list of short reasons
+    (missing keys, wrong types, a value out of range; an empty list for a good file)."""
+    if not isinstance(r, dict):
+        return ["not a JSON object"]
+    missing = [k for k in RESULT_KEYS if k not in r]
+    if missing:
+        return [f"no {', '.join(missing)}"]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    problems = [f"{k} is {r[k]!r}, not a fraction in [0, 1]" for k in ("test_accuracy",
+                "worst10_accuracy") if not (number(r[k]) and 0 <= r[k] <= 1)]
+    if not (isinstance(r["domain"], str) and r["domain"]):
+        problems.append(f"domain is {r['domain']!r}")
+    if r["method"] not in METHODS:
+        problems.append(f"method is {r['method']!r}, not one of w2s_clip's")
+    if not (isinstance(r["seed"], int) and not isinstance(r["seed"], bool) and r["seed"] >= 0):
+        problems.append(f"seed is {r['seed']!r}")
+    cfg = r["config"]
+    if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k), str)
+                                          for k in ("weak_model", "clip_model"))):
+        problems.append("config lacks the weak_model and clip_model names")
+    n = r.get("n_predicted_classes")
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        problems.append(f"n_predicted_classes is {n!r}")
+    curves = r.get("curves", [])
+    if not (isinstance(curves, list) and all(
+            isinstance(row, dict) and all(number(row.get(k)) for k in ("epoch", "step"))
+            and all(number(row[k]) for k in ("train_acc", "test_acc") if k in row)
+            for row in curves)):
+        problems.append("curves is not a list of per-epoch rows")
+    if not isinstance(r.get("settings"), (dict, str, type(None))):
+        problems.append("settings is neither an object nor a hash")
+    return problems
+
+
 def read_result(path, then="skipped"):
-    """A results.json as a dict, or None with a one-line warning naming it (and saying `then`)
-    if it cannot be parsed or lacks the keys every run writes (a truncated or foreign file)."""
+    """A results.json as a dict, or None with a one-line warning naming it, the reason and `then`
+    if it cannot be parsed or does not hold what the tables read (`result_problems`)."""
     try:
         r = json.loads(Path(path).read_text(encoding="utf-8"))
-        missing = [k for k in RESULT_KEYS if k not in r] if isinstance(r, dict) else ["keys"]
-        cfg = r.get("config") if isinstance(r, dict) else None
-        missing += [f"config.{k}" for k in ("weak_model", "clip_model")
-                    if isinstance(cfg, dict) and k not in cfg]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
+        problems = result_problems(r)
+        if problems:
+            raise ValueError("; ".join(problems))
         return r
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        print(f"warning: {path} cannot be read as a results file ({e}); {then}", file=sys.stderr,
-              flush=True)
+        print(f"warning: {path} cannot be read as a results file ({one_line(e, 200)}); {then}",
+              file=sys.stderr, flush=True)
         return None
 
 
+def result_row(r, path):
+    """The flat row the tables group: what ran, its numbers, and its settings, with the CLIP model
+    and weights as the run command compared them (real paths, a checkpoint's digest), not as typed."""
+    cfg, settings = r["config"], r.get("settings")
+    canonical = settings if isinstance(settings, dict) else cfg
+    method = r["method"] + (" (ensemble init)" if r["method"] in ("cpl", "ceiling")
+                            and cfg.get("prototype_init") == "ensemble" else "")
+    return {"domain": r["domain"], "method": method, "seed": r["seed"],
+            "weak_model": cfg["weak_model"], "clip_model": canonical.get("clip_model", cfg["clip_model"]),
+            "clip_pretrained": canonical.get("clip_pretrained", cfg.get("clip_pretrained")),
+            "test_accuracy": r["test_accuracy"], "worst10_accuracy": r["worst10_accuracy"],
+            "n_predicted_classes": r.get("n_predicted_classes"), "curves": r.get("curves", []),
+            "settings": settings, "config": cfg, "tuned": r.get("tuned"), "path": str(path)}
+
+
 def load_results(out_dir):
-    """Every readable results.json under out_dir as a flat row (others are named and skipped);
-    stops on two files for the same run."""
+    """Every readable results.json under out_dir as a flat row (`result_row`); unreadable ones are
+    named and skipped. Two files of one run (same domain, method, seed and settings, e.g. a copied
+    folder) count once: the one nearest out_dir is kept and a note names the other. Runs of other
+    settings are all kept: `comparable_runs` decides which ones a table combines."""
     rows, seen = [], {}
-    for path in sorted(Path(out_dir).rglob("results.json")):
+    paths = sorted(Path(out_dir).rglob("results.json"), key=lambda p: (len(p.parts), str(p)))
+    for path in paths:
         r = read_result(path)
         if r is None:
             continue
-        cfg = r["config"]
-        method = r["method"] + (" (ensemble init)" if r["method"] in ("cpl", "ceiling")
-                                and cfg.get("prototype_init") == "ensemble" else "")
-        row = {"domain": r["domain"], "method": method, "seed": r["seed"],
-               "weak_model": cfg["weak_model"], "clip_model": cfg["clip_model"],
-               "clip_pretrained": cfg.get("clip_pretrained"),
-               "test_accuracy": r["test_accuracy"], "worst10_accuracy": r["worst10_accuracy"],
-               "n_predicted_classes": r.get("n_predicted_classes"),
-               "curves": r.get("curves", []), "settings": r.get("settings"), "path": str(path)}
-        run = tuple(row[k] for k in ("domain", "method", "seed", "weak_model", "clip_model",
-                                       "clip_pretrained"))
+        row = result_row(r, path)
+        run = (row["domain"], row["method"], row["seed"],
+               settings_key(row["settings"]) or (row["weak_model"], row["clip_model"],
+                                                 row["clip_pretrained"]))
         if run in seen:
-            raise UserError(f"{path} and {seen[run]} are the same run; keep one, or build tables "
-                            f"from a narrower --out-dir")
+            print(f"note: {path} is the same run as {seen[run]} (same settings); counted once")
+            continue
         seen[run] = path
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: r["path"])
 
 
 TABLE_AXES = ("domain", "splits", "weak_model", "prototype_init")  # vary across a table's cells
@@ -1606,6 +1649,16 @@ def comparable_runs(rows, vary=TABLE_AXES):
         notes.append(f"left out {len(left)} runs made with other settings than the other "
                      f"{counts[main]} (differing: {', '.join(names)}), e.g. {left[0]['path']}")
         kept = [r for r, k in zip(rows, keys) if k in (None, main)]
+    for domain in sorted({r["domain"] for r in kept}):  # a domain's split files are one per table
+        mine = [r for r in kept if r["domain"] == domain and isinstance(r.get("settings"), dict)]
+        digests = [r["settings"].get("splits") for r in mine]
+        if len(set(digests)) > 1:
+            common = max(sorted(set(digests), key=str), key=digests.count)
+            left = [r for r in mine if r["settings"].get("splits") != common]
+            notes.append(f"left out {len(left)} runs of {domain} made with other split files "
+                         f"than the other {digests.count(common)} (the split files changed "
+                         f"between runs), e.g. {left[0]['path']}")
+            kept = [r for r in kept if not any(r is x for x in left)]
     unchecked = sum(k is None for k in keys)
     if unchecked and counts:
         notes.append(f"{unchecked} runs are older results.json files without their settings: "
@@ -1642,6 +1695,7 @@ def markdown_table(title, row_names, col_names, grid, table_id, pgr_column=False
                    paper=None):
     """Rows x columns of `mean ± std` cells (paper value in brackets), an Avg. column, the Δ row.
 
+    A cell over another number of seeds than most cells says so: `(n=1)`.
     Avg. is the mean of the per-column means (shown when every column has runs). The Δ row is CPL
     minus the best other weak-to-strong row. The PGR column is the PGR of the row's Avg. against
     weak's and the ceiling's Avg. (the ratio of mean gaps; a mean of per-column ratios lets one
@@ -1650,6 +1704,9 @@ def markdown_table(title, row_names, col_names, grid, table_id, pgr_column=False
     """
     stats = {key: mean_std(v) for key, v in grid.items()}
     means = {key: m for key, (m, _) in stats.items()}
+    sizes = [len(grid[(r, c)]) for r in row_names for c in col_names if (r, c) in grid]
+    usual = max(set(sizes), key=lambda n: (sizes.count(n), n)) if sizes else 0  # most cells
+    seeds = lambda key: "" if len(grid[key]) == usual else f" (n={len(grid[key])})"
     paper = paper or {}
     cols = list(col_names) + ["Avg."]
 
@@ -1664,8 +1721,8 @@ def markdown_table(title, row_names, col_names, grid, table_id, pgr_column=False
     head = ["method"] + cols + (["PGR"] if pgr_column else [])
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in row_names:
-        cells = [cell(row, c, "{:.2f} ± {:.2f}".format(*stats[(row, c)]) if (row, c) in stats
-                      else "—") for c in col_names]
+        cells = [cell(row, c, "{:.2f} ± {:.2f}".format(*stats[(row, c)]) + seeds((row, c))
+                      if (row, c) in stats else "—") for c in col_names]
         cells.append(cell(row, "Avg.", f"{avg(row):.2f}" if avg(row) is not None else "—"))
         if pgr_column:
             levels = (avg("weak"), avg(row), avg("ceiling"))
@@ -1743,6 +1800,9 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
     The paper's Avg. is shown only where our columns are the paper's (all six domains; Table 3's
     five weak models), so that both are averages over the same columns.
     """
+    if os.path.isfile(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder; pass the folder the runs "
+                        f"wrote to")
     rows = load_results(out_dir)
     if not rows:
         raise UserError(f"no readable results.json under {out_dir}; run experiments first")
@@ -1752,8 +1812,14 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
     files = {"runs.csv": csv_text(rows, fields)}  # written together at the end
     count = lambda key, value: sum(r[key] == value for r in rows)
     clip_model = max(sorted({r["clip_model"] for r in rows}), key=lambda c: count("clip_model", c))
+    others = [r for r in rows if r["clip_model"] != clip_model]
     rows = [r for r in rows if r["clip_model"] == clip_model]
     rows, notes = comparable_runs(rows)
+    if others:
+        notes.insert(0, f"left out {len(others)} runs of other CLIP models than the "
+                        f"{len(rows)} of {clip_model} "
+                        f"({', '.join(sorted({str(r['clip_model']) for r in others}))}), "
+                        f"e.g. {others[0]['path']}")
     for note in notes:
         print(f"note: {note}")
     weak_models = sorted({r["weak_model"] for r in rows},
@@ -1763,9 +1829,10 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
     t3_domain = "clipart" if any(r["domain"] == "clipart" for r in rows) else cols[0]
     t3_rows = [r for r in rows if r["domain"] == t3_domain]
     t3_models = [w for w in paper_weak_models if w in weak_models] or weak_models
-    specs = [("table2", f"Table 2: accuracy (%) on D'_test, {clip_model} with weak model "
+    shown = Path(clip_model).name if str(clip_model).endswith(".json") else clip_model
+    specs = [("table2", f"Table 2: accuracy (%) on D'_test, {shown} with weak model "
               f"{weak_models[0]}", table_rows, main_rows, "domain", cols, True),
-             ("table3", f"Table 3: accuracy (%) on {t3_domain} by weak model, {clip_model}",
+             ("table3", f"Table 3: accuracy (%) on {t3_domain} by weak model, {shown}",
               table_rows, t3_rows, "weak_model", t3_models, True),
              ("table4", "Table 4: tuning the prototypes (cpl) vs. the text encoder (cpl-text)",
               ("cpl", "cpl (ensemble init)", "cpl-text"), main_rows, "domain", cols, False)]
@@ -1982,6 +2049,8 @@ def split_count_note(domain, n_train, n_test, num_classes, paper=PAPER):
 
 def check_writable(folder, flag):
     """Stop early if `folder` cannot be created or written."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file, not a folder; pick a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         probe = Path(folder) / f".write-test-{os.getpid()}"
