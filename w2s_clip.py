@@ -1592,7 +1592,8 @@ def result_row(r, path):
     method = r["method"] + (" (ensemble init)" if r["method"] in ("cpl", "ceiling")
                             and cfg.get("prototype_init") == "ensemble" else "")
     return {"domain": r["domain"], "method": method, "seed": r["seed"],
-            "weak_model": cfg["weak_model"], "clip_model": canonical.get("clip_model", cfg["clip_model"]),
+            "weak_model": canonical.get("weak_model", cfg["weak_model"]),
+            "clip_model": canonical.get("clip_model", cfg["clip_model"]),
             "clip_pretrained": canonical.get("clip_pretrained", cfg.get("clip_pretrained")),
             "test_accuracy": r["test_accuracy"], "worst10_accuracy": r["worst10_accuracy"],
             "n_predicted_classes": r.get("n_predicted_classes"), "curves": r.get("curves", []),
@@ -2104,6 +2105,8 @@ def run_settings(args, data, device):
     real paths: a relative and an absolute path to one file are one setting."""
     flags = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
     real = lambda path, is_file: os.path.realpath(path) if is_file else path
+    if args.weak_model.startswith("hf:") and os.path.isdir(args.weak_model[3:]):  # a local folder
+        flags["weak_model"] = "hf:" + os.path.realpath(args.weak_model[3:])
     flags.update(data_root=os.path.realpath(args.data_root), splits=data["digest"],
                  clip_model=real(args.clip_model, args.clip_model.endswith(".json")),
                  clip_pretrained=real(args.clip_pretrained, os.path.isfile(args.clip_pretrained)),
