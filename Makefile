@@ -55,8 +55,13 @@ help: ## list the targets
 
 venv: $(VENV)/.installed ## create .venv with requirements.txt
 
+# Another torch build than PyPI's (CUDA 13: Turing to Blackwell, driver R580+): e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cu126 (a V100, or an older driver) or .../whl/cpu.
+TORCH_INDEX ?=
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q --index-url $(TORCH_INDEX) \
+	  $$(grep -E '^torch(vision)?==' requirements.txt | cut -d' ' -f1))
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 

@@ -160,9 +160,11 @@ def print_steps(rows, k, name):
 def main():
     a = parse_args()
     try:
-        device = torch.device(W.check_device(a.device))
+        device, precision, hardware = W.choose_device(a.device, "auto")
+        device = torch.device(device)
     except W.UserError as e:
         sys.exit(f"error: {e}")
+    print(W.device_line(hardware), flush=True)
     names = list(DOMAINNET_CLASSES[:a.classes])
     k = len(names)
     name = (torch.cuda.get_device_name() if device.type == "cuda"
@@ -188,8 +190,8 @@ def main():
     m = min(n, a.clip_images)
     loader = W.make_loader(W.ImageList(root / "data", data["test_paths"][:m], data["test_labels"][:m],
                                        preprocess), 256, device, a.workers)
-    W.encode_images(clip_model, [next(iter(loader))], device)  # warm-up
-    _, seconds = timed(lambda: W.encode_images(clip_model, loader, device))
+    W.encode_images(clip_model, [next(iter(loader))], device, precision)  # warm-up
+    _, seconds = timed(lambda: W.encode_images(clip_model, loader, device, precision))
     clip_s = n * seconds / m
     rows.append(("CLIP image features (decode + encode)", f"{m / seconds:.1f} images/s",
                  f"one pass over {n} images: {clip_s:.1f} s"))
@@ -198,8 +200,9 @@ def main():
     model, train_tf, _ = W.create_weak_model(a.weak_model, k, pretrained=False)
     wl = W.make_loader(W.ImageList(root / "data", data["train_paths"], data["train_labels"], train_tf),
                        128, device, a.workers, shuffle=True)
-    W.train_weak_model(model, wl, 1, 1e-3, 0.1, device)
-    _, weak_s = timed(lambda: W.train_weak_model(model, wl, 1, 1e-3, 0.1, device))
+    W.train_weak_model(model, wl, 1, 1e-3, 0.1, device, precision=precision)
+    _, weak_s = timed(lambda: W.train_weak_model(model, wl, 1, 1e-3, 0.1, device,
+                                                 precision=precision))
     rows.append(("weak-model training (batch 128)", f"{len(wl.dataset) / weak_s:.1f} images/s",
                  f"one epoch of {len(wl.dataset)} images: {weak_s:.1f} s"))
 

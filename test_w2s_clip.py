@@ -1089,7 +1089,10 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     weak_result = json.loads((out / "sketch" / "weak" / "seed0" / "results.json").read_text())
     assert "weak" in weak.stdout
     weak_files = {p.name: p.stat().st_mtime_ns for p in cache.glob("weak-*")}
-    assert len(weak_files) == 2  # the weak model and its logits
+    assert len(weak_files) == 3  # the weak model, its training history and its logits
+    history = weak_result["weak_training"]
+    assert [row["epoch"] for row in history] == [1] and 0 <= history[0]["train_accuracy"] <= 1
+    assert weak_result["hardware"]["device"] == "cpu" and weak.stdout.startswith("device: cpu, fp32")
 
     proc = run_cli(cli_args(demo, demo / "data", out, cache))
     assert proc.returncode == 0, proc.stderr
@@ -1284,7 +1287,7 @@ def test_cli_weak_run_with_an_hf_weak_model(hf_folder, demo, tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "sketch" / "weak" / "seed0" / "results.json").read_text())
     assert 0.0 <= r["test_accuracy"] <= 1.0 and len(r["per_class_accuracy"]) == 4
-    assert len([p for p in cache.iterdir() if p.name.startswith("weak-sketch-hf-")]) == 2
+    assert len([p for p in cache.iterdir() if p.name.startswith("weak-sketch-hf-")]) == 3  # model, history, logits
 
 
 def test_cli_error_unknown_open_clip_model(demo, tmp_path):
@@ -1342,19 +1345,22 @@ def test_parse_args_refuses_out_of_range_values(flag, value, capsys):
 
 
 def test_run_settings_change_with_what_shapes_a_result(tmp_path):
-    """The resume check's hash moves with --workers, the device type, the split files and the
-    data's real path, not with run-only flags (seeds, method, out-dir) or the device index."""
+    """The resume check's hash moves with the device type, the precision, the split files and the
+    data's real path, not with run-only flags (seeds, method, out-dir, --workers: augmentation is
+    seeded per sample) or the device index."""
     (tmp_path / "data").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "data")
     args = lambda *extra: w2s_clip.parse_args(["--data-root", str(tmp_path / "data"),
                                                "--clip-pretrained", "none", *extra])
-    key = lambda a, digest="d1", device="cpu": w2s_clip.run_settings(a, {"digest": digest}, device)
+    key = lambda a, digest="d1", device="cpu", precision="fp32": w2s_clip.run_settings(
+        a, {"digest": digest}, device, precision)
     base = key(args())
     assert key(args("--seeds", "3", "--method", "kd-lp", "--out-dir", "x")) == base
     assert key(args("--data-root", str(tmp_path / "link"))) == base
     assert key(args(), device="cuda:0") == key(args(), device="cuda") != base
     assert key(args(), digest="d2") != base
-    assert key(args("--workers", "3")) != key(args("--workers", "0"))
+    assert key(args("--workers", "3")) == key(args("--workers", "0")) == base
+    assert key(args(), device="cuda", precision="bf16") != key(args(), device="cuda", precision="fp16")
     assert key(args("--tau", "0.5")) != base
 
 
@@ -2336,3 +2342,115 @@ def test_a_leftover_lock_file_does_not_block_a_rerun(demo, tmp_path):
     assert w2s_clip.result_path(out, "sketch", "weak", 0).exists()
     tables = run_cli(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     assert tables.returncode == 0 and "weak" in (tmp_path / "t" / "table2.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# The device, the precision and the torch build; runs that resume on any machine
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("requested, device, capability, expected", [
+    ("auto", "cpu", None, "fp32"), ("fp32", "cpu", None, "fp32"), ("auto", "cuda", (8, 0), "bf16"),
+    ("auto", "cuda", (9, 0), "bf16"), ("auto", "cuda", (7, 0), "fp16"), ("auto", "cuda", (7, 5), "fp16"),
+    ("fp32", "cuda", (8, 0), "fp32"), ("bf16", "cuda", (7, 0), "bf16")])
+def test_resolve_precision(requested, device, capability, expected):
+    assert w2s_clip.resolve_precision(requested, device, capability) == expected
+
+
+@pytest.mark.parametrize("requested", ["bf16", "fp16"])
+def test_half_precision_on_the_cpu_is_a_user_error(requested):
+    with pytest.raises(w2s_clip.UserError, match=f"--precision {requested} needs a CUDA device"):
+        w2s_clip.resolve_precision(requested, "cpu")
+
+
+CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+
+
+@pytest.mark.parametrize("capability, arch_list, runs", [
+    ((7, 0), CU130, False),  # a V100 on the CUDA 13 wheel: no kernel image
+    ((6, 1), CU130, False), ((8, 0), CU130, True), ((8, 9), CU130, True),  # sm_86 kernels run on 8.9
+    ((12, 1), CU130, True), ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80"], True),
+    ((9, 0), ["sm_80", "compute_80"], True), ((9, 0), ["sm_80", "sm_86"], False), ((8, 0), [], False)])
+def test_gpu_build_problem_against_the_arch_list(capability, arch_list, runs):
+    problem = w2s_clip.gpu_build_problem(capability, arch_list, version="2.14.1+cu130")
+    assert (problem is None) == runs, problem
+    if not runs:
+        assert f"sm_{10 * capability[0] + capability[1]}" in problem and "2.14.1+cu130" in problem
+
+
+def test_device_line_names_device_gpu_capability_and_precision():
+    gpu = {"device": "cuda:0", "name": "NVIDIA A100-SXM4-40GB", "capability": "sm_80",
+           "precision": "bf16"}
+    assert w2s_clip.device_line(gpu) == "device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16"
+    cpu = w2s_clip.hardware_report("cpu", "fp32")
+    assert w2s_clip.device_line(cpu) == "device: cpu, fp32"
+    assert cpu["torch"] == torch.__version__ and cpu["threads"] == torch.get_num_threads()
+
+
+def test_cpu_cost_warning_only_for_a_large_domain():
+    assert w2s_clip.cpu_cost_warning(320, 800, 2, 5) is None
+    warning = w2s_clip.cpu_cost_warning(48212, 20916, 5, 3)  # sketch, Table 1
+    assert warning.startswith("warning: no usable GPU") and " h for 69128 images and 5 seeds" in warning
+
+
+def test_cli_precision_bf16_on_the_cpu_is_one_line(demo, tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli(cli_args(demo, demo / "data", out, tmp_path / "cache", **{
+        "--device": "cpu", "--precision": "bf16"}))
+    assert_user_error(proc, out, "--precision bf16 needs a CUDA device")
+
+
+def test_weak_model_does_not_depend_on_the_number_of_workers(demo, tmp_path):
+    """Augmentation is seeded per sample (seed, epoch, image), so the weak model trained with 0 and
+    with 2 data-loader workers is the same model: same logits, bit for bit; and a run made with
+    one worker count is a finished run to a command with another."""
+    logits = {}
+    for workers in ("0", "2"):
+        cache = tmp_path / f"cache{workers}"
+        proc = run_cli(cli_args(demo, demo / "data", tmp_path / f"runs{workers}", cache,
+                                **{"--method": "weak", "--workers": workers, "--weak-epochs": "2"}))
+        assert proc.returncode == 0, proc.stderr
+        logits[workers] = torch.load(next(cache.glob("weak-*-logits.pt")))
+    assert torch.equal(logits["0"], logits["2"])
+    again = run_cli(cli_args(demo, demo / "data", tmp_path / "runs0", tmp_path / "cache0",
+                             **{"--method": "weak", "--workers": "2", "--weak-epochs": "2"}))
+    assert again.returncode == 0 and "all runs exist" in again.stdout, again.stderr
+
+
+def test_image_list_augmentation_is_seeded_per_sample_and_epoch(demo):
+    """The same (seed, epoch, image) gives the same augmented tensor whatever was drawn before;
+    another epoch gives another draw; the global RNGs are left as they were."""
+    import random
+    import timm
+    paths, labels = w2s_clip.read_split_file(demo / "data" / "sketch_train.txt")
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
+    tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=True)
+    ds = w2s_clip.ImageList(demo / "data", paths, labels, tf, seed=7)
+    n = len(ds)
+    first = ds[3][0]
+    torch.manual_seed(123)
+    random.seed(5)
+    state = (torch.get_rng_state(), random.getstate())
+    assert torch.equal(ds[3][0], first)  # after other draws
+    assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
+    assert not torch.equal(ds[n + 3][0], first)  # epoch 1 of image 3
+    sampler = w2s_clip.EpochSampler(n, seed=0)
+    e0, e1 = list(sampler), list(sampler)
+    assert sorted(e0) == list(range(n)) and sorted(e1) == list(range(n, 2 * n)) and e0 != [i - n for i in e1]
+
+
+def test_progress_prints_lines_when_not_on_a_terminal(capsys):
+    items = list(w2s_clip.progress(range(50), "stage", quiet_seconds=0))
+    assert items == list(range(50))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("stage: 5/50 (10%)") and "50/50 (100%)" in lines[-1]
+    list(w2s_clip.progress(range(50), "stage"))  # a short stage stays silent
+    assert capsys.readouterr().err == ""
+
+
+def test_tables_name_runs_made_on_different_hardware(tmp_path, capsys):
+    out = tmp_path / "runs"
+    for seed, name in ((0, "NVIDIA A100-SXM4-40GB"), (1, "Tesla V100-SXM2-32GB")):
+        put(out, {**good_result("cpl", seed), "hardware": {"name": name, "capability": "sm_80",
+                                                           "precision": "bf16"}})
+    w2s_clip.build_tables(out, tmp_path / "t")
+    printed = capsys.readouterr().out
+    assert "combine runs made on different hardware" in printed and "V100" in printed

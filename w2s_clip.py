@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pickle
+import random
 import re
 import sys
 import time
@@ -94,6 +95,14 @@ def seed_value(text):
     return value
 
 
+def available_cpus():
+    """CPUs this process may run on (its affinity mask, which cgroups and SLURM set), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (`error: argument --x: ...; see --help`),
     exit status 2, instead of the usage block and the error."""
@@ -113,8 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2, 3, 4],
                    help="one run per seed: the D_test split, weak model and head all follow it")
     p.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
-                   default=min(8, os.cpu_count() or 1),
-                   help="data-loader worker processes for image decoding")
+                   default=min(8, available_cpus()),
+                   help="data-loader worker processes for image decoding (no effect on results)")
     # weak model
     p.add_argument("--weak-model", default="resnet18",
                    help="any timm model name, or hf:<Hugging Face id or folder> for a transformers "
@@ -195,7 +204,12 @@ def parse_args(argv=None):
                    help="cpl-text text-tower learning-rate grid (not stated; a decade either side "
                         "of --text-lr)")
     p.add_argument("--weight-decay", type=in_range(0, float("inf")), default=0.0, help="AdamW weight decay")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if any)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ...; none given: cuda if "
+                   "usable, else cpu")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast of weak training and CLIP encoding: auto = bf16 on sm_80+, fp16 "
+                        "with a gradient scaler below (V100), fp32 on the CPU; weak logits and "
+                        "heads are always fp32")
     # output
     p.add_argument("--out-dir", default="runs", help="results go to <out-dir>/<domain>/<method>/")
     p.add_argument("--cache-dir", default="cache", help="features, weak models and weak logits")
@@ -222,7 +236,6 @@ def one_line(error, limit=160):
 
 def set_seed(seed):
     """Seed Python's, torch's and every CUDA device's generators."""
-    import random
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
@@ -309,15 +322,23 @@ def protocol_splits(n_test, seed, hold_frac=0.8, train_frac=0.8):
 
 
 class ImageList(Dataset):
-    """Images `root/paths[i]` with labels, through `transform`; a bad file raises UserError."""
+    """Images `root/paths[i]` with labels, through `transform`; a bad file raises UserError.
 
-    def __init__(self, root, paths, labels, transform):
+    With a `seed`, the transform's random draws (torch and Python's `random`, what torchvision and
+    timm use) come from a generator seeded by (seed, epoch, i) for each sample, so augmentation does
+    not depend on which data-loader worker loads it. Index epoch * n + i is image i in that epoch
+    (`EpochSampler`).
+    """
+
+    def __init__(self, root, paths, labels, transform, seed=None):
         self.root, self.paths, self.labels, self.transform = root, paths, labels, transform
+        self.seed = seed
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def __getitem__(self, index):
+        i, epoch = index % len(self.paths), index // len(self.paths)
         path = os.path.join(self.root, self.paths[i])
         try:
             image = Image.open(path).convert("RGB")
@@ -326,7 +347,31 @@ class ImageList(Dataset):
                             f"shrink it or remove it from the split files")
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image {path} ({e}); re-download with `make data`")
-        return self.transform(image), self.labels[i]
+        if self.seed is None:
+            return self.transform(image), self.labels[i]
+        sample_seed = int(hashlib.sha1(f"{self.seed} {epoch} {i}".encode()).hexdigest()[:15], 16)
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            x = self.transform(image)
+        random.setstate(state)
+        return x, self.labels[i]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per pass, as indices epoch * n + i, so that each sample knows its epoch."""
+
+    def __init__(self, n, seed):
+        self.n, self.g, self.epoch = n, torch.Generator().manual_seed(seed), 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.g) + self.epoch * self.n
+        self.epoch += 1
+        return iter(order.tolist())
 
 
 def check_images(root, paths, workers=16):
@@ -399,11 +444,29 @@ def load_domain(data_root, domain):
 
 
 def make_loader(dataset, batch_size, device, workers, shuffle=False, seed=0):
-    """A DataLoader that keeps an accelerator busy: workers, pinned memory, seeded shuffling."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      generator=torch.Generator().manual_seed(seed),
+    """A DataLoader that keeps an accelerator busy: workers, pinned memory, and for training a
+    seeded shuffle (`EpochSampler`) that does not depend on the number of workers."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      sampler=EpochSampler(len(dataset), seed) if shuffle else None,
                       pin_memory=torch.device(device).type == "cuda",
                       persistent_workers=workers > 0 and shuffle, drop_last=False)
+
+
+def progress(iterable, desc, total=None, quiet_seconds=10.0):
+    """tqdm on a terminal; elsewhere (nohup, SLURM) a line on stderr every 10% of `total` steps,
+    once the stage has run `quiet_seconds` (short stages stay silent)."""
+    if sys.stderr.isatty():
+        yield from tqdm(iterable, desc=desc, total=total)
+        return
+    total = total if total is not None else len(iterable)
+    start, shown = time.time(), 0
+    for i, item in enumerate(iterable, 1):
+        yield item
+        tenth = 10 * i // max(1, total)
+        if tenth > shown and time.time() - start >= quiet_seconds:
+            shown = tenth
+            print(f"{desc}: {i}/{total} ({100 * i // max(1, total)}%) in {time.time() - start:.0f} s",
+                  file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -509,32 +572,57 @@ def warmup_cosine(step, total_steps, warmup_ratio):
 SCHEDULES = {"linear": warmup_linear, "cosine": warmup_cosine}
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
 def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_decay=0.0,
-                     schedule="linear", max_grad_norm=1.0):
+                     schedule="linear", max_grad_norm=1.0, precision="fp32", history=None):
     """Fine-tune all of `model` with cross-entropy on true labels (paper: 3 epochs, lr 1e-3), with
-    the strong heads' schedule (`warmup_linear` or `warmup_cosine`) and gradient-norm clipping."""
+    the strong heads' schedule (`warmup_linear` or `warmup_cosine`) and gradient-norm clipping.
+
+    precision: "fp32", or on CUDA "bf16" / "fp16" autocast (fp16 with a gradient scaler, the
+    gradients unscaled before clipping). `history`, a list, gets one dict per epoch: mean training
+    loss, training accuracy (augmented batches) and seconds.
+    """
     cuda = torch.device(device).type == "cuda"
+    dtype = AMP_DTYPES[precision] if cuda else None
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     total = epochs * len(loader)
     multiplier = SCHEDULES[schedule]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: multiplier(s, total, warmup_ratio))
-    for _ in tqdm(range(epochs), desc="weak model", disable=not sys.stderr.isatty()):
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
-            if cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(model(images), labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the weak model's training loss became {loss.item()}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm > 0:  # HF Trainer: clip before the step
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            opt.step()
-            sched.step()
+    batches = progress(((e, b) for e in range(epochs) for b in loader), "weak model", total)
+    sums = {}
+    for epoch, (images, labels) in batches:
+        if epoch not in sums:
+            sums[epoch] = {"loss": 0.0, "hits": 0, "n": 0, "start": time.time()}
+        images, labels = images.to(device, non_blocking=True), labels.to(device)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the weak model's training loss became {loss.item()} at "
+                                     f"epoch {epoch + 1}")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if max_grad_norm > 0:  # HF Trainer: clip before the step (fp16: on unscaled gradients)
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        acc = sums[epoch]
+        acc["loss"] += loss.item() * len(labels)
+        acc["hits"] += (logits.argmax(dim=-1) == labels).sum().item()
+        acc["n"] += len(labels)
+        acc["end"] = time.time()
+    if history is not None:
+        history.extend({"epoch": e + 1, "loss": a["loss"] / a["n"], "train_accuracy": a["hits"] / a["n"],
+                        "seconds": a["end"] - a["start"]} for e, a in sorted(sums.items()))
     return model.eval()
 
 
@@ -548,8 +636,13 @@ def predict_logits(model, loader, device, desc="weak logits"):
     In float32 (no autocast): the logits are the soft targets of KD, AdaptConf and CPL.
     """
     model.eval().to(device)
-    out = [model(images.to(device, non_blocking=True)).float().cpu()
-           for images, _ in tqdm(loader, desc=desc, disable=not sys.stderr.isatty())]
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32
+    try:
+        out = [model(images.to(device, non_blocking=True)).float().cpu()
+               for images, _ in progress(loader, desc)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return torch.cat(out)
 
 
@@ -585,16 +678,18 @@ def load_clip(model_name, pretrained, device="cpu"):
 
 
 @torch.no_grad()
-def encode_images(clip_model, loader, device):
-    """CLIP image features (not normalised) of every image in `loader`: FloatTensor [n, d]."""
+def encode_images(clip_model, loader, device, precision="fp32"):
+    """CLIP image features (not normalised) of every image in `loader`: FloatTensor [n, d].
+    precision "bf16" / "fp16" autocasts on CUDA; the features are returned in float32."""
     cuda = torch.device(device).type == "cuda"
+    dtype = AMP_DTYPES[precision] if cuda else None
     clip_model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     out = []
-    for images, _ in tqdm(loader, desc="CLIP features", disable=not sys.stderr.isatty()):
+    for images, _ in progress(loader, "CLIP features"):
         images = images.to(device, non_blocking=True)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
+        with torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None):
             out.append(clip_model.encode_image(images).float().cpu())
     return torch.cat(out)
 
@@ -1255,11 +1350,15 @@ def cached(path, compute, force=False):
 # ------------------------------------------------------------------------------------------------
 # The protocol (Section 5): weak model -> weak labels -> features -> heads, per seed
 # ------------------------------------------------------------------------------------------------
-def weak_stage(args, data, seed, device):
+def weak_stage(args, data, seed, device, precision="fp32"):
     """Steps 1-2: the weak model fine-tuned on D_train, then its logits on all of D_test, [n, k].
 
     Both are cached; the model under a key of its data (split files, image sizes and times),
-    settings and seed. A cache file that cannot be loaded is recomputed.
+    settings, seed, device type and precision (not the worker count: augmentation is seeded per
+    sample). A cache file that cannot be loaded is recomputed.
+    Returns:
+        (logits [n, k], history: the weak training's per-epoch rows, or None when the model came
+        from a cache without them).
     """
     k, root = len(data["classnames"]), os.path.realpath(args.data_root)
     key = cache_key(model=args.weak_model, pretrained=args.weak_pretrained, k=k, seed=seed,
@@ -1267,30 +1366,36 @@ def weak_stage(args, data, seed, device):
                     warmup=args.warmup_ratio, wd=args.weight_decay, domain=args.domain,
                     schedule=args.lr_schedule, clip=args.max_grad_norm,
                     root=root, splits=data["digest"], images=data.get("images"),
-                    workers=args.workers,  # augmentation RNGs
-                    device=torch.device(device).type)
+                    device=torch.device(device).type, precision=precision)
     safe_name = args.weak_model.replace(":", "-").replace("/", "-")  # hf:<org>/<name> in one file name
     stem = Path(args.cache_dir) / f"weak-{args.domain}-{safe_name}-seed{seed}-{key}"
+    history_path = Path(f"{stem}-history.json")
+    history = load_cache(history_path) if history_path.exists() and not args.force else None
     logits = load_cache(f"{stem}-logits.pt") if (os.path.exists(f"{stem}-logits.pt")
                                                  and not args.force) else None
     if logits is not None:
-        return logits
+        return logits, history
     set_seed(seed)
     model, train_tf, eval_tf = create_weak_model(args.weak_model, k, args.weak_pretrained)
 
     def train():
-        loader = make_loader(ImageList(root, data["train_paths"], data["train_labels"], train_tf),
-                             args.batch_size, device, args.workers, shuffle=True, seed=seed)
-        return train_weak_model(model, loader, args.weak_epochs, args.weak_lr, args.warmup_ratio,
-                                device, args.weight_decay, args.lr_schedule,
-                                args.max_grad_norm).cpu().state_dict()
+        nonlocal history
+        history = []
+        loader = make_loader(ImageList(root, data["train_paths"], data["train_labels"], train_tf,
+                                       seed=seed), args.batch_size, device, args.workers,
+                             shuffle=True, seed=seed)
+        state = train_weak_model(model, loader, args.weak_epochs, args.weak_lr, args.warmup_ratio,
+                                 device, args.weight_decay, args.lr_schedule, args.max_grad_norm,
+                                 precision, history).cpu().state_dict()
+        atomic_save(history, history_path)
+        return state
 
     model.load_state_dict(cached(f"{stem}-model.pt", train, args.force))
     loader = make_loader(ImageList(root, data["test_paths"], data["test_labels"], eval_tf),
                          args.batch_size, device, args.workers)
     logits = predict_logits(model, loader, device)
     atomic_save(logits, f"{stem}-logits.pt")
-    return logits
+    return logits, history
 
 
 def clip_identity(model_name, pretrained):
@@ -1301,8 +1406,9 @@ def clip_identity(model_name, pretrained):
     return model_id, file_digest(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
 
 
-def feature_stage(args, data, device):
-    """The CLIP model, its tokenizer, and its image features of all of D_test [n, d] (cached)."""
+def feature_stage(args, data, device, precision="fp32"):
+    """The CLIP model, its tokenizer, and its image features of all of D_test [n, d] (cached under
+    a key of model, weights, transform, data, device type and precision)."""
     pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
     clip_model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
     model_id, weights = clip_identity(args.clip_model, args.clip_pretrained)
@@ -1310,11 +1416,11 @@ def feature_stage(args, data, device):
     key = cache_key(model=model_id, pretrained=weights, transform=repr(preprocess),
                     domain=args.domain, root=root, splits=data["digest"],
                     images=data.get("images"),
-                    device=torch.device(device).type)  # bf16 autocast on CUDA
+                    device=torch.device(device).type, precision=precision)
     path = Path(args.cache_dir) / f"clip-{args.domain}-{Path(args.clip_model).stem}-{key}.pt"
     loader = make_loader(ImageList(root, data["test_paths"], data["test_labels"], preprocess),
                          args.batch_size, device, args.workers)
-    feats = cached(path, lambda: encode_images(clip_model, loader, device), args.force)
+    feats = cached(path, lambda: encode_images(clip_model, loader, device, precision), args.force)
     return clip_model, tokenizer, feats
 
 
@@ -1597,7 +1703,8 @@ def result_row(r, path):
             "clip_pretrained": canonical.get("clip_pretrained", cfg.get("clip_pretrained")),
             "test_accuracy": r["test_accuracy"], "worst10_accuracy": r["worst10_accuracy"],
             "n_predicted_classes": r.get("n_predicted_classes"), "curves": r.get("curves", []),
-            "settings": settings, "config": cfg, "tuned": r.get("tuned"), "path": str(path)}
+            "settings": settings, "config": cfg, "tuned": r.get("tuned"),
+            "hardware": r.get("hardware"), "path": str(path)}
 
 
 def load_results(out_dir):
@@ -1816,6 +1923,14 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
     others = [r for r in rows if r["clip_model"] != clip_model]
     rows = [r for r in rows if r["clip_model"] == clip_model]
     rows, notes = comparable_runs(rows)
+    kinds = {}
+    for r in rows:
+        hw = r.get("hardware") if isinstance(r.get("hardware"), dict) else {}
+        kind = " ".join(str(hw[k]) for k in ("name", "capability", "precision") if hw.get(k))
+        kinds[kind or "unrecorded hardware"] = kinds.get(kind or "unrecorded hardware", 0) + 1
+    if len(kinds) > 1:
+        notes.append("the tables combine runs made on different hardware: "
+                     + ", ".join(f"{k} ({n} runs)" for k, n in sorted(kinds.items())))
     if others:
         notes.insert(0, f"left out {len(others)} runs of other CLIP models than the "
                         f"{len(rows)} of {clip_model} "
@@ -2024,6 +2139,84 @@ def check_device(device):
     return str(dev)
 
 
+def resolve_precision(requested, device_type, capability=None):
+    """The autocast precision of weak training and CLIP encoding: "auto" is bf16 on CUDA sm_80 and
+    newer (native bf16), fp16 below (a V100 emulates bf16, slowly), fp32 on the CPU; an explicit
+    choice is kept. bf16 or fp16 on a CPU is a UserError."""
+    if device_type != "cuda":
+        if requested in ("bf16", "fp16"):
+            raise UserError(f"--precision {requested} needs a CUDA device; pass --precision fp32 "
+                            f"or auto on the {device_type}")
+        return "fp32"
+    if requested == "auto":
+        return "bf16" if capability is not None and tuple(capability) >= (8, 0) else "fp16"
+    return requested
+
+
+def gpu_build_problem(capability, arch_list, version=None):
+    """Why this torch build cannot run a GPU of compute capability (major, minor), or None.
+
+    It can when its arch list has the GPU's sm_XY, an sm of the same major and a lower minor
+    (binary compatible), or PTX compute_XY with XY at most the GPU's (compiled at load time).
+    """
+    cc = 10 * capability[0] + capability[1]
+    sm = {int(a[3:]) for a in arch_list if a.startswith("sm_") and a[3:].isdigit()}
+    ptx = {int(a[8:]) for a in arch_list if a.startswith("compute_") and a[8:].isdigit()}
+    if any(a // 10 == cc // 10 and a <= cc for a in sm) or any(p <= cc for p in ptx):
+        return None
+    return (f"the installed torch {version or torch.__version__} has GPU kernels for "
+            f"{' '.join(sorted(arch_list)) or 'no GPU'}, not for this GPU's sm_{cc}")
+
+
+def hardware_report(device, precision):
+    """What a run ran on (for results.json and the `device:` line): the device, its name and compute
+    capability, the precision, and the torch / CUDA / cuDNN versions."""
+    dev = torch.device(device)
+    report = {"device": str(dev), "precision": precision, "torch": torch.__version__}
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        report.update(device=f"cuda:{index}", name=torch.cuda.get_device_name(index),
+                      capability=f"sm_{major}{minor}", cuda=torch.version.cuda,
+                      cudnn=torch.backends.cudnn.version())
+    else:
+        report.update(name=dev.type, threads=torch.get_num_threads())
+    return report
+
+
+def device_line(report):
+    """`device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16` or `device: cpu, fp32`."""
+    parts = [report["device"], report.get("name"), report.get("capability"), report["precision"]]
+    return "device: " + ", ".join(p for p in dict.fromkeys(parts) if p)
+
+
+def choose_device(requested, precision):
+    """The device (string), precision and hardware report of a run: --device checked, or CUDA when
+    usable, else the CPU; a GPU this torch build has no kernels for is a UserError."""
+    device = check_device(requested) if requested else ("cuda" if torch.cuda.is_available() else "cpu")
+    capability = None
+    if torch.device(device).type == "cuda":
+        capability = torch.cuda.get_device_capability(torch.device(device))
+        problem = gpu_build_problem(capability, torch.cuda.get_arch_list())
+        if problem:
+            raise UserError(f"--device {device}: {problem}; install a torch build for it (README, "
+                            f"Running on a GPU: `make venv TORCH_INDEX=...`) or pass --device cpu")
+    precision = resolve_precision(precision, torch.device(device).type, capability)
+    return device, precision, hardware_report(device, precision)
+
+
+def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):
+    """A `warning:` line for a large domain about to run on the CPU, with its rough cost from the
+    CPU rates of the README's bench (13.8 CLIP images/s, 9.4 weak training images/s, strong heads
+    with tuning about 11 CLIP passes per seed); None for a small one."""
+    if n_train + n_test < 20000:
+        return None
+    hours = (n_test / 13.8 * (1 + 11 * seeds) + seeds * weak_epochs * n_train / 9.4) / 3600
+    return (f"warning: no usable GPU, so this runs on the CPU: roughly {hours:.0f} h for "
+            f"{n_train + n_test} images and {seeds} seeds (README, Speed); pass --device cpu to "
+            f"mean it, or see README, Running on a GPU")
+
+
 def check_hf_weak_model(name):
     """Stop early unless `hf:<id>` names a transformers image classifier whose config loads."""
     transformers = import_transformers(name)
@@ -2094,16 +2287,17 @@ def summary_box(out_dir, domain, seed, methods, settings=None):
                      + ["+" + "-" * (width + 2) + "+"] + note)
 
 
-RUN_FLAGS = ("seeds", "method", "device", "out_dir", "cache_dir", "force",
+RUN_FLAGS = ("seeds", "method", "device", "out_dir", "cache_dir", "force", "workers",
              "build_tables", "tables_dir", "make_demo")  # flags that do not change a result
 
 
-def run_settings(args, data, device):
+def run_settings(args, data, device, precision="fp32"):
     """Everything besides the seed and method that shapes a result, as a JSON dict: the flags
-    (with --workers, which sets the weak model's augmentation streams), the data's real path
-    and split files, the device type, and the CLIP config and checkpoint contents. Paths are
+    (not --workers: augmentation is seeded per sample), the data's real path and split files, the
+    device type and the precision in use, and the CLIP config and checkpoint contents. Paths are
     real paths: a relative and an absolute path to one file are one setting."""
     flags = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
+    flags["precision"] = precision  # what "auto" became on this device
     real = lambda path, is_file: os.path.realpath(path) if is_file else path
     if args.weak_model.startswith("hf:") and os.path.isdir(args.weak_model[3:]):  # a local folder
         flags["weak_model"] = "hf:" + os.path.realpath(args.weak_model[3:])
@@ -2135,10 +2329,15 @@ def describe_difference(old, new, ignore=()):
 
 def run_experiment(args):
     """The paper's protocol for one domain: for each seed, every requested method."""
-    device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available()
-                                                             else "cpu")
+    device, precision, hardware = choose_device(args.device, args.precision)
+    print(device_line(hardware), flush=True)
     methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     data = load_domain(args.data_root, args.domain)
+    if args.device is None and device == "cpu":
+        warning = cpu_cost_warning(len(data["train_labels"]), len(data["test_labels"]),
+                                   len(args.seeds), args.weak_epochs)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     note = split_count_note(args.domain, len(data["train_labels"]), len(data["test_labels"]),
                             len(data["classnames"]))
     if note:
@@ -2151,7 +2350,7 @@ def run_experiment(args):
     if min(sizes.values()) == 0:
         raise UserError(f"{args.data_root}/{args.domain}_test.txt lists {len(data['test_labels'])} "
                         f"images, too few: the splits {sizes} must all be non-empty")
-    settings = run_settings(args, data, device)
+    settings = run_settings(args, data, device, precision)
     todo = {}
     for seed in args.seeds:
         todo[seed] = []
@@ -2181,12 +2380,12 @@ def run_experiment(args):
             continue
         splits = protocol_splits(len(data["test_labels"]), seed)
         try:
-            weak_logits = weak_stage(args, data, seed, device)
+            weak_logits, weak_history = weak_stage(args, data, seed, device, precision)
         except FloatingPointError as e:
             raise UserError(f"{args.domain} seed {seed} weak: {e}; lower --weak-lr (now "
                             f"{args.weak_lr:g})") from None
         if strong is None and set(seed_methods) - {"weak"}:
-            clip_model, tokenizer, feats = feature_stage(args, data, device)
+            clip_model, tokenizer, feats = feature_stage(args, data, device, precision)
             strong = {"clip": clip_model, "tokenizer": tokenizer, "feats": feats.to(device)}
         for method in seed_methods:
             if torch.device(device).type == "cuda":
@@ -2201,7 +2400,10 @@ def run_experiment(args):
             for warning in result.get("warnings", []):
                 print(f"warning: {args.domain} seed {seed} {method}: {warning}", file=sys.stderr,
                       flush=True)
+            if method == "weak":
+                result["weak_training"] = weak_history  # per epoch; None from an older cache
             result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
+                          hardware=hardware,
                           n_weak_train=len(data["train_labels"]),
                           **{f"n_{s}": len(i) for s, i in splits.items()},
                           seconds=time.time() - start, settings=settings,
