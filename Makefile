@@ -48,7 +48,7 @@ PT_TAGS ?= datacomp_s_s13m_b4k datacomp_m_s128m_b4k datacomp_xl_s13b_b90k openai
 PT_METHODS := $(T3_METHODS)
 
 .PHONY: help venv test demo data data-all paper-tables tables demo-tables demo-pretraining \
-	pretraining-table ablations demo-ablations demo-tuning bench clean
+	pretraining-table ablations demo-ablations demo-tuning gpu-check bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -68,7 +68,7 @@ $(VENV)/.installed: requirements.txt
 test: venv ## run the unit tests (CPU, no download)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_w2s_clip.py test_minidomainnet.py
 
-demo: venv ## the miniature on the CPU, no download: data, tiny CLIP pretrained on the spot, weak-to-strong runs (about 1.5 minutes)
+demo: venv ## the miniature on the CPU, no download: data, tiny CLIP pretrained on the spot, weak-to-strong runs (about a minute)
 	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN)
 	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
 	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/runs
@@ -151,6 +151,10 @@ pretraining-table: venv ## CPL vs the amount of CLIP pretraining: ViT-B-32 with 
 	    --out-dir $(OUT)/pretraining/$$t --cache-dir $(CACHE) $(FLAGS) || exit 1; done
 	$(PY) minidomainnet.py --tables-dir $(TABLES) --pretraining-table \
 	  $(foreach t,$(PT_TAGS),$(t)=$(OUT)/pretraining/$(t))
+
+DEVICE ?=
+gpu-check: venv ## self-check of the GPU path, no network, no data (DEVICE=cuda:1; DEVICE=cpu: the dry run)
+	HF_HUB_OFFLINE=1 $(PY) gpu_check.py $(if $(DEVICE),--device $(DEVICE))
 
 bench: venv ## speed and memory benchmark (any device; CPU by default here)
 	HF_HUB_OFFLINE=1 $(PY) bench_w2s_clip.py $(FLAGS)

@@ -79,8 +79,8 @@ def ablation_table(out_dir, defaults=None):
                                  f"first")
     settings = [r["settings"] if isinstance(r["settings"], dict) else r["config"] for r in rows]
     reference = reference_settings(settings)
-    off_paper = variant_of({k: reference[k] for k in defaults if k in reference},
-                           {k: defaults[k] for k in defaults if k in reference})
+    shared = [k for k in defaults if k in reference and k != "precision"]  # "auto": resolved
+    off_paper = variant_of({k: reference[k] for k in shared}, {k: defaults[k] for k in shared})
     ref_name = "reference" if off_paper else "paper defaults"
     acc = {}  # (domain, variant, method) -> [accuracy in % per seed]
     for r, s in zip(rows, settings):

@@ -2454,3 +2454,15 @@ def test_tables_name_runs_made_on_different_hardware(tmp_path, capsys):
     w2s_clip.build_tables(out, tmp_path / "t")
     printed = capsys.readouterr().out
     assert "combine runs made on different hardware" in printed and "V100" in printed
+
+
+def test_gpu_check_dry_run_on_the_cpu():
+    """`make gpu-check DEVICE=cpu`: every check of the GPU self-check runs and passes on the CPU
+    (real-size models at batch 2), and the last line counts them."""
+    proc = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--real-batch", "2"],
+                          cwd=HERE, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert lines[0] == "device: cpu, fp32" and lines[-1] == "9 passed, 0 failed", proc.stdout
+    assert sum(line.startswith("PASS") for line in lines) == 9

@@ -7,7 +7,7 @@ open_clip image tower plus one trainable head (LP, TP or CPL) learns from those 
 Manual: README.md.
 
     # CPU demo, no download: synthetic DomainNet-layout data, a tiny CLIP pretrained on the spot
-    # (minidomainnet.py), weak, zero-shot, ceiling, LP, TP and CPL on two seeds (~1.5 min)
+    # (minidomainnet.py), weak, zero-shot, ceiling, LP, TP and CPL on two seeds (~1 min)
     make demo
     # one domain and method on DomainNet, five seeds (GPU; `make data DOMAIN=sketch` first)
     python w2s_clip.py --domain sketch --method cpl
