@@ -160,7 +160,8 @@ def check_cli(device, folder):
     n_test = json.loads(next((root / "runs").rglob("results.json")).read_text())["n_test"]
     differ = {m for m in a if abs(a[m] - b[m]) > 1.0 / n_test + 1e-9}
     assert len(a) == len(W.METHODS) and not differ, f"methods that differ on rerun: {sorted(differ)}"
-    return f"{len(a)} methods; rerun equal within one image; {first.splitlines()[0]}"
+    assert first.startswith("device: "), "the run did not say its device first"
+    return f"{len(a)} methods finished, found again, and equal on rerun within one image"
 
 
 def weak_step_rate(name, device, precision, batch, size=224, classes=345):
