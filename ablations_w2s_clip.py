@@ -29,9 +29,10 @@ ALTERNATIVES = {"cpl_logit_scale": 100.0,      # Eq. 3: cos; CLIP's 100 * cos
                 "cpl_kl": "printed"}           # Eq. 5's summand KL(p^w || p^s); as printed
 
 
-# Settings that say what was run on, not how: never a variant.
+# Settings that say what was run on, not how, and flags that never change a result (in the
+# "config" of older files without settings): never a variant.
 NOT_VARIANTS = ("data_root", "splits", "clip", "clip_model", "clip_pretrained", "device", "workers",
-                "domain")
+                "domain") + w2s_clip.RUN_FLAGS
 
 
 def flag_text(name, value):

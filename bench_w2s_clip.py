@@ -167,7 +167,7 @@ def main():
     print(W.device_line(hardware), flush=True)
     names = list(DOMAINNET_CLASSES[:a.classes])
     k = len(names)
-    name = (torch.cuda.get_device_name() if device.type == "cuda"
+    name = (hardware["name"] if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
     if a.steps_only:
         clip_model, _, tokenizer = W.load_clip(a.clip_model, None, device)

@@ -40,6 +40,8 @@ def run_check(name, fn, passed):
     start = time.time()
     try:
         detail, ok = fn() or "", True
+    except torch.cuda.OutOfMemoryError:
+        detail, ok = "out of GPU memory; --real-batch 256 shows the rate on a smaller card", False
     except Exception as e:  # a check that fails is a finding, not a crash
         detail, ok = f"{type(e).__name__}: {W.one_line(e, 200)}", False
     passed.append(ok)

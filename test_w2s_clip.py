@@ -2468,3 +2468,27 @@ def test_gpu_check_dry_run_on_the_cpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert lines[0] == "device: cpu, fp32" and lines[-1] == "8 passed, 0 failed", proc.stdout
     assert sum(line.startswith("PASS") for line in lines) == 8
+
+
+def test_file_lock_on_a_file_system_without_flock_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_flock(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    path = tmp_path / "runs" / "results.json"
+    with w2s_clip.file_lock(path):
+        w2s_clip.atomic_save({"a": 1}, path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert "cannot lock" in capsys.readouterr().err
+
+
+def test_older_results_without_settings_for_one_run_are_refused(tmp_path):
+    """Two files of one run that record no settings cannot be told apart: named, not merged."""
+    for sub in ("a", "b"):
+        r = good_result()
+        del r["settings"], r["settings_key"]
+        put(tmp_path / "runs", r, sub)
+    with pytest.raises(w2s_clip.UserError, match="record no settings"):
+        w2s_clip.load_results(tmp_path / "runs")

@@ -205,7 +205,8 @@ def parse_args(argv=None):
                         "of --text-lr)")
     p.add_argument("--weight-decay", type=in_range(0, float("inf")), default=0.0, help="AdamW weight decay")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ...; none given: cuda if "
-                   "usable, else cpu")
+                   "available (a GPU this torch build has no kernels for stops the command), "
+                   "else cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast of weak training and CLIP encoding: auto = bf16 on sm_80+, fp16 "
                         "with a gradient scaler below (V100), fp32 on the CPU; weak logits and "
@@ -445,9 +446,13 @@ def load_domain(data_root, domain):
 
 def make_loader(dataset, batch_size, device, workers, shuffle=False, seed=0):
     """A DataLoader that keeps an accelerator busy: workers, pinned memory, and for training a
-    seeded shuffle (`EpochSampler`) that does not depend on the number of workers."""
+    seeded shuffle (`EpochSampler`) that does not depend on the number of workers; the dataset
+    must then take indices epoch * n + i, as ImageList does. Its own generator seeds the workers,
+    so the global RNG is not drawn from (a model with dropout sees the same stream however many
+    workers load its data)."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       sampler=EpochSampler(len(dataset), seed) if shuffle else None,
+                      generator=torch.Generator().manual_seed(seed),
                       pin_memory=torch.device(device).type == "cuda",
                       persistent_workers=workers > 0 and shuffle, drop_last=False)
 
@@ -1315,7 +1320,13 @@ def file_lock(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without flock (some NFS, Lustre mounts)
+            print(f"warning: cannot lock {path} ({e.strerror}); writing it without a lock",
+                  file=sys.stderr, flush=True)
+            yield
+            return
         try:
             yield
         finally:
@@ -1722,6 +1733,9 @@ def load_results(out_dir):
         run = (row["domain"], row["method"], row["seed"],
                settings_key(row["settings"]) or (row["weak_model"], row["clip_model"],
                                                  row["clip_pretrained"]))
+        if run in seen and not isinstance(row["settings"], dict):  # older files: cannot tell
+            raise UserError(f"{path} and {seen[run]} are the same run and record no settings to "
+                            f"tell them apart; keep one, or build tables from a narrower --out-dir")
         if run in seen:
             print(f"note: {path} is the same run as {seen[run]} (same settings); counted once")
             continue
@@ -2193,14 +2207,20 @@ def device_line(report):
 def choose_device(requested, precision):
     """The device (string), precision and hardware report of a run: --device checked, or CUDA when
     usable, else the CPU; a GPU this torch build has no kernels for is a UserError."""
-    device = check_device(requested) if requested else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        dev = None  # check_device names the bad string
     capability = None
-    if torch.device(device).type == "cuda":
-        capability = torch.cuda.get_device_capability(torch.device(device))
-        problem = gpu_build_problem(capability, torch.cuda.get_arch_list())
+    if (dev is not None and dev.type == "cuda" and torch.cuda.is_available()
+            and (dev.index or 0) < torch.cuda.device_count()):  # before any kernel runs on it
+        capability = torch.cuda.get_device_capability(dev)
+        problem = None if torch.version.hip else gpu_build_problem(capability,
+                                                                  torch.cuda.get_arch_list())
         if problem:
-            raise UserError(f"--device {device}: {problem}; install a torch build for it (README, "
+            raise UserError(f"--device {dev}: {problem}; install a torch build for it (README, "
                             f"Running on a GPU: `make venv TORCH_INDEX=...`) or pass --device cpu")
+    device = check_device(requested) if requested else str(dev)
     precision = resolve_precision(precision, torch.device(device).type, capability)
     return device, precision, hardware_report(device, precision)
 
