@@ -2035,7 +2035,9 @@ def test_cli_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(demo, tmp_path):
         "--method": ["weak", "kd-lp", "kd-tp", "cpl", "ceiling"], "--seeds": ["0", "1", "2"]})
     proc = subprocess.Popen([sys.executable, "w2s_clip.py", *args], cwd=HERE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,  # as from a terminal: a job started in the
+                            # background of a script inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline()  # the device line, then the first finished run
     while first and "D'_test" not in first:
         first = proc.stdout.readline()
