@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip / timm are imported
 
 import copy
+import csv
 import json
 import math
 import shutil
@@ -1118,6 +1119,12 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     z = json.loads((out / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
     assert set(r) - set(z) == {"cmm_zero_shot"} and z["best_epoch"] == 0 and len(z["curves"]) == 1
     assert z["test_accuracy"] == pytest.approx(r["curves"][0]["test_acc"])
+    # each trained head's epochs, written as training goes: 5 taus x epochs 0-2
+    log = list(csv.DictReader((out / "sketch" / "cpl" / "seed0" / "epochs.csv").open()))
+    assert len(log) == 15 and [row["epoch"] for row in log[:3]] == ["0", "1", "2"]
+    assert {row["tau"] for row in log} == {str(t) for t in r["config"]["tau_grid"]}
+    last = r["tuning"][-1]  # tau 1: its selected epoch's row holds its hold-val loss
+    assert float(log[12 + last["best_epoch"]]["val_loss"]) == pytest.approx(last["val_loss"])
     # tuned on hold-val: one row per tau of the grid, the chosen tau the best-scoring one
     assert [row["values"]["tau"] for row in r["tuning"]] == r["config"]["tau_grid"]
     best = max(r["tuning"], key=lambda row: row["score"])
@@ -2494,3 +2501,29 @@ def test_older_results_without_settings_for_one_run_are_refused(tmp_path):
         put(tmp_path / "runs", r, sub)
     with pytest.raises(w2s_clip.UserError, match="record no settings"):
         w2s_clip.load_results(tmp_path / "runs")
+
+
+def test_weak_micro_batches_give_the_whole_batch_step():
+    """Without BatchNorm, a batch of 12 run as micro-batches of 5, 5 and 2 (losses weighted by
+    their share) gives the weights of the whole-batch step, with clipping and the schedule; the
+    history records the same loss and accuracy."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(4, (12,), generator=g))
+               for _ in range(3)]
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(6, 4)).double()
+    fits = {}
+    for micro in (None, 5):
+        history = []
+        m = w2s_clip.train_weak_model(model(), [(x.double(), y) for x, y in batches], 2, 0.05, 0.1,
+                                      "cpu", max_grad_norm=0.5, history=history, micro_batch=micro)
+        fits[micro] = (m, history)
+    for a, b in zip(fits[None][0].parameters(), fits[5][0].parameters()):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
+    for ra, rb in zip(fits[None][1], fits[5][1]):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-10)
+        assert ra["train_accuracy"] == rb["train_accuracy"]

@@ -133,6 +133,10 @@ def parse_args(argv=None):
                         "random init from the model's config)")
     p.add_argument("--weak-epochs", type=positive(int), default=3, help="weak fine-tuning epochs on D_train")
     p.add_argument("--weak-lr", type=positive(float), default=1e-3, help="weak fine-tuning learning rate")
+    p.add_argument("--weak-micro-batch", type=positive(int), default=None, metavar="N",
+                   help="run each weak-training batch of --batch-size in parts of N images, "
+                        "gradients added up: the paper's batch of 512 on a smaller card "
+                        "(BatchNorm then normalises over N images); default: the whole batch")
     # strong model
     p.add_argument("--clip-model", default="ViT-B-32",
                    help="open_clip model name, or a path to an open_clip JSON model config")
@@ -581,13 +585,17 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_decay=0.0,
-                     schedule="linear", max_grad_norm=1.0, precision="fp32", history=None):
+                     schedule="linear", max_grad_norm=1.0, precision="fp32", history=None,
+                     micro_batch=None):
     """Fine-tune all of `model` with cross-entropy on true labels (paper: 3 epochs, lr 1e-3), with
     the strong heads' schedule (`warmup_linear` or `warmup_cosine`) and gradient-norm clipping.
 
     precision: "fp32", or on CUDA "bf16" / "fp16" autocast (fp16 with a gradient scaler, the
-    gradients unscaled before clipping). `history`, a list, gets one dict per epoch: mean training
-    loss, training accuracy (augmented batches) and seconds.
+    gradients unscaled before clipping). micro_batch: run each batch in parts of this many images
+    and add up their gradients (each part's loss weighted by its share of the batch): the same step
+    in less memory, except that BatchNorm normalises over each part. `history`, a list, gets one
+    dict per epoch: mean training loss, training accuracy (augmented batches), seconds and, on
+    CUDA, the peak allocated memory so far.
     """
     cuda = torch.device(device).type == "cuda"
     dtype = AMP_DTYPES[precision] if cuda else None
@@ -606,14 +614,20 @@ def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_dec
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the weak model's training loss became {loss.item()} at "
-                                     f"epoch {epoch + 1}")
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss, hits = 0.0, 0
+        for part, part_labels in zip(images.split(micro_batch or len(labels)),
+                                     labels.split(micro_batch or len(labels))):
+            with torch.autocast(torch.device(device).type, dtype or torch.float32,
+                                enabled=dtype is not None):
+                logits = model(part)
+                part_loss = F.cross_entropy(logits, part_labels) * (len(part_labels) / len(labels))
+            if not torch.isfinite(part_loss):
+                raise FloatingPointError(f"the weak model's training loss became "
+                                         f"{part_loss.item()} at epoch {epoch + 1}")
+            scaler.scale(part_loss).backward()
+            loss += part_loss.item()
+            hits += (logits.argmax(dim=-1) == part_labels).sum().item()
         if max_grad_norm > 0:  # HF Trainer: clip before the step (fp16: on unscaled gradients)
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -621,13 +635,17 @@ def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_dec
         scaler.update()
         sched.step()
         acc = sums[epoch]
-        acc["loss"] += loss.item() * len(labels)
-        acc["hits"] += (logits.argmax(dim=-1) == labels).sum().item()
+        acc["loss"] += loss * len(labels)
+        acc["hits"] += hits
         acc["n"] += len(labels)
         acc["end"] = time.time()
+        if cuda:
+            acc["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     if history is not None:
         history.extend({"epoch": e + 1, "loss": a["loss"] / a["n"], "train_accuracy": a["hits"] / a["n"],
-                        "seconds": a["end"] - a["start"]} for e, a in sorted(sums.items()))
+                        "seconds": a["end"] - a["start"],
+                        **({"peak_gpu_memory_gib": a["peak_gpu_memory_gib"]} if cuda else {})}
+                       for e, a in sorted(sums.items()))
     return model.eval()
 
 
@@ -1072,7 +1090,8 @@ def accuracy(logits, labels):
 
 def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, batch_size, lr,
                warmup_ratio=0.1, weight_decay=0.0, seed=0, param_lrs=None, probes=None,
-               schedule="linear", max_grad_norm=1.0, select_by="loss", start_candidate=False):
+               schedule="linear", max_grad_norm=1.0, select_by="loss", start_candidate=False,
+               on_epoch=None):
     """Train `head` on features x [n, d] against target logits [n, k]; keep the best epoch.
 
     The loop of the Hugging Face Trainer the paper names (eval_strategy="epoch",
@@ -1085,7 +1104,8 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
     default; ties keep the earlier epoch, as its strict `np.less`) or the highest agreement with
     argmax(val_targets) ("agreement"). `hyper(step, total)` gives the loss's kwargs (hold-val losses
     use the final ones). `param_lrs` maps a parameter-name prefix to its own lr; `probes` maps a
-    name to (features, labels) measured every epoch (Figure 2), never for selection.
+    name to (features, labels) measured every epoch (Figure 2), never for selection; `on_epoch`,
+    if given, is called with each epoch's row as it is made (a log written as training goes).
     Returns:
         dict with best_epoch, val_score (agreement), val_loss, curves (one row per epoch from 0),
         start_would_win (the head before training beats the best, a candidate or not) and
@@ -1141,6 +1161,8 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
         if not math.isfinite(row["val_loss"]):
             raise FloatingPointError(f"the hold-val loss became {row['val_loss']} at epoch {epoch}")
         curves.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
         better = lambda a, b: (a["val_loss"] < b["val_loss"] if select_by == "loss"
                                else a["val_score"] > b["val_score"])  # strict: ties keep the earlier
         if epoch == 0 and not (start_candidate or epochs == 0):
@@ -1377,7 +1399,8 @@ def weak_stage(args, data, seed, device, precision="fp32"):
                     warmup=args.warmup_ratio, wd=args.weight_decay, domain=args.domain,
                     schedule=args.lr_schedule, clip=args.max_grad_norm,
                     root=root, splits=data["digest"], images=data.get("images"),
-                    device=torch.device(device).type, precision=precision)
+                    device=torch.device(device).type, precision=precision,
+                    **({"micro": args.weak_micro_batch} if args.weak_micro_batch else {}))
     safe_name = args.weak_model.replace(":", "-").replace("/", "-")  # hf:<org>/<name> in one file name
     stem = Path(args.cache_dir) / f"weak-{args.domain}-{safe_name}-seed{seed}-{key}"
     history_path = Path(f"{stem}-history.json")
@@ -1392,12 +1415,14 @@ def weak_stage(args, data, seed, device, precision="fp32"):
     def train():
         nonlocal history
         history = []
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the weak stage's own peak
         loader = make_loader(ImageList(root, data["train_paths"], data["train_labels"], train_tf,
                                        seed=seed), args.batch_size, device, args.workers,
                              shuffle=True, seed=seed)
         state = train_weak_model(model, loader, args.weak_epochs, args.weak_lr, args.warmup_ratio,
                                  device, args.weight_decay, args.lr_schedule, args.max_grad_norm,
-                                 precision, history).cpu().state_dict()
+                                 precision, history, args.weak_micro_batch).cpu().state_dict()
         atomic_save(history, history_path)
         return state
 
@@ -1467,10 +1492,11 @@ def make_head(kind, clip_model, tokenizer, classnames, dim, prototypes=None, cpl
 
 
 def fit_head(kind, loss, targets, val_targets, strong, labels, splits, classnames, args, seed,
-             epochs=None, values=None, train_idx=None):
+             epochs=None, values=None, train_idx=None, on_epoch=None):
     """Train one head on `train_idx` (default hold-train; targets [n_train, k]), select it on
     hold-val (val_targets [n_hv, k]), score D'_test; `epochs` (default --strong-epochs) 0 keeps
-    the starting head. `values` overrides the flags tau, kd_temperature, aux_alpha, text_lr.
+    the starting head. `values` overrides the flags tau, kd_temperature, aux_alpha, text_lr;
+    `on_epoch` gets each epoch's row with the head kind and those values.
 
     `strong` holds the CLIP model, its tokenizer and the D_test features [n, d] on the device
     (and, once a CPL head needs them, the zero-shot prototypes).
@@ -1497,11 +1523,14 @@ def fit_head(kind, loss, targets, val_targets, strong, labels, splits, classname
                      max_grad_norm=args.max_grad_norm, select_by=args.select_by,
                      start_candidate=args.select_from == "start-and-epochs",
                      param_lrs={"text.": v["text_lr"]} if kind == "cpl-text" else None,
-                     probes={"train_acc": (feats[tr], labels[tr]), "test_acc": (feats[te], labels[te])})
+                     probes={"train_acc": (feats[tr], labels[tr]), "test_acc": (feats[te], labels[te])},
+                     on_epoch=on_epoch and (lambda row: on_epoch({"head": kind, **(values or {}),
+                                                                  **row})))
     return head, fit, predict(head, feats[te]).cpu()
 
 
-def fit_tuned(kind, loss, weak_logits, strong, labels, splits, classnames, args, seed):
+def fit_tuned(kind, loss, weak_logits, strong, labels, splits, classnames, args, seed,
+              on_epoch=None):
     """Step 4 with its parameter tuning: one head per point of `tuning_grid` (the flags' values
     under --tune none), each trained on hold-train's weak logits and selected on hold-val's; the
     point whose head scores best on hold-val by `tuning_score` (--tune-by) against the weak logits
@@ -1520,7 +1549,8 @@ def fit_tuned(kind, loss, weak_logits, strong, labels, splits, classnames, args,
     best, tuning = None, []
     for values in tuning_grid(kind, loss, grids):
         head, fit, test_logits = fit_head(kind, loss, weak_logits[ht], weak_logits[hv], strong,
-                                          labels, splits, classnames, args, seed, values=values)
+                                          labels, splits, classnames, args, seed, values=values,
+                                          on_epoch=on_epoch)
         temperature = values["tau"] if kind in ("cpl", "cpl-text") else 1.0  # the head's own p^s
         score = tuning_score(predict(head, strong["feats"][hv]).cpu(), weak_logits[hv],
                              args.tune_by, temperature)
@@ -1544,8 +1574,9 @@ def cmm_report(protos, feats, labels, weak_pred, classnames, k_worst=10):
     return report
 
 
-def run_method(method, args, data, splits, weak_logits, strong, seed):
-    """Steps 3-5 for one method and seed; returns its results (accuracies in [0, 1])."""
+def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=None):
+    """Steps 3-5 for one method and seed; returns its results (accuracies in [0, 1]). `on_epoch`
+    gets every trained head's rows per epoch (every grid point, every ceiling head)."""
     labels, names, k = data["test_labels"], data["classnames"], len(data["classnames"])
     ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
     out = {}
@@ -1555,7 +1586,8 @@ def run_method(method, args, data, splits, weak_logits, strong, seed):
         train = torch.cat([ht, hv]) if args.ceiling_data == "hold" else ht
         runs = {kind: fit_head(kind, "ce", F.one_hot(labels[train], k).float(),
                                F.one_hot(labels[hv], k).float(), strong, labels, splits, names,
-                               args, seed, train_idx=train) for kind in ("lp", "tp", "cpl")}
+                               args, seed, train_idx=train, on_epoch=on_epoch)
+                for kind in ("lp", "tp", "cpl")}
         best = max(runs, key=lambda kind: runs[kind][1]["val_score"])
         _, fit, test_logits = runs[best]
         out["ceiling_head"], out["ceiling_data"], out["n_ceiling_train"] = best, args.ceiling_data, len(train)
@@ -1564,11 +1596,12 @@ def run_method(method, args, data, splits, weak_logits, strong, seed):
     elif method == "zero-shot":  # CPL's starting head, no step
         kind = "cpl"
         head, fit, test_logits = fit_head(kind, "cpl", weak_logits[ht], weak_logits[hv], strong,
-                                          labels, splits, names, args, seed, epochs=0)
+                                          labels, splits, names, args, seed, epochs=0,
+                                          on_epoch=on_epoch)
     else:  # step 4: weak-to-strong, tuned and selected on hold-val's weak logits
         kind, loss = METHOD_HEAD_LOSS[method]
         head, fit, test_logits, out["tuned"], out["tuning"] = fit_tuned(
-            kind, loss, weak_logits, strong, labels, splits, names, args, seed)
+            kind, loss, weak_logits, strong, labels, splits, names, args, seed, on_epoch)
     if method not in ("weak", "ceiling"):
         if kind != "lp":
             with torch.no_grad():
@@ -2307,6 +2340,10 @@ def summary_box(out_dir, domain, seed, methods, settings=None):
                      + ["+" + "-" * (width + 2) + "+"] + note)
 
 
+EPOCH_FIELDS = ("head", "tau", "kd_temperature", "aux_alpha", "text_lr", "epoch", "step", "loss",
+                "val_loss", "val_score", "train_acc", "test_acc")  # a run's epochs.csv
+
+
 RUN_FLAGS = ("seeds", "method", "device", "out_dir", "cache_dir", "force", "workers",
              "build_tables", "tables_dir", "make_demo")  # flags that do not change a result
 
@@ -2411,8 +2448,14 @@ def run_experiment(args):
             if torch.device(device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.time()
+            log_path = result_path(args.out_dir, args.domain, method, seed).with_name("epochs.csv")
+            log_path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                result = run_method(method, args, data, splits, weak_logits, strong, seed)
+                with open(log_path, "w", newline="") as log:  # per epoch, as training goes
+                    writer = csv.DictWriter(log, EPOCH_FIELDS, extrasaction="ignore")
+                    writer.writeheader()
+                    result = run_method(method, args, data, splits, weak_logits, strong, seed,
+                                        on_epoch=lambda row: (writer.writerow(row), log.flush()))
             except FloatingPointError as e:
                 raise UserError(f"{args.domain} seed {seed} {method}: {e}; lower --lr (now "
                                 f"{args.lr:g}) or check --tau-grid, --cpl-logit-scale, "
