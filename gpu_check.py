@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import minidomainnet
 import w2s_clip as W
@@ -67,26 +66,22 @@ def synchronize(device):
 
 
 def check_kernels(device, precision):
-    """Autocast convolution, batch norm and linear layers, and an AdamW step through the gradient
-    scaler, in `precision` on `device`: the loss is finite and the step changes the weights."""
+    """w2s_clip's weak-training step (autocast convolution, batch norm and linear layers, AdamW
+    through the gradient scaler) in `precision` on `device`: the loss is finite and the step
+    changes the weights."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(8, 4)).to(device)
+                                torch.nn.Linear(8, 4))
     before = model[-1].weight.detach().clone()
-    dtype = W.AMP_DTYPES[precision] if device.type == "cuda" else None
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-    x, y = torch.randn(16, 3, 32, 32, device=device), torch.randint(4, (16,), device=device)
-    with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
-        loss = F.cross_entropy(model(x), y)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
+    batches = [(torch.randn(16, 3, 32, 32), torch.randint(4, (16,))) for _ in range(2)]
+    history = []
+    W.train_weak_model(model, batches, 1, 1e-2, 0.0, device, precision=precision, history=history)
     synchronize(device)
-    assert torch.isfinite(loss), f"loss {loss.item()}"
-    assert not torch.equal(before, model[-1].weight.detach()), "the step did not change the weights"
-    return f"{precision}: loss {loss.item():.3f}, weights updated"
+    loss = history[0]["loss"]
+    assert torch.isfinite(torch.tensor(loss)), f"loss {loss}"
+    assert not torch.equal(before, model[-1].weight.detach().cpu()), "the step did not change the weights"
+    return f"{precision}: loss {loss:.3f}, weights updated"
 
 
 def tiny_clip():
@@ -167,7 +162,8 @@ def check_cli(device, folder):
 
 
 def weak_step_rate(name, device, precision, batch, size=224, classes=345):
-    """Images per second of weak-model training steps at `batch` (random init), and peak memory."""
+    """Images per second of w2s_clip's weak-training step (`train_weak_model`, random init) at
+    `batch`, timed over two steps after a warm-up step, and the peak memory."""
     torch.manual_seed(0)
     if name == "cvt-13":  # Table 3's CvT-13: transformers' default CvtConfig is CvT-13
         import transformers
@@ -176,25 +172,14 @@ def weak_step_rate(name, device, precision, batch, size=224, classes=345):
     else:
         import timm
         model = timm.create_model(name, pretrained=False, num_classes=classes)
-    model.to(device).train()
-    dtype = W.AMP_DTYPES[precision] if device.type == "cuda" else None
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(classes, (batch,), device=device)
+    step = [(torch.randn(batch, 3, size, size), torch.randint(classes, (batch,)))]
+    W.train_weak_model(model, step, 1, 1e-3, 0.0, device, precision=precision)  # warm-up
     reset_memory(device)
-    times = []
-    for _ in range(3):  # the first is a warm-up
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return f"{batch / min(times[1:]):.1f} images/s at batch {batch}, peak {peak_memory(device)}"
+    start = time.perf_counter()
+    W.train_weak_model(model, step * 2, 1, 1e-3, 0.0, device, precision=precision)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return f"{2 * batch / seconds:.1f} images/s at batch {batch}, peak {peak_memory(device)}"
 
 
 def clip_encode_rate(device, precision, batch):
@@ -206,7 +191,7 @@ def clip_encode_rate(device, precision, batch):
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        W.encode_images(model, [(x, None)], device, precision)
+        W.encode_images(model, [(x, None)], device, precision)  # w2s_clip's own encoding
         synchronize(device)
         times.append(time.perf_counter() - start)
     return f"{batch / min(times[1:]):.1f} images/s at batch {batch}, peak {peak_memory(device)}"

@@ -2232,23 +2232,16 @@ def test_one_clip_config_typed_two_ways_is_one_setting_to_the_tables(tmp_path):
     assert str(tmp_path) not in text.splitlines()[0]  # the title names the file, not the path
 
 
-def test_runs_of_another_clip_model_are_named_when_left_out(tmp_path, capsys):
+@pytest.mark.parametrize("other, note", [
+    ({"clip_model": "ViT-L-14"}, "left out 1 runs of other CLIP models than the 2 of ViT-B-32 (ViT-L-14)"),
+    ({"tune": "none"}, "(differing: tune)")])
+def test_runs_left_out_of_the_tables_are_named_with_what_differs(tmp_path, capsys, other, note):
     out = tmp_path / "runs"
     for seed in (0, 1):
         put(out, good_result("cpl", seed))
-    put(out, good_result("cpl", 2, clip_model="ViT-L-14"), "other")
+    put(out, good_result("kd-lp", 0, **other), "other")
     w2s_clip.build_tables(out, tmp_path / "t")
-    assert "left out 1 runs of other CLIP models than the 2 of ViT-B-32 (ViT-L-14)" in \
-        capsys.readouterr().out
-
-
-def test_runs_of_other_settings_are_left_out_with_the_setting_named(tmp_path, capsys):
-    out = tmp_path / "runs"
-    for seed in (0, 1):
-        put(out, good_result("cpl", seed))
-    put(out, good_result("kd-lp", 0, tune="none"), "untuned")
-    w2s_clip.build_tables(out, tmp_path / "t")
-    assert "(differing: tune)" in capsys.readouterr().out
+    assert note in capsys.readouterr().out
 
 
 def test_make_tables_over_a_folder_that_holds_the_ablations(tmp_path, capsys):

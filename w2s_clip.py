@@ -584,21 +584,44 @@ SCHEDULES = {"linear": warmup_linear, "cosine": warmup_cosine}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+def resolve_precision(requested, device_type, capability=None):
+    """The autocast precision of weak training and CLIP encoding: "auto" is bf16 on CUDA sm_80 and
+    newer (native bf16), fp16 below (a V100 emulates bf16, slowly), fp32 on the CPU; an explicit
+    choice is kept. bf16 or fp16 on a CPU is a UserError."""
+    if device_type != "cuda":
+        if requested in ("bf16", "fp16"):
+            raise UserError(f"--precision {requested} needs a CUDA device; pass --precision fp32 "
+                            f"or auto on the {device_type}")
+        return "fp32"
+    if requested == "auto":
+        return "bf16" if capability is not None and tuple(capability) >= (8, 0) else "fp16"
+    return requested
+
+
+def amp_dtype(precision, device):
+    """The autocast dtype of `precision` ("auto", "bf16", "fp16", "fp32") on `device`: None (float32)
+    off CUDA or for fp32; "auto" as `resolve_precision` picks it for the GPU's compute capability."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    return AMP_DTYPES[resolve_precision(precision, "cuda", torch.cuda.get_device_capability(dev))]
+
+
 def train_weak_model(model, loader, epochs, lr, warmup_ratio, device, weight_decay=0.0,
-                     schedule="linear", max_grad_norm=1.0, precision="fp32", history=None,
+                     schedule="linear", max_grad_norm=1.0, precision="auto", history=None,
                      micro_batch=None):
     """Fine-tune all of `model` with cross-entropy on true labels (paper: 3 epochs, lr 1e-3), with
     the strong heads' schedule (`warmup_linear` or `warmup_cosine`) and gradient-norm clipping.
 
-    precision: "fp32", or on CUDA "bf16" / "fp16" autocast (fp16 with a gradient scaler, the
-    gradients unscaled before clipping). micro_batch: run each batch in parts of this many images
+    precision: autocast on CUDA (`amp_dtype`: "auto" is bf16 on sm_80+, fp16 below; fp16 with a
+    gradient scaler, the gradients unscaled before clipping); float32 on the CPU. micro_batch: run each batch in parts of this many images
     and add up their gradients (each part's loss weighted by its share of the batch): the same step
     in less memory, except that BatchNorm normalises over each part. `history`, a list, gets one
     dict per epoch: mean training loss, training accuracy (augmented batches), seconds and, on
     CUDA, the peak allocated memory so far.
     """
     cuda = torch.device(device).type == "cuda"
-    dtype = AMP_DTYPES[precision] if cuda else None
+    dtype = amp_dtype(precision, device)
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -701,11 +724,12 @@ def load_clip(model_name, pretrained, device="cpu"):
 
 
 @torch.no_grad()
-def encode_images(clip_model, loader, device, precision="fp32"):
+def encode_images(clip_model, loader, device, precision="auto"):
     """CLIP image features (not normalised) of every image in `loader`: FloatTensor [n, d].
-    precision "bf16" / "fp16" autocasts on CUDA; the features are returned in float32."""
+    On CUDA the tower runs under `amp_dtype(precision)` autocast (auto: bf16 on sm_80+, fp16
+    below); the features are returned in float32."""
     cuda = torch.device(device).type == "cuda"
-    dtype = AMP_DTYPES[precision] if cuda else None
+    dtype = amp_dtype(precision, device)
     clip_model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     out = []
     for images, _ in progress(loader, "CLIP features"):
@@ -1124,6 +1148,8 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
     multiplier = SCHEDULES[schedule]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: multiplier(s, total, warmup_ratio))
     sets = {"val_score": (x_val, val_targets.argmax(dim=-1)), **(probes or {})}
+    better = lambda a, b: (a["val_loss"] < b["val_loss"] if select_by == "loss"
+                           else a["val_score"] > b["val_score"])  # strict: ties keep the earlier
     best, curves, step, stepped = None, [], 0, 0
     for epoch in tqdm(range(epochs + 1), desc="head", disable=not sys.stderr.isatty()):
         if epoch > 0:
@@ -1163,8 +1189,6 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
         curves.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        better = lambda a, b: (a["val_loss"] < b["val_loss"] if select_by == "loss"
-                               else a["val_score"] > b["val_score"])  # strict: ties keep the earlier
         if epoch == 0 and not (start_candidate or epochs == 0):
             continue
         if best is None or better(row, best):
@@ -1559,7 +1583,7 @@ def fit_tuned(kind, loss, weak_logits, strong, labels, splits, classnames, args,
                        "test_accuracy": accuracy(test_logits, labels[te])})
         if best is None or score > best[0]:
             best = (score, head, fit, test_logits, values)
-        del head  # keep one head at a time (cpl-text copies the text tower)
+        del head  # hold at most the best head and the next (cpl-text copies the text tower)
     return best[1], best[2], best[3], best[4], tuning
 
 
@@ -2186,20 +2210,6 @@ def check_device(device):
     return str(dev)
 
 
-def resolve_precision(requested, device_type, capability=None):
-    """The autocast precision of weak training and CLIP encoding: "auto" is bf16 on CUDA sm_80 and
-    newer (native bf16), fp16 below (a V100 emulates bf16, slowly), fp32 on the CPU; an explicit
-    choice is kept. bf16 or fp16 on a CPU is a UserError."""
-    if device_type != "cuda":
-        if requested in ("bf16", "fp16"):
-            raise UserError(f"--precision {requested} needs a CUDA device; pass --precision fp32 "
-                            f"or auto on the {device_type}")
-        return "fp32"
-    if requested == "auto":
-        return "bf16" if capability is not None and tuple(capability) >= (8, 0) else "fp16"
-    return requested
-
-
 def gpu_build_problem(capability, arch_list, version=None):
     """Why this torch build cannot run a GPU of compute capability (major, minor), or None.
 
@@ -2448,8 +2458,10 @@ def run_experiment(args):
             if torch.device(device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.time()
-            log_path = result_path(args.out_dir, args.domain, method, seed).with_name("epochs.csv")
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            path = result_path(args.out_dir, args.domain, method, seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path.parent, "epochs.csv")  # the log of a run killed earlier
+            log_path = path.with_name(f".epochs.csv.{os.getpid()}.tmp")  # epochs.csv once done
             try:
                 with open(log_path, "w", newline="") as log:  # per epoch, as training goes
                     writer = csv.DictWriter(log, EPOCH_FIELDS, extrasaction="ignore")
@@ -2473,7 +2485,6 @@ def run_experiment(args):
                           settings_key=settings_key(settings), config=vars(args))
             if torch.device(device).type == "cuda":
                 result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            path = result_path(args.out_dir, args.domain, method, seed)
             with file_lock(path):  # check and write as one step: a concurrent run loses nothing
                 other = read_result(path, "replaced") if path.exists() else None
                 if (other is not None and not args.force
@@ -2482,6 +2493,7 @@ def run_experiment(args):
                                     f"settings ({describe_difference(other.get('settings'), settings)}"
                                     f"); kept it: rerun with another --out-dir")
                 atomic_save(result, path)
+                os.replace(log_path, path.with_name("epochs.csv"))  # the log of this result
             tuned = "".join(f", {name} {value:g}" for name, value in result["tuned"].items())
             print(f"{args.domain} seed {seed} {method}: {100 * result['test_accuracy']:.2f}% on "
                   f"D'_test in {result['seconds']:.1f} s{tuned} -> {path}", flush=True)
