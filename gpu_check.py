@@ -182,10 +182,20 @@ def weak_step_rate(name, device, precision, batch, size=224, classes=345):
     return f"{2 * batch / seconds:.1f} images/s at batch {batch}, peak {peak_memory(device)}"
 
 
+def random_vit_b32(device):
+    """open_clip's ViT-B-32 at random init (its "no pretrained weights" warning silenced: asked for)."""
+    import logging
+    import open_clip
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model("ViT-B-32").to(device).eval().requires_grad_(False)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def clip_encode_rate(device, precision, batch):
     """Images per second of ViT-B/32 image encoding (random init) at `batch`, and peak memory."""
-    import open_clip
-    model = open_clip.create_model("ViT-B-32").to(device).eval()
+    model = random_vit_b32(device)
     x = torch.randn(batch, 3, 224, 224, device=device)
     reset_memory(device)
     times = []
@@ -202,7 +212,7 @@ def tp_step_time(device, batch):
     (random init, packed text path), `batch` image features, and peak memory."""
     import open_clip
     import bench_w2s_clip
-    model = open_clip.create_model("ViT-B-32").to(device).eval().requires_grad_(False)
+    model = random_vit_b32(device)
     names = [n.replace("_", " ") for n in bench_w2s_clip.DOMAINNET_CLASSES]
     head = W.make_head("tp", model, open_clip.get_tokenizer("ViT-B-32"), names, 512).to(device)
     opt = torch.optim.AdamW([head.ctx], lr=1e-3)
