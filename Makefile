@@ -48,7 +48,7 @@ PT_TAGS ?= datacomp_s_s13m_b4k datacomp_m_s128m_b4k datacomp_xl_s13b_b90k openai
 PT_METHODS := $(T3_METHODS)
 
 .PHONY: help venv test demo data data-all paper-tables tables demo-tables demo-pretraining \
-	pretraining-table ablations demo-ablations demo-tuning gpu-check bench clean
+	pretraining-table ablations demo-ablations demo-tuning gpu-check weights bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -84,6 +84,9 @@ data: ## download and unpack DomainNet's DOMAIN (default sketch) and its split f
 
 data-all: ## download all DOMAINS (about 18 GB of archives) for make paper-tables
 	for d in $(DOMAINS); do $(MAKE) data DOMAIN=$$d DATA=$(DATA) || exit 1; done
+
+weights: venv ## fetch every checkpoint the grid needs (network) into the standard caches; print sizes
+	$(PY) weights_w2s_clip.py --clip-tags $(PT_TAGS) --weak-models resnet18 $(WEAK_MODELS)
 
 paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet), then build the tables
 	for d in $(DOMAINS); do \

@@ -2128,7 +2128,7 @@ def check_models(args):
     import open_clip
     import timm
     if args.weak_model.startswith("hf:"):
-        check_hf_weak_model(args.weak_model)
+        pass  # checked below, once its files are known to be reachable
     elif not timm.is_model(args.weak_model):
         raise UserError(f"--weak-model {args.weak_model}: not a timm model (see timm.list_models()) "
                         f"nor hf:<Hugging Face id>")
@@ -2162,6 +2162,12 @@ def check_models(args):
         raise UserError(f"--clip-model {name}: TP and CPL need open_clip's CLIP text transformer "
                         f"with a causal mask and end-of-text pooling; pick a model like ViT-B-32")
     check_clip_files(name, tag)
+    from weights_w2s_clip import offline_problem  # a weight missing offline: say so at once
+    problem = offline_problem(name, tag, args.weak_model, args.weak_pretrained)
+    if problem:
+        raise UserError(problem)
+    if args.weak_model.startswith("hf:"):
+        check_hf_weak_model(args.weak_model)
 
 
 def check_clip_files(model_name, pretrained):
