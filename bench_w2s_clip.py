@@ -149,6 +149,60 @@ def text_steps(clip_model, tokenizer, names, device, batch=512, repeats=3):
     return rows
 
 
+def decode_counts(folder, seeds=5, epochs=3, short=256):
+    """Images decoded by weak training, weak logits and CLIP features for `seeds` seeds, counted in
+    process (w2s_clip.decode_image patched, no workers) on a small generated domain with tiny
+    models: the paper's defaults, then with the pixel caches (--train-image-cache `short`).
+    Returns:
+        {setting: decodes per image}, and the counts (n_train, n_test)."""
+    root = Path(folder) / "decodes"
+    minidomainnet.make_synthetic_domainnet(root / "data", domains=("sketch",),
+                                           classes=DOMAINNET_CLASSES[:4], n_train=8, n_test=20)
+    (root / "tiny-clip.json").write_text(json.dumps(minidomainnet.TINY_CLIP))
+    data = W.load_domain(root / "data", "sketch")
+    n_train, n_test = len(data["train_paths"]), len(data["test_paths"])
+    count, real = [0], W.decode_image
+    W.decode_image = lambda path: count.__setitem__(0, count[0] + 1) or real(path)
+    per_image = {}
+    try:
+        for name, flags in (("paper defaults, no pixel cache", ["--no-eval-image-cache"]),
+                            ("eval cache (default)", []),
+                            (f"eval + --train-image-cache {short}", ["--train-image-cache", str(short)])):
+            count[0] = 0
+            W.main(["--data-root", str(root / "data"), "--domain", "sketch",
+                    "--method", "weak", "zero-shot", "--seeds", *map(str, range(seeds)),
+                    "--clip-model", str(root / "tiny-clip.json"), "--clip-pretrained", "none",
+                    "--weak-model", "test_resnet", "--no-weak-pretrained",
+                    "--weak-epochs", str(epochs), "--batch-size", "32", "--workers", "0",
+                    "--device", "cpu", "--cache-dir", str(root / f"cache-{len(per_image)}"),
+                    "--out-dir", str(root / f"runs-{len(per_image)}"), "--force", *flags])
+            per_image[name] = count[0] / (n_train + n_test)
+    finally:
+        W.decode_image = real
+    return per_image, (n_train, n_test)
+
+
+def grid_decodes(seeds=5, epochs=3, weak_models=5, pretrain_tags=3):
+    """Decodes of `make paper-tables` and the pretraining table on DomainNet (Table 1's counts),
+    by the per-stage rule the counts above follow: per domain, each seed's weak training
+    (epochs x n_train) and weak logits (n_test), and one CLIP pass (n_test); Table 3 adds
+    `weak_models` Hugging Face weak models on clipart (their processors are not cached), the
+    pretraining table `pretrain_tags` CLIP passes on sketch, Table 4 none (all cached).
+    Returns {setting: (decodes, per image)}."""
+    table1 = W.PAPER_TABLE1
+    images = sum(a + b for a, b in table1.values())
+    ct, cv = table1["clipart"]
+    extra_clip = pretrain_tags * table1["sketch"][1]
+    counts = {
+        "paper defaults, no pixel cache": sum(seeds * (epochs * a + b) + b for a, b in table1.values())
+        + weak_models * seeds * (epochs * ct + cv) + extra_clip,
+        "eval cache (default)": sum(seeds * epochs * a + 2 * b for a, b in table1.values())
+        + weak_models * seeds * (epochs * ct + cv) + extra_clip,
+        "eval + --train-image-cache 256": sum(a + 2 * b for a, b in table1.values())
+        + weak_models * seeds * cv + extra_clip}
+    return {k: (v, v / images) for k, v in counts.items()}
+
+
 def print_steps(rows, k, name):
     print(f"\nText-tower training step, {k} DomainNet classes, on {name}\n")
     print("| head | text path | tokens | step (s) | speed-up | max feature diff |")
@@ -247,14 +301,24 @@ def main():
                      "largest peak_gpu_memory_gib in results.json (feature extraction and weak "
                      "training not included)"))
 
+    # 5. Decodes per image: counted on a small domain, then the same rule on DomainNet's grid.
+    per_image, (n_train, n_test) = decode_counts(a.dir)
+    decode_rows = [(setting, f"{v:.2f}", f"{grid[0] / 1e6:.2f} M ({grid[1]:.2f} per image)")
+                   for (setting, v), grid in zip(per_image.items(), grid_decodes().values())]
+
     print(f"\n{a.clip_model} + {a.weak_model}, {k} classes, {n} D_test images, on {name}\n")
     print("| measure | value | detail |\n|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print_steps(steps, k, f"{a.clip_model}, {name}")
+    print(f"\nImages decoded, 5 seeds x 3 weak epochs: counted on {n_train} + {n_test} generated "
+          f"images; `make paper-tables` + pretraining table on DomainNet by the same rule\n")
+    print("| setting | decodes per image (counted) | DomainNet grid |\n|---|---|---|")
+    for r in decode_rows:
+        print("| " + " | ".join(r) + " |")
     if a.json:
-        Path(a.json).write_text(json.dumps({"device": name, "rows": rows, "text_steps": steps},
-                                           indent=1))
+        Path(a.json).write_text(json.dumps({"device": name, "rows": rows, "text_steps": steps,
+                                            "decodes": decode_rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1139,6 +1139,99 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     assert json.loads((out / "sketch" / "cpl" / "seed0" / "results.json").read_text()) == r
 
 
+# Decoding less: the pixel caches
+def varied_images(folder, sizes=((40, 30), (31, 57), (64, 64), (5, 9))):
+    """PNG images of the given (w, h) sizes with seeded random pixels; their relative paths."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        from PIL import Image
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        paths.append(f"{i}.png")
+    return paths
+
+
+@pytest.mark.parametrize("short", [10 ** 6, 24])
+def test_pixel_cache_holds_each_image_as_decoded_and_resized(tmp_path, short):
+    """Each cached image equals PIL's decode (then its bicubic resize to the short side, never
+    enlarged), whatever its size; no temporary file is left."""
+    import numpy as np
+    from PIL import Image
+    paths = varied_images(tmp_path / "img")
+    prepare, out_size = w2s_clip.short_side(short)
+    cache = w2s_clip.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
+    assert len(cache) == len(paths)
+    for i, rel in enumerate(paths):
+        image = Image.open(tmp_path / "img" / rel).convert("RGB")
+        w, h = image.size
+        want = image if min(w, h) <= short else image.resize(
+            (round(w * short / min(w, h)), round(h * short / min(w, h))), Image.BICUBIC)
+        assert min(cache[i].size) == min(min(w, h), short)
+        assert np.array_equal(np.asarray(cache[i]), np.asarray(want))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".px.u8.lock", "px.idx.pt", "px.u8"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no-index", "other-count"])
+def test_damaged_pixel_cache_is_rebuilt(tmp_path, damage):
+    import numpy as np
+    paths = varied_images(tmp_path / "img")
+    prepare, out_size = w2s_clip.short_side(10 ** 6)
+    stem = tmp_path / "c" / "px"
+    first = w2s_clip.build_pixel_cache(stem, tmp_path / "img", paths, prepare, out_size)
+    want = [np.asarray(first[i]) for i in range(len(paths))]
+    if damage == "truncate":
+        os.truncate(f"{stem}.u8", 100)
+    elif damage == "no-index":
+        os.remove(f"{stem}.idx.pt")
+    assert not w2s_clip.PixelCache(stem).valid(len(paths) + (damage == "other-count"))
+    n = len(paths) - (damage == "other-count")
+    again = w2s_clip.build_pixel_cache(stem, tmp_path / "img", paths[:n], prepare, out_size)
+    assert all(np.array_equal(np.asarray(again[i]), want[i]) for i in range(n))
+    assert w2s_clip.PixelCache(stem).valid(n)
+
+
+def test_eval_pixel_cache_gives_the_eval_transform_bit_for_bit(demo, tmp_path):
+    """timm's eval transform cut at its tensor conversion: the cached crops plus the rest give the
+    same tensors as the whole transform on the decoded file; open_clip's preprocessing can be cut
+    too; a Hugging Face processor cannot (None)."""
+    data = w2s_clip.load_domain(demo / "data", "sketch")
+    _, _, eval_tf = w2s_clip.create_weak_model("test_resnet", 4, pretrained=False)
+    pre, post, (h, w) = w2s_clip.eval_pixel_steps(eval_tf)
+    paths, labels = data["test_paths"][:12], data["test_labels"][:12]
+    cache = w2s_clip.build_pixel_cache(tmp_path / "px", demo / "data", paths, pre, lambda *_: (w, h))
+    plain = w2s_clip.ImageList(demo / "data", paths, labels, eval_tf)
+    cached = w2s_clip.ImageList(demo / "data", paths, labels, post, pixels=cache)
+    for i in range(len(paths)):
+        assert torch.equal(plain[i][0], cached[i][0]) and plain[i][1] == cached[i][1]
+    _, preprocess, _ = w2s_clip.load_clip(str(demo / "tiny-clip.json"), None)
+    assert w2s_clip.eval_pixel_steps(preprocess) is not None
+    assert w2s_clip.eval_pixel_steps(w2s_clip.HFEvalTransform(None)) is None
+
+
+def test_decodes_per_image_reach_one_with_the_caches(demo, tmp_path, monkeypatch):
+    """Counted in process: weak training and weak logits over two seeds decode
+    seeds * (epochs * n_train + n_test) images without the caches, n_train + n_test with them
+    (each image once); the weak logits are the same tensors."""
+    decodes = []
+    real = w2s_clip.decode_image
+    monkeypatch.setattr(w2s_clip, "decode_image", lambda path: decodes.append(path) or real(path))
+    n_train, n_test, epochs, seeds = 8 * 4, 20 * 4, 2, 2
+    logits = {}
+    for name, flags in (("plain", ["--no-eval-image-cache"]),
+                        ("cached", ["--train-image-cache", "1000"])):
+        decodes.clear()
+        w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / name, tmp_path / f"c-{name}",
+                                                **{"--method": "weak", "--seeds": ["0", "1"],
+                                                   "--weak-epochs": str(epochs)})] + flags)
+        logits[name] = sorted((p.name, torch.load(p)) for p in (tmp_path / f"c-{name}").glob("*logits.pt"))
+        assert len(decodes) == {"plain": seeds * (epochs * n_train + n_test),
+                                "cached": n_train + n_test}[name]
+    assert len(set(decodes)) == n_train + n_test
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(logits["plain"], logits["cached"]))
+
+
 def test_cli_huge_lr_never_returns_the_untrained_head_unless_the_start_is_a_candidate(demo, tmp_path):
     """`--lr 1000`: every trained method's best_epoch is >= 1 (the Trainer's candidates);
     `--select-from start-and-epochs` brings back the old behaviour, epoch 0 wherever the start
