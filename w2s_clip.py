@@ -140,7 +140,7 @@ def parse_args(argv=None):
     p.add_argument("--train-image-cache", type=int, default=0, metavar="PIXELS",
                    help="decode each D_train image once and keep it at this short side (uint8, "
                         "bicubic, never enlarged) for weak training's crops: faster, a slightly "
-                        "different augmentation (deviation 23); 0: decode every epoch (paper)")
+                        "different augmentation (deviation 22); 0: decode every epoch (paper)")
     p.add_argument("--eval-image-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the weak model's evaluation images up to their center crop (uint8, "
                         "in --cache-dir) so that each seed's weak logits read them instead of "
