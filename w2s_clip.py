@@ -2283,7 +2283,7 @@ def check_models(args):
     import open_clip
     import timm
     if args.weak_model.startswith("hf:"):
-        pass  # checked below, once its files are known to be reachable
+        import_transformers(args.weak_model)  # its config is checked below, once reachable
     elif not timm.is_model(args.weak_model):
         raise UserError(f"--weak-model {args.weak_model}: not a timm model (see timm.list_models()) "
                         f"nor hf:<Hugging Face id>")
