@@ -1372,7 +1372,7 @@ def test_check_models_accepts_hf_classifier_and_refuses_bad_ids(hf_folder, demo,
     w2s_clip.check_models(w2s_clip.parse_args(["--weak-model", f"hf:{hf_folder}", *clip_flags]))
     transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=8).save_pretrained(tmp_path / "bert")
-    for name, fragment in (("hf:no-such-org/no-such-model", "no Hugging Face model config"),
+    for name, fragment in (("hf:no-such-org/no-such-model", "not in the local cache"),  # offline
                            (f"hf:{tmp_path / 'bert'}", "not an image classifier")):
         with pytest.raises(w2s_clip.UserError, match=fragment) as e:
             w2s_clip.check_models(w2s_clip.parse_args(["--weak-model", name, *clip_flags]))
@@ -1471,7 +1471,7 @@ def test_missing_weight_offline_is_one_line_naming_make_weights_and_a_cached_one
                     **{"--clip-model": "ViT-B-32", "--clip-pretrained": "openai"})
     proc = subprocess.run([sys.executable, "w2s_clip.py", *args], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert_user_error(proc, tmp_path / "out", "--clip-pretrained", "ViT-B-32 openai",
+    assert_user_error(proc, tmp_path / "out", "--clip-pretrained openai", "ViT-B-32 weights",
                       "timm/vit_base_patch32_clip_224.openai", "make weights", "HF_HUB_OFFLINE=1")
     assert not (tmp_path / "cache").exists()
     check = [sys.executable, "weights_w2s_clip.py", "--check", "--clip-tags", "openai",

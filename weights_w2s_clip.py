@@ -127,17 +127,17 @@ def offline_problem(clip_model, clip_pretrained, weak_model, weak_pretrained):
     """A one-line message when a weight this run needs is neither cached nor fetchable (the hub
     is unreachable or set offline), else None. Costs a cache lookup, and a connection attempt
     only when something is missing."""
-    needs = [("--clip-pretrained", f"{clip_model} {clip_pretrained}", f)
+    needs = [(f"--clip-pretrained {clip_pretrained}", f"the {clip_model} weights", f)
              for f in missing(clip_files(clip_model, clip_pretrained))]
-    needs += [("--weak-model", weak_model, f) for f in missing(weak_files(weak_model, weak_pretrained))]
+    needs += [(f"--weak-model {weak_model}", "its files", f)
+              for f in missing(weak_files(weak_model, weak_pretrained))]
     if not needs or hub_reachable():
         return None
     from huggingface_hub import constants
     flag, what, (source, names) = needs[0]
     why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-    return (f"{flag}: the weights of {what} ({source}, {names[-1]}) are not in the local cache "
-            f"and cannot be fetched ({why}); run `make weights` where there is network, with the "
-            f"same HF_HOME")
+    return (f"{flag}: {what} ({source}, {names[-1]}) are not in the local cache and cannot be "
+            f"fetched ({why}); run `make weights` where there is network, with the same HF_HOME")
 
 
 def fetch(kind, name, tag=None):
