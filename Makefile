@@ -26,7 +26,7 @@ DEMO := demo
 DEMO_PRETRAIN ?= 300
 DEMO_THREADS ?= 1
 DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS)
-DEMO_FLAGS := --data-root $(DEMO)/data --clip-model $(DEMO)/tiny-clip.json \
+DEMO_FLAGS := --dataset folder --data-root $(DEMO)/data --clip-model $(DEMO)/tiny-clip.json \
 	--clip-pretrained $(DEMO)/tiny-clip-$(DEMO_PRETRAIN)steps.pt \
 	--weak-model test_resnet --no-weak-pretrained --weak-epochs 5 --strong-epochs 20 \
 	--batch-size 32 --workers 0 --device cpu --cache-dir $(DEMO)/cache

@@ -1,7 +1,8 @@
 """A miniature DomainNet and a tiny CLIP pretrained on the spot, so w2s_clip runs on a CPU.
 
-The miniature keeps what the paper's setting needs: DomainNet's folder and split-file layout (with
-a label order that is not sorted()), domains that shift the style, classes that a small weak model
+The miniature keeps what the paper's setting needs: DomainNet's shape (six named domains, a label
+order that is not sorted(), written in the folder layout of `--dataset folder` or in DomainNet's
+split-file or Office-Home's layout), domains that shift the style, classes that a small weak model
 confuses image by image, and a strong model that has learnt image-text matching before it sees
 any weak label: an open_clip CLIP from a JSON config, pretrained with open_clip's own contrastive
 loss (`open_clip.loss.ClipLoss`, CLIP's L_CLIP) on an endless stream of synthetic captioned images
@@ -9,7 +10,7 @@ drawn apart from the demo's D_train / D_test files. Manual: README.md ("Quick st
 
     # data, tiny CLIP config and a checkpoint pretrained for 300 steps (cached), under a minute
     python minidomainnet.py --out demo --pretrain-steps 300
-    python w2s_clip.py --data-root demo/data --clip-model demo/tiny-clip.json \\
+    python w2s_clip.py --dataset folder --data-root demo/data --clip-model demo/tiny-clip.json \\
         --clip-pretrained demo/tiny-clip-300steps.pt --weak-model test_resnet --no-weak-pretrained \\
         --domain sketch --method weak ceiling kd-lp cpl --device cpu --cache-dir demo/cache
     # the pretraining table from runs made with 0, a few and many pretraining steps
@@ -109,10 +110,16 @@ def render(labels, domains, g, num_classes, size=32, hue_jitter=0.5):
     return img.clamp(0, 1)
 
 
+LAYOUTS = ("domainnet", "folder", "officehome")
+
+
 def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_train=30, n_test=60,
-                             size=32, seed=0):
-    """Write a DomainNet-layout dataset: `root/<domain>/<class>/<file>.jpg` and
-    `root/<domain>_{train,test}.txt` with labels in `classes` order (not sorted()).
+                             size=32, seed=0, layout="domainnet"):
+    """Write a synthetic dataset with labels in `classes` order (not sorted()), in one of three
+    layouts (the same images, names and label order in each):
+    - domainnet: `root/<domain>/<class>/<file>.jpg` and `root/<domain>_{train,test}.txt`;
+    - folder: `root/<domain>/{train,test}/<class>/<file>.jpg` and `root/classnames.txt`;
+    - officehome: `root/<domain>/<class>/<file>.jpg`, train and test images together.
 
     n_train / n_test are images per class; the images come from `render` under `seed`.
     """
@@ -124,11 +131,15 @@ def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_trai
             arrays = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
             lines = []
             for j, (c, array) in enumerate(zip(labels.tolist(), arrays)):
-                os.makedirs(Path(root) / domain / classes[c], exist_ok=True)
-                rel = f"{domain}/{classes[c]}/{domain}_{split}_{c:03d}_{j % n:04d}.jpg"
+                folder = f"{domain}/{split}/{classes[c]}" if layout == "folder" else f"{domain}/{classes[c]}"
+                os.makedirs(Path(root) / folder, exist_ok=True)
+                rel = f"{folder}/{domain}_{split}_{c:03d}_{j % n:04d}.jpg"
                 Image.fromarray(array).save(Path(root) / rel, quality=95)
                 lines.append(f"{rel} {c}\n")
-            w2s_clip.atomic_save("".join(lines), Path(root) / f"{domain}_{split}.txt")
+            if layout == "domainnet":
+                w2s_clip.atomic_save("".join(lines), Path(root) / f"{domain}_{split}.txt")
+    if layout == "folder":
+        w2s_clip.atomic_save("".join(f"{c}\n" for c in classes), Path(root) / "classnames.txt")
 
 
 def make_demo(folder, flag="--make-demo", **kwargs):
@@ -416,6 +427,9 @@ def parse_args(argv=None):
     p.add_argument("--caption-noise", type=w2s_clip.in_range(0, 0.5), nargs=2, default=[0.2, 0.2],
                    metavar=("WRONG", "NONE"),
                    help="shares of captions that name a wrong class and that name no class")
+    p.add_argument("--layout", choices=LAYOUTS, default="folder",
+                   help="how DIR/data is laid out: folder (w2s_clip --dataset folder, the demo: "
+                        "its own data set), domainnet (split files) or officehome")
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
     p.add_argument("--pretraining-table", nargs="+", metavar="LABEL=DIR", default=None,
                    help="only write TABLES_DIR/pretraining.md from w2s_clip result folders")
@@ -436,7 +450,7 @@ def main(argv=None):
         elif args.out:
             if any(steps < 0 for steps in args.pretrain_steps):
                 raise UserError(f"--pretrain-steps {min(args.pretrain_steps)}: must be >= 0")
-            make_demo(args.out, flag="--out")
+            make_demo(args.out, flag="--out", layout=args.layout)
             for steps in args.pretrain_steps:
                 path, info = pretrained_checkpoint(
                     args.out, steps, force=args.force, batch_size=args.pretrain_batch,

@@ -1139,6 +1139,134 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     assert json.loads((out / "sketch" / "cpl" / "seed0" / "results.json").read_text()) == r
 
 
+# Data sets beside DomainNet: Office-Home's layout and a folder of one's own
+def tree_digest(folder):
+    """Every file under `folder`: its relative path, bytes and modification time."""
+    return sorted((str(p.relative_to(folder)), p.read_bytes(), p.stat().st_mtime_ns)
+                  for p in Path(folder).rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def officehome(tmp_path_factory):
+    """An Office-Home-layout folder: domain "Real World" (spaced, as in the official archive),
+    4 classes of 8 + 20 images."""
+    root = tmp_path_factory.mktemp("officehome")
+    minidomainnet.make_synthetic_domainnet(root, domains=("sketch",), classes=DEMO_NAMES,
+                                           n_train=8, n_test=20, layout="officehome")
+    (root / "sketch").rename(root / "Real World")
+    return root
+
+
+def test_officehome_split_is_stratified_seeded_and_leaves_the_data_untouched(demo, officehome, tmp_path):
+    """`--dataset officehome`: labels follow the sorted class folders (names `_` -> space); each
+    class is split 80/20 by --split-seed (the same split twice, another with another seed); the
+    split files go to <out-dir>/splits; the user's folder is byte-identical afterwards."""
+    before = tree_digest(officehome)
+    splits = {}
+    for tag, domain, seed in (("a", "Real World", "0"), ("b", "Real_World", "0"), ("c", "Real_World", "1")):
+        out = tmp_path / tag
+        proc = run_cli(cli_args(demo, officehome, out, tmp_path / "cache", **{
+            "--dataset": "officehome", "--domain": domain, "--method": "weak", "--split-seed": seed}))
+        assert proc.returncode == 0, proc.stderr
+        r = json.loads((out / "Real_World" / "weak" / "seed0" / "results.json").read_text())
+        assert r["classnames"] == sorted(n.replace("_", " ") for n in DEMO_NAMES) == [
+            "The Eiffel Tower", "aircraft carrier", "t-shirt", "zebra"]
+        splits[tag] = [(out / "splits" / "officehome" / f"Real_World_{s}.txt").read_text()
+                       for s in ("train", "test")]
+    assert splits["a"] == splits["b"] and splits["a"] != splits["c"]
+    train, test = ([line.rsplit(" ", 1) for line in text.splitlines()] for text in splits["a"])
+    for y in range(4):  # 28 images per class: round(0.8 * 28) = 22 train, 6 test
+        assert sum(lab == str(y) for _, lab in train) == 22 and sum(lab == str(y) for _, lab in test) == 6
+    every = {str(p.relative_to(officehome)) for p in officehome.rglob("*.jpg")}
+    assert {p for p, _ in train} | {p for p, _ in test} == every and not {p for p, _ in train} & {p for p, _ in test}
+    assert all(p.startswith("Real World/") for p, _ in train)
+    assert tree_digest(officehome) == before
+
+
+def folder_copy(demo_folder, tmp_path, classnames=True):
+    """The fixture's images in the folder layout <root>/sketch/{train,test}/<class>/<image>."""
+    root = tmp_path / "mine"
+    minidomainnet.make_synthetic_domainnet(root, domains=("sketch",), classes=DEMO_NAMES,
+                                           n_train=8, n_test=20, layout="folder")
+    if not classnames:
+        (root / "classnames.txt").unlink()
+    return root
+
+
+@pytest.mark.parametrize("classnames", [True, False])
+def test_folder_layout_label_order_and_same_run_as_domainnet_layout(demo, tmp_path, classnames):
+    """`--dataset folder` reads train/ and test/ as D_train and D_test; label order is
+    classnames.txt's (the DomainNet-layout copy of the same images gives the same weak model and
+    accuracy), else the sorted folder names."""
+    root = folder_copy(demo, tmp_path, classnames)
+    before = tree_digest(root)
+    proc = run_cli(cli_args(demo, root, tmp_path / "out", tmp_path / "cache",
+                            **{"--dataset": "folder", "--method": "weak"}))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "out" / "sketch" / "weak" / "seed0" / "results.json").read_text())
+    names = [n.replace("_", " ") for n in (DEMO_NAMES if classnames else sorted(DEMO_NAMES))]
+    assert r["classnames"] == names and r["config"]["dataset"] == "folder"
+    assert tree_digest(root) == before
+    if classnames:  # the DomainNet-layout fixture holds the same images, in the same order
+        ref = run_cli(cli_args(demo, demo / "data", tmp_path / "ref", tmp_path / "cache-ref",
+                               **{"--method": "weak"}))
+        assert ref.returncode == 0, ref.stderr
+        r_ref = json.loads((tmp_path / "ref" / "sketch" / "weak" / "seed0" / "results.json").read_text())
+        assert r["test_accuracy"] == r_ref["test_accuracy"]
+        assert r["per_class_accuracy"] == r_ref["per_class_accuracy"]
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    ("no-test", ["has no test/ folder"]),
+    ("empty-class", ["holds no images"]),
+    ("one-split-class", ["is in", "only", "both train/ and test/"]),
+    ("not-an-image", ["unreadable"]),
+    ("unknown-domain", ["--domain painting", "found: sketch"]),
+    ("classnames-extra", ["classnames.txt", "has no folder"]),
+])
+def test_malformed_folder_is_one_line_and_writes_nothing(demo, tmp_path, damage, fragments):
+    root = folder_copy(demo, tmp_path)
+    domain = "sketch"
+    if damage == "no-test":
+        shutil.rmtree(root / "sketch" / "test")
+    elif damage == "empty-class":
+        for f in (root / "sketch" / "train" / "zebra").iterdir():
+            f.unlink()
+    elif damage == "one-split-class":
+        shutil.rmtree(root / "sketch" / "test" / "zebra")
+    elif damage == "not-an-image":
+        next((root / "sketch" / "train" / "zebra").iterdir()).write_bytes(b"not a jpeg")
+    elif damage == "unknown-domain":
+        domain = "painting"
+    elif damage == "classnames-extra":
+        (root / "classnames.txt").write_text("\n".join(list(DEMO_NAMES) + ["unicorn"]) + "\n")
+    out = tmp_path / "out"
+    proc = run_cli(cli_args(demo, root, out, tmp_path / "cache",
+                            **{"--dataset": "folder", "--domain": domain, "--method": "weak"}))
+    assert_user_error(proc, out, *fragments)
+    assert not (out / "splits").exists()
+
+
+def test_domainnet_domain_names_are_checked_and_other_data_sets_take_their_own(demo, tmp_path):
+    proc = run_cli(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache",
+                            **{"--domain": "Art"}))
+    assert proc.returncode == 2 and "--domain" in proc.stderr and "--dataset officehome" in proc.stderr
+
+
+def test_tables_of_another_data_set_show_no_paper_numbers(demo, officehome, tmp_path):
+    """Office-Home runs: Table 2's column is its domain, and neither the tables nor paper_gap.md
+    print the paper's DomainNet numbers."""
+    out = tmp_path / "out"
+    proc = run_cli(cli_args(demo, officehome, out, tmp_path / "cache", **{
+        "--dataset": "officehome", "--domain": "Real_World", "--method": ["weak", "cpl"]}))
+    assert proc.returncode == 0, proc.stderr
+    w2s_clip.build_tables(out, tmp_path / "tables")
+    table2 = (tmp_path / "tables" / "table2.md").read_text()
+    assert "Real_World" in table2 and "[" not in table2.split("Worst-10")[0]  # no [paper] cells
+    gap = (tmp_path / "tables" / "paper_gap.md").read_text()
+    assert "officehome runs" in gap and "| method |" not in gap
+
+
 # Decoding less: the pixel caches
 def varied_images(folder, sizes=((40, 30), (31, 57), (64, 64), (5, 9))):
     """PNG images of the given (w, h) sizes with seeded random pixels; their relative paths."""
@@ -1992,9 +2120,11 @@ def test_cli_rerun_after_damaged_caches_equals_an_undamaged_run(demo, tmp_path, 
                                         tmp_path / tag / "cache", **{"--method": method})
     w2s_clip.main(args("damaged", "weak"))
     w2s_clip.main(args("damaged", "ce-lp"))  # the CLIP features are cached too
-    damaged = sorted((tmp_path / "damaged" / "cache").glob("*.pt"))
+    damaged = sorted(p for p in (tmp_path / "damaged" / "cache").glob("*.pt")
+                     if not p.name.startswith("pixels-"))
     assert len(damaged) == 3  # weak model, weak logits, CLIP features
-    for p in damaged:
+    (pixels,) = (tmp_path / "damaged" / "cache").glob("pixels-*.u8")  # the weak model's eval crops
+    for p in damaged + [pixels]:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
     capsys.readouterr()
     w2s_clip.main(args("damaged", "cpl"))
@@ -2003,6 +2133,7 @@ def test_cli_rerun_after_damaged_caches_equals_an_undamaged_run(demo, tmp_path, 
     for p in damaged:
         assert f"warning: cache file {p} cannot be loaded" in err, p.name
         torch.load(p, weights_only=True)  # rewritten whole
+    assert f"warning: cache file {pixels} is incomplete or damaged" in err
     w2s_clip.main(args("clean", "cpl"))
     result = Path("sketch/cpl/seed0/results.json")
     redone, clean = (json.loads((tmp_path / t / "out" / result).read_text()) for t in ("damaged", "clean"))

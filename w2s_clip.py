@@ -44,7 +44,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")  # DomainNet's
+DATASETS = ("domainnet", "officehome", "folder")  # layouts: datasets_w2s_clip.py for the others
 LOSS_NAMES = ("ce", "kd", "auxconf", "adaptconf")
 METHOD_HEAD_LOSS = {"cpl": ("cpl", "cpl"), "cpl-text": ("cpl-text", "cpl"),  # weak-to-strong
                     **{f"{loss}-{head}": (head, loss) for head in ("lp", "tp") for loss in LOSS_NAMES}}
@@ -116,9 +117,20 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
+    p.add_argument("--dataset", choices=DATASETS, default="domainnet",
+                   help="layout of --data-root: domainnet (split files), officehome "
+                        "(<Domain>/<Class>/<image>, split here) or folder "
+                        "(<domain>/{train,test}/<class>/<image>); see datasets_w2s_clip.py")
     p.add_argument("--data-root", default="data/domainnet",
-                   help="folder with <domain>/<class>/<file>.jpg and <domain>_{train,test}.txt")
-    p.add_argument("--domain", choices=DOMAINS, default="sketch", help="DomainNet domain")
+                   help="folder with <domain>/<class>/<file>.jpg and <domain>_{train,test}.txt "
+                        "(DomainNet), or of the --dataset layout")
+    p.add_argument("--domain", default="sketch",
+                   help=f"the data set's domain: for DomainNet one of {', '.join(DOMAINS)}")
+    p.add_argument("--split-share", type=in_range(0, 1), default=0.8,
+                   help="officehome only (no official split): share of each class's images in the "
+                        "weak model's train split, the rest is D_test (DomainBed's 80/20)")
+    p.add_argument("--split-seed", type=seed_value, default=0,
+                   help="officehome only: seed of that split, the same for every --seeds run")
     p.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2, 3, 4],
                    help="one run per seed: the D_test split, weak model and head all follow it")
     p.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
@@ -232,7 +244,13 @@ def parse_args(argv=None):
     p.add_argument("--tables-dir", default="results", help="where --build-tables writes")
     p.add_argument("--make-demo", metavar="DIR",
                    help="only write a synthetic DomainNet-layout dataset and a tiny CLIP config")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dataset == "domainnet" and args.domain not in DOMAINS and not args.build_tables:
+        p.error(f"argument --domain: invalid choice: {args.domain!r} (DomainNet has "
+                f"{', '.join(DOMAINS)}; another data set needs --dataset officehome or folder)")
+    if args.dataset == "officehome":
+        args.domain = args.domain.replace(" ", "_")  # "Real World" is run as Real_World
+    return args
 
 
 class UserError(Exception):
@@ -497,6 +515,9 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
     with file_lock(f"{stem}.u8"):
         if cache.valid(len(paths)) and not force:
             return cache
+        if os.path.exists(f"{stem}.u8") or os.path.exists(f"{stem}.idx.pt"):
+            print(f"warning: cache file {stem}.u8 is incomplete or damaged; rebuilding it",
+                  file=sys.stderr, flush=True)
         def header_size(rel):
             with Image.open(os.path.join(root, rel)) as im:
                 return out_size(*im.size)
@@ -559,9 +580,12 @@ def short_side(size):
     return prepare, out_size
 
 
-def load_domain(data_root, domain):
-    """Read `<domain>_train.txt` and `<domain>_test.txt`; return a dict with paths, labels, names."""
+def load_domain(data_root, domain, split_root=None):
+    """Read `<domain>_train.txt` and `<domain>_test.txt` (in `split_root`, default `data_root`;
+    image paths relative to `data_root`); return a dict with paths, labels, names."""
     get = f"`make data DOMAIN={domain} DATA={data_root}`"
+    if split_root is not None:
+        data_root = split_root  # written by datasets_w2s_clip from the images under data_root
     if os.path.exists(data_root) and not os.path.isdir(data_root):
         raise UserError(f"--data-root {data_root} is a file, not a folder; pass the folder that "
                         f"holds <domain>_train.txt and <domain>_test.txt")
@@ -1921,6 +1945,7 @@ def result_row(r, path):
     method = r["method"] + (" (ensemble init)" if r["method"] in ("cpl", "ceiling")
                             and cfg.get("prototype_init") == "ensemble" else "")
     return {"domain": r["domain"], "method": method, "seed": r["seed"],
+            "dataset": cfg.get("dataset", "domainnet"),
             "weak_model": canonical.get("weak_model", cfg["weak_model"]),
             "clip_model": canonical.get("clip_model", cfg["clip_model"]),
             "clip_pretrained": canonical.get("clip_pretrained", cfg.get("clip_pretrained")),
@@ -2145,9 +2170,15 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
               "worst10_accuracy", "n_predicted_classes", "path"]
     files = {"runs.csv": csv_text(rows, fields)}  # written together at the end
     count = lambda key, value: sum(r[key] == value for r in rows)
+    dataset = max(sorted({r["dataset"] for r in rows}), key=lambda d: count("dataset", d))
+    other_data = [r for r in rows if r["dataset"] != dataset]
+    rows = [r for r in rows if r["dataset"] == dataset]
     clip_model = max(sorted({r["clip_model"] for r in rows}), key=lambda c: count("clip_model", c))
     others = [r for r in rows if r["clip_model"] != clip_model]
     rows = [r for r in rows if r["clip_model"] == clip_model]
+    if dataset != "domainnet":  # the paper's numbers belong beside DomainNet runs only
+        paper, domains = {}, sorted({r["domain"] for r in rows},
+                                    key=lambda d: (d.lower() not in DOMAINS, d))
     rows, notes = comparable_runs(rows)
     kinds = {}
     for r in rows:
@@ -2157,6 +2188,10 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
     if len(kinds) > 1:
         notes.append("the tables combine runs made on different hardware: "
                      + ", ".join(f"{k} ({n} runs)" for k, n in sorted(kinds.items())))
+    if other_data:
+        notes.insert(0, f"left out {len(other_data)} runs of other data sets than the {len(rows)} "
+                        f"of {dataset} ({', '.join(sorted({r['dataset'] for r in other_data}))}), "
+                        f"e.g. {other_data[0]['path']}")
     if others:
         notes.insert(0, f"left out {len(others)} runs of other CLIP models than the "
                         f"{len(rows)} of {clip_model} "
@@ -2168,7 +2203,8 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
                          key=lambda w: (w != "resnet18", -count("weak_model", w), w))
     main_rows = [r for r in rows if r["weak_model"] == weak_models[0]]
     cols = [d for d in domains if any(r["domain"] == d for r in main_rows)]
-    t3_domain = "clipart" if any(r["domain"] == "clipart" for r in rows) else cols[0]
+    t3_domain = next((d for d in sorted({r["domain"] for r in rows}) if d.lower() == "clipart"),
+                     cols[0])
     t3_rows = [r for r in rows if r["domain"] == t3_domain]
     t3_models = [w for w in paper_weak_models if w in weak_models] or weak_models
     shown = Path(clip_model).name if str(clip_model).endswith(".json") else clip_model
@@ -2179,6 +2215,8 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
              ("table4", "Table 4: tuning the prototypes (cpl) vs. the text encoder (cpl-text)",
               ("cpl", "cpl (ensemble init)", "cpl-text"), main_rows, "domain", cols, False)]
     gaps = ["# Ours − paper per published cell (percentage points)", ""]
+    if dataset != "domainnet":
+        gaps.append(f"These are {dataset} runs: the paper publishes DomainNet numbers only.\n")
     paper_cols = {"table2": tuple(domains), "table3": tuple(paper_weak_models),
                   "table4": tuple(domains)}
     for table_id, title, names, subset, col_key, col_names, delta in specs:
@@ -2194,7 +2232,9 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
                                        "predicts few)", names, col_names, classes,
                                        f"{table_id}-classes", delta=False)
         files[f"{table_id}.md"] = text
-        gaps.append(paper_gap(title.split(":")[0], table_id, names, col_names, subset, col_key, shown))
+        if dataset == "domainnet":
+            gaps.append(paper_gap(title.split(":")[0], table_id, names, col_names, subset, col_key,
+                                  shown))
     files["paper_gap.md"] = "\n".join(gaps)
     files.update(figure2(main_rows, accuracy_grid(main_rows, "method", "domain"), domains,
                          paper=paper))
@@ -2465,6 +2505,16 @@ def split_count_note(domain, n_train, n_test, num_classes, paper=PAPER):
             f"the usual cause; going on")
 
 
+def small_test_note(n, limit=1000):
+    """A note when D'_test (n images) is too small to rank methods a few points apart: one image
+    is 100/n points and an accuracy near 50% has a binomial standard error of 50/sqrt(n) points."""
+    if n >= limit:
+        return None
+    return (f"note: D'_test has {n} images per seed: one image is {100 / n:.2f} points and an "
+            f"accuracy near 50% has a standard error of ±{50 / math.sqrt(n):.1f} points, so "
+            f"methods a few points apart are not ranked by one seed (more test images or seeds)")
+
+
 def check_writable(folder, flag):
     """Stop early if `folder` cannot be created or written."""
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -2527,6 +2577,11 @@ def run_settings(args, data, device, precision="fp32"):
     flags = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
     if not flags.get("train_image_cache"):  # off: as before the flag existed
         flags.pop("train_image_cache", None)
+    if flags.get("dataset") == "domainnet":  # DomainNet: as before the data-set flags existed
+        flags.pop("dataset")
+    if args.dataset != "officehome":  # the split flags apply to Office-Home only
+        flags.pop("split_share", None)
+        flags.pop("split_seed", None)
     flags["precision"] = precision  # what "auto" became on this device
     real = lambda path, is_file: os.path.realpath(path) if is_file else path
     if args.weak_model.startswith("hf:") and os.path.isdir(args.weak_model[3:]):  # a local folder
@@ -2562,14 +2617,24 @@ def run_experiment(args):
     device, precision, hardware = choose_device(args.device, args.precision)
     print(device_line(hardware), flush=True)
     methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
-    data = load_domain(args.data_root, args.domain)
+    split_root = None
+    if args.dataset != "domainnet":  # another layout: DomainNet-format split files written first
+        from datasets_w2s_clip import write_splits
+        check_writable(args.out_dir, "--out-dir")
+        split_root = os.path.join(args.out_dir, "splits", args.dataset)
+        skipped, first = write_splits(args.dataset, args.data_root, args.domain, split_root,
+                                      args.split_share, args.split_seed, check=check_images)
+        if skipped:
+            print(f"note: skipped {skipped} files that are not images by their extension, "
+                  f"e.g. {first}", flush=True)
+    data = load_domain(args.data_root, args.domain, split_root)
     if args.device is None and device == "cpu":
         warning = cpu_cost_warning(len(data["train_labels"]), len(data["test_labels"]),
                                    len(args.seeds), args.weak_epochs)
         if warning:
             print(warning, file=sys.stderr, flush=True)
-    note = split_count_note(args.domain, len(data["train_labels"]), len(data["test_labels"]),
-                            len(data["classnames"]))
+    note = args.dataset == "domainnet" and split_count_note(
+        args.domain, len(data["train_labels"]), len(data["test_labels"]), len(data["classnames"]))
     if note:
         print(note, flush=True)
     check_models(args)
@@ -2580,6 +2645,9 @@ def run_experiment(args):
     if min(sizes.values()) == 0:
         raise UserError(f"{args.data_root}/{args.domain}_test.txt lists {len(data['test_labels'])} "
                         f"images, too few: the splits {sizes} must all be non-empty")
+    note = small_test_note(sizes["test"])
+    if note:
+        print(note, flush=True)
     settings = run_settings(args, data, device, precision)
     todo = {}
     for seed in args.seeds:
@@ -2669,7 +2737,7 @@ def main(argv=None):
     try:
         if args.make_demo:
             import minidomainnet  # the synthetic miniature; imports this module, never the reverse
-            minidomainnet.make_demo(args.make_demo)
+            minidomainnet.make_demo(args.make_demo, layout="folder")
         elif args.build_tables:
             build_tables(args.out_dir, args.tables_dir)
         else:
