@@ -6,7 +6,15 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 0
 
 DOMAIN ?= sketch
+# DATASET=officehome (DATA=its folder) or folder (DOMAINS=your domains): the same grid on other data.
+DATASET ?= domainnet
+ifeq ($(DATASET),officehome)
+DOMAINS ?= Art Clipart Product Real_World
+T3_DOMAIN ?= Clipart
+else
 DOMAINS ?= clipart infograph painting quickdraw real sketch
+T3_DOMAIN ?= $(if $(filter clipart,$(DOMAINS)),clipart,$(firstword $(DOMAINS)))
+endif
 SEEDS ?= 0 1 2 3 4
 DATA ?= data/domainnet
 OUT ?= runs
@@ -88,17 +96,18 @@ data-all: ## download all DOMAINS (about 18 GB of archives) for make paper-table
 weights: venv ## fetch every checkpoint the grid needs (network) into the standard caches; print sizes
 	$(PY) weights_w2s_clip.py --clip-tags $(PT_TAGS) --weak-models resnet18 $(WEAK_MODELS)
 
-paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet), then build the tables
+paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet or DATASET=...), then build the tables
 	for d in $(DOMAINS); do \
-	  $(PY) w2s_clip.py --data-root $(DATA) --domain $$d --method all --seeds $(SEEDS) \
-	    --out-dir $(OUT) --cache-dir $(CACHE) $(FLAGS) || exit 1; done
+	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method all \
+	    --seeds $(SEEDS) --out-dir $(OUT) --cache-dir $(CACHE) $(FLAGS) || exit 1; done
 	for w in $(filter-out resnet18,$(WEAK_MODELS)); do \
-	  $(PY) w2s_clip.py --data-root $(DATA) --domain clipart --method $(T3_METHODS) \
-	    --seeds $(SEEDS) --weak-model $$w --out-dir "$(OUT)/weak-$$(echo $$w | tr ':/' '--')" \
-	    --cache-dir $(CACHE) $(FLAGS) || exit 1; done
+	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $(T3_DOMAIN) \
+	    --method $(T3_METHODS) --seeds $(SEEDS) --weak-model $$w \
+	    --out-dir "$(OUT)/weak-$$(echo $$w | tr ':/' '--')" --cache-dir $(CACHE) $(FLAGS) || exit 1; done
 	for d in $(DOMAINS); do \
-	  $(PY) w2s_clip.py --data-root $(DATA) --domain $$d --method cpl --prototype-init ensemble \
-	    --seeds $(SEEDS) --out-dir $(OUT)/ensemble-init --cache-dir $(CACHE) $(FLAGS) || exit 1; done
+	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method cpl \
+	    --prototype-init ensemble --seeds $(SEEDS) --out-dir $(OUT)/ensemble-init \
+	    --cache-dir $(CACHE) $(FLAGS) || exit 1; done
 	$(MAKE) tables
 
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT
@@ -119,7 +128,7 @@ demo-tables: venv demo-pretraining ## the table pipeline on six synthetic domain
 
 ablations: venv ## CPL and two baselines under each alternative to the paper's choices (GPU, DomainNet)
 	for d in $(ABLATION_DOMAINS); do for a in $(ABLATIONS); do \
-	  $(PY) w2s_clip.py --data-root $(DATA) --domain $$d --method $(ABLATION_METHODS) --seeds $(SEEDS) \
+	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method $(ABLATION_METHODS) --seeds $(SEEDS) \
 	    --out-dir $(OUT)/ablations/$$a --cache-dir $(CACHE) $(FLAGS) $(ablation_flags) || exit 1; \
 	done; done
 	$(PY) ablations_w2s_clip.py --out-dir $(OUT)/ablations --output $(TABLES)/ablations.md
@@ -149,7 +158,7 @@ demo-pretraining: venv ## the pretraining table on the miniature: DEMO_PRETRAIN_
 
 pretraining-table: venv ## CPL vs the amount of CLIP pretraining: ViT-B-32 with PT_TAGS on DOMAIN (GPU)
 	for t in $(PT_TAGS); do \
-	  $(PY) w2s_clip.py --data-root $(DATA) --domain $(DOMAIN) --clip-model ViT-B-32 \
+	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $(DOMAIN) --clip-model ViT-B-32 \
 	    --clip-pretrained $$t --method $(PT_METHODS) --seeds $(SEEDS) \
 	    --out-dir $(OUT)/pretraining/$$t --cache-dir $(CACHE) $(FLAGS) || exit 1; done
 	$(PY) minidomainnet.py --tables-dir $(TABLES) --pretraining-table \
