@@ -1267,6 +1267,115 @@ def test_tables_of_another_data_set_show_no_paper_numbers(demo, officehome, tmp_
     assert "officehome runs" in gap and "| method |" not in gap
 
 
+# CPE (Shao et al. 2023): templates weighted by their worst-k CMM with pseudo-labels
+def planted_templates(seed=0, k=10, d=32, n=2000, noise=1.5, template_noise=0.3, good=3):
+    """Images of k classes around unit directions u_c; `good` templates near u_c and a last one
+    that names the wrong class (u_{c+1}). Returns (features [n, d], labels [n], embeddings [k, T, d])."""
+    g = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(k, d, generator=g), dim=-1)
+    y = torch.randint(k, (n,), generator=g)
+    x = u[y] + noise * torch.randn(n, d, generator=g) / d ** 0.5
+    templates = [u + template_noise * torch.randn(k, d, generator=g) / d ** 0.5 for _ in range(good)]
+    return x, y, torch.stack(templates + [u.roll(-1, 0)], dim=1)
+
+
+def test_cpe_drops_a_template_naming_the_wrong_class_and_beats_the_uniform_ensemble():
+    x, y, emb = planted_templates()
+    weights, worst = w2s_clip.cpe_weights(emb, x)
+    assert weights[-1] == 0 and worst.argmin() == 3 and torch.isclose(weights.sum(), torch.tensor(1.0))
+    acc = lambda p: ((F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T).argmax(1) == y).float().mean()
+    uniform = w2s_clip.weighted_prototypes(emb, torch.full((4,), 0.25), normalize=True)
+    assert acc(w2s_clip.weighted_prototypes(emb, weights, normalize=True)) > acc(uniform) + 0.02
+
+
+def test_cpe_weights_closed_form_and_weighted_prototypes_with_descriptions():
+    """w_t = (m_t - min m) / sum(m - min m) from each template's worst-k CMM under the uniform
+    ensemble's pseudo-labels, computed here by hand; a description is one more prompt of its class
+    at weight 1/T."""
+    x, _, emb = planted_templates(n=300)
+    k, T, _ = emb.shape
+    unit = F.normalize(emb, dim=-1)
+    pseudo = (F.normalize(x, dim=-1) @ F.normalize(unit.mean(1), dim=-1).T).argmax(1)
+    m = []
+    for t in range(T):
+        cos = F.normalize(x, dim=-1) @ unit[:, t].T
+        margin = cos[range(len(x)), pseudo] - cos.scatter(1, pseudo[:, None], -2.0).max(1).values
+        per_class = [margin[pseudo == c].mean() for c in range(k) if (pseudo == c).any()]
+        m.append(torch.stack(sorted(per_class))[:3].mean())
+    m = torch.stack(m)
+    weights, worst = w2s_clip.cpe_weights(emb, x, k_worst=3)
+    torch.testing.assert_close(worst, m)
+    torch.testing.assert_close(weights, (m - m.min()) / (m - m.min()).sum())
+    extra = torch.randn(2, emb.shape[2])
+    protos = w2s_clip.weighted_prototypes(emb, weights, descriptions={4: extra})
+    torch.testing.assert_close(protos[4], ((weights[:, None] * emb[4]).sum(0) + extra.sum(0) / T) / (1 + 2 / T))
+    torch.testing.assert_close(protos[3], (weights[:, None] * emb[3]).sum(0))
+
+
+@pytest.mark.parametrize("norm", ["raw", "unit"])
+def test_cpe_with_one_template_equals_the_single_template_prototypes(clip, norm):
+    model, tokenizer = clip
+    emb = w2s_clip.prompt_embeddings(model, tokenizer, PROMPT_NAMES, ["a photo of a {}"])
+    weights, _ = w2s_clip.cpe_weights(emb, torch.randn(50, emb.shape[-1]))
+    assert weights.tolist() == [1.0]
+    single = w2s_clip.text_prototypes(model, tokenizer, PROMPT_NAMES, ["a photo of a {}"],
+                                      normalize=norm == "unit")
+    torch.testing.assert_close(w2s_clip.weighted_prototypes(emb, weights, norm == "unit"), single)
+
+
+def test_cli_cpe_weights_use_no_true_label(demo, tmp_path, monkeypatch):
+    """`zero-shot --prototype-init cpe`: results.json records the 80 templates' weights and k, equal
+    to cpe_weights on the seed's hold-train features; a run with every D_test label scrambled records
+    the same weights."""
+    flags = {"--method": "zero-shot", "--prototype-init": "cpe", "--cpe-k": "2"}
+    w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "a", tmp_path / "c", **flags)])
+    r = json.loads((tmp_path / "a" / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
+    assert r["cpe"]["k_worst"] == 2 and len(r["cpe"]["weights"]) == len(open_clip.OPENAI_IMAGENET_TEMPLATES)
+    assert r["cpe"]["templates"][0] == open_clip.OPENAI_IMAGENET_TEMPLATES[0]("{}")
+    real = w2s_clip.load_domain
+
+    def scrambled(*a, **kw):
+        data = real(*a, **kw)
+        data["test_labels"] = data["test_labels"][torch.randperm(len(data["test_labels"]),
+                                                                 generator=torch.Generator().manual_seed(1))]
+        return data
+    monkeypatch.setattr(w2s_clip, "load_domain", scrambled)
+    w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "b", tmp_path / "c2", **flags)])
+    r2 = json.loads((tmp_path / "b" / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
+    assert r2["cpe"]["weights"] == r["cpe"]["weights"]
+
+
+def test_cli_class_descriptions_enrich_the_named_class_only(demo, tmp_path):
+    """A description of one class changes that class's CPE prototype and no other."""
+    path = tmp_path / "descriptions.json"
+    path.write_text(json.dumps({"zebra": ["a striped horse of the savanna"]}))
+    cfg = w2s_clip.parse_args(["--clip-model", str(demo / "tiny-clip.json"), "--clip-pretrained", "none"])
+    model, _, tokenizer = w2s_clip.load_clip(cfg.clip_model, None)
+    names = [n.replace("_", " ") for n in DEMO_NAMES]
+    feats = torch.randn(40, model.visual.output_dim, generator=torch.Generator().manual_seed(0))
+    protos = {}
+    for tag, desc in (("plain", None), ("described", w2s_clip.read_class_descriptions(path, names))):
+        strong = {"clip": model, "tokenizer": tokenizer, "hold_features": feats}
+        protos[tag] = w2s_clip.zero_shot_prototypes(strong, names, "cpe", descriptions=desc)
+    changed = (protos["plain"] - protos["described"]).abs().amax(dim=1) > 0
+    assert changed.tolist() == [n == "zebra" for n in names]
+    assert strong["cpe"]["described_classes"] == ["zebra"]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"unicorn": ["a horse with a horn"]}', "'unicorn' is not a class"),
+    ('{"zebra": "striped"}', "non-empty list of sentences"),
+    ("[1, 2]", "expected an object"),
+    ("{not json", "cannot read it as JSON"),
+])
+def test_cli_error_bad_class_descriptions(demo, tmp_path, content, fragment):
+    path = tmp_path / "descriptions.json"
+    path.write_text(content)
+    proc = run_cli(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache", **{
+        "--method": "zero-shot", "--prototype-init": "cpe", "--class-descriptions": path}))
+    assert_user_error(proc, tmp_path / "out", "--class-descriptions", fragment)
+
+
 # Decoding less: the pixel caches
 def varied_images(folder, sizes=((40, 30), (31, 57), (64, 64), (5, 9))):
     """PNG images of the given (w, h) sizes with seeded random pixels; their relative paths."""

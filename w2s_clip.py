@@ -180,8 +180,15 @@ def parse_args(argv=None):
     p.add_argument("--aux-alpha", type=in_range(0, 1), default=0.5, help="AuxConf final alpha")
     p.add_argument("--adapt-tau", type=positive(float), default=0.5,
                    help="AdaptConf beta temperature (Guo et al.'s code default)")
-    p.add_argument("--prototype-init", choices=("single", "ensemble"), default="single",
-                   help="CPL init: --prompt-template (Algorithm 1) or open_clip's 80 ImageNet templates")
+    p.add_argument("--prototype-init", choices=("single", "ensemble", "cpe"), default="single",
+                   help="CPL init: --prompt-template (Algorithm 1), open_clip's 80 ImageNet "
+                        "templates, or those weighted by CPE (Shao et al. 2023: worst-k CMM with "
+                        "pseudo-labels on hold-train, no true label)")
+    p.add_argument("--cpe-k", type=positive(int), default=10,
+                   help="CPE: the k worst classes whose mean CMM weighs a template")
+    p.add_argument("--class-descriptions", metavar="FILE",
+                   help="CPE: JSON {class name: [sentences]}, each sentence one more prompt of its "
+                        "class (e.g. written by a language model beforehand)")
     p.add_argument("--prompt-template", type=prompt_template, default="a photo of a {}",
                    help="CPL's and cpl-text's prompt, one {} for the class name (Algorithm 1, line 2, "
                         "no period)")
@@ -1104,15 +1111,61 @@ def text_prototypes(clip_model, tokenizer, classnames, templates, batch_size=256
             `encode_text(..., normalize=False)`).
     Runs only the prompts' real tokens, not all 77.
     """
+    emb = prompt_embeddings(clip_model, tokenizer, classnames, templates, batch_size)
+    feats = (F.normalize(emb, dim=-1) if normalize else emb).mean(dim=1)
+    return F.normalize(feats, dim=-1) if normalize else feats
+
+
+def prompt_embeddings(clip_model, tokenizer, classnames, templates, batch_size=256):
+    """The raw text embedding of every (class, template) prompt: [k, T, d]."""
     tower = TextTower(clip_model)
     prompts = [t.format(c) if isinstance(t, str) else t(c) for c in classnames for t in templates]
     feats = []
     for i in range(0, len(prompts), batch_size):
         tokens, eot = tokenize_prompts(clip_model, tokenizer, prompts[i:i + batch_size])
-        emb = tower(clip_model.token_embedding(tokens), eot)  # (prompts, d)
-        feats.append(F.normalize(emb, dim=-1) if normalize else emb)
-    feats = torch.cat(feats).view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(feats, dim=-1) if normalize else feats
+        feats.append(tower(clip_model.token_embedding(tokens), eot))  # (prompts, d)
+    return torch.cat(feats).view(len(classnames), len(templates), -1)
+
+
+def cpe_weights(embeddings, features, k_worst=10):
+    """CPE's template weights (Shao et al. 2023, the weighted prompt ensemble), without labels.
+
+    Pseudo-labels are the uniform ensemble's zero-shot predictions on unlabeled `features` [n, d];
+    each template t gets its worst-k CMM m_t (`class_matching_margin` of its own prototypes with
+    those pseudo-labels, mean of the k lowest classes) and the weight
+    w_t = (m_t - min m) / sum(m - min m): the weakest template drops out, the others count by how
+    far they beat it (uniform when all tie). The paper's exact rule is not available here; this is
+    the simplest one consistent with "weighted by worst-k CMM" (README deviation 23).
+    Args:
+        embeddings: prompt embeddings [k, T, d] (`prompt_embeddings`).
+    Returns:
+        (weights [T], worst-k CMM per template [T]).
+    """
+    k, T = embeddings.shape[:2]
+    unit = F.normalize(embeddings.float(), dim=-1)
+    feats = F.normalize(features.float(), dim=-1)
+    pseudo = (feats @ F.normalize(unit.mean(dim=1), dim=-1).T).argmax(dim=1)
+    worst = torch.empty(T)
+    for t in range(T):
+        margins, _ = class_matching_margin(feats, unit[:, t], pseudo, k)
+        margins = margins[~margins.isnan()].sort().values
+        worst[t] = margins[:k_worst].mean()
+    gap = worst - worst.min()
+    weights = gap / gap.sum() if gap.sum() > 0 else torch.full((T,), 1.0 / T)
+    return weights, worst
+
+
+def weighted_prototypes(embeddings, weights, normalize=False, descriptions=None):
+    """Class prototypes [k, d] as the `weights`-weighted mean of the templates' embeddings [k, T, d]
+    (each L2-normalised first, and the mean too, when `normalize`). `descriptions` ({class index:
+    embeddings [m, d]}) adds each sentence as one more prompt of its class at the mean template
+    weight 1/T (README deviation 23)."""
+    unit = lambda x: F.normalize(x, dim=-1) if normalize else x  # noqa: E731
+    protos = torch.einsum("ktd,t->kd", unit(embeddings), weights.to(embeddings))
+    for i, extra in (descriptions or {}).items():
+        T = embeddings.shape[1]
+        protos[i] = (protos[i] + unit(extra).sum(dim=0) / T) / (1 + len(extra) / T)
+    return unit(protos)
 
 
 class PromptHead(nn.Module):
@@ -1664,19 +1717,35 @@ def feature_stage(args, data, device, precision="fp32"):
 
 
 def zero_shot_prototypes(strong, classnames, prototype_init="single", prototype_norm="raw",
-                         template="a photo of a {}"):
+                         template="a photo of a {}", k_worst=10, descriptions=None):
     """CPL's starting prototypes [k, d] (Algorithm 1, line 2): the text embeddings of `template`
-    ("a photo of a {y_i}") or the mean over open_clip's 80 templates, raw or L2-normalised.
+    ("a photo of a {y_i}"), the mean over open_clip's 80 templates (`ensemble`), or their CPE
+    weighting (`cpe`, on the unlabeled features `strong["hold_features"]`, with `descriptions`
+    {class index: sentences}), raw or L2-normalised.
 
-    Computed once and kept in `strong` (one CLIP model, one domain): the ceiling's CPL head, the
-    cpl and zero-shot runs and the zero-shot CMM report all start from this tensor.
+    Computed once and kept in `strong` (one CLIP model, one domain; CPE once per seed): the
+    ceiling's CPL head, the cpl and zero-shot runs and the zero-shot CMM report all start from
+    this tensor. CPE's weights go to `strong["cpe"]`.
     """
     import open_clip
-    if "prototypes" not in strong:
-        templates = ([template] if prototype_init == "single"
-                     else open_clip.OPENAI_IMAGENET_TEMPLATES)
+    if "prototypes" in strong:
+        return strong["prototypes"]
+    unit = prototype_norm == "unit"
+    if prototype_init != "cpe":
+        templates = [template] if prototype_init == "single" else open_clip.OPENAI_IMAGENET_TEMPLATES
         strong["prototypes"] = text_prototypes(strong["clip"], strong["tokenizer"], classnames,
-                                               templates, normalize=prototype_norm == "unit")
+                                               templates, normalize=unit)
+        return strong["prototypes"]
+    templates = open_clip.OPENAI_IMAGENET_TEMPLATES
+    emb = prompt_embeddings(strong["clip"], strong["tokenizer"], classnames, templates)
+    weights, worst = cpe_weights(emb, strong["hold_features"], k_worst)
+    extra = {i: prompt_embeddings(strong["clip"], strong["tokenizer"], [""],
+                                  [lambda _, s=s: s for s in sentences])[0]  # each as written
+             for i, sentences in (descriptions or {}).items()}
+    strong["prototypes"] = weighted_prototypes(emb, weights.to(emb.device), unit, extra)
+    strong["cpe"] = {"k_worst": k_worst, "templates": [t("{}") for t in templates],
+                     "weights": weights.tolist(), "worst_k_cmm": worst.tolist(),
+                     "described_classes": sorted(classnames[i] for i in extra)}
     return strong["prototypes"]
 
 
@@ -1709,7 +1778,8 @@ def fit_head(kind, loss, targets, val_targets, strong, labels, splits, classname
          "text_lr": args.text_lr, **(values or {})}
     feats = strong["feats"]
     protos = (zero_shot_prototypes(strong, classnames, args.prototype_init, args.prototype_norm,
-                                   args.prompt_template) if kind == "cpl" else None)
+                                   args.prompt_template, args.cpe_k, strong.get("descriptions"))
+              if kind == "cpl" else None)
     head = make_head(kind, strong["clip"], strong["tokenizer"], classnames, feats.shape[1],
                      protos, args.cpl_logit_scale, args.lp_input,
                      args.prompt_template).to(feats.device)
@@ -1813,9 +1883,12 @@ def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=N
                                     weak_logits[te].argmax(-1), names)
         if method == "cpl":  # the zero-shot prototypes CPL starts from
             zero_shot = zero_shot_prototypes(strong, names, args.prototype_init, args.prototype_norm,
-                                             args.prompt_template)
+                                             args.prompt_template, args.cpe_k,
+                                             strong.get("descriptions"))
             out["cmm_zero_shot"] = cmm_report(zero_shot, strong["feats"][te], labels[te],
                                               weak_logits[te].argmax(-1), names)
+    if "cpe" in strong and method != "weak":  # the template weights this seed's prototypes use
+        out["cpe"] = strong["cpe"]
     if method != "weak":
         out.update(best_epoch=fit["best_epoch"], val_score=fit["val_score"],
                    val_loss=fit["val_loss"], start_would_win=fit["start_would_win"],
@@ -1942,8 +2015,9 @@ def result_row(r, path):
     and weights as the run command compared them (real paths, a checkpoint's digest), not as typed."""
     cfg, settings = r["config"], r.get("settings")
     canonical = settings if isinstance(settings, dict) else cfg
-    method = r["method"] + (" (ensemble init)" if r["method"] in ("cpl", "ceiling")
-                            and cfg.get("prototype_init") == "ensemble" else "")
+    init = cfg.get("prototype_init", "single")
+    method = r["method"] + (f" ({init} init)" if r["method"] in ("cpl", "ceiling", "zero-shot")
+                            and init != "single" else "")
     return {"domain": r["domain"], "method": method, "seed": r["seed"],
             "dataset": cfg.get("dataset", "domainnet"),
             "weak_model": canonical.get("weak_model", cfg["weak_model"]),
@@ -2213,7 +2287,9 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
              ("table3", f"Table 3: accuracy (%) on {t3_domain} by weak model, {shown}",
               table_rows, t3_rows, "weak_model", t3_models, True),
              ("table4", "Table 4: tuning the prototypes (cpl) vs. the text encoder (cpl-text)",
-              ("cpl", "cpl (ensemble init)", "cpl-text"), main_rows, "domain", cols, False)]
+              ("zero-shot", "zero-shot (ensemble init)", "zero-shot (cpe init)", "cpl",
+               "cpl (ensemble init)", "cpl (cpe init)", "cpl-text"), main_rows, "domain", cols,
+              False)]
     gaps = ["# Ours − paper per published cell (percentage points)", ""]
     if dataset != "domainnet":
         gaps.append(f"These are {dataset} runs: the paper publishes DomainNet numbers only.\n")
@@ -2505,6 +2581,30 @@ def split_count_note(domain, n_train, n_test, num_classes, paper=PAPER):
             f"the usual cause; going on")
 
 
+def read_class_descriptions(path, classnames):
+    """{class index: sentences} from a JSON file {class name: [sentences]} (names as the run
+    prints them, or with `_` for spaces); one line naming the problem otherwise."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"--class-descriptions {path}: cannot read it as JSON ({one_line(e)})")
+    if not isinstance(obj, dict):
+        raise UserError(f"--class-descriptions {path}: expected an object {{class name: [sentences]}}")
+    index = {n: i for i, n in enumerate(classnames)}
+    out = {}
+    for name, sentences in obj.items():
+        i = index.get(name, index.get(str(name).replace("_", " ")))
+        if i is None:
+            raise UserError(f"--class-descriptions {path}: {name!r} is not a class of this domain "
+                            f"(e.g. {', '.join(repr(n) for n in classnames[:3])})")
+        if not (isinstance(sentences, list) and sentences
+                and all(isinstance(t, str) and t.strip() for t in sentences)):
+            raise UserError(f"--class-descriptions {path}: {name!r} needs a non-empty list of "
+                            f"sentences")
+        out[i] = sentences
+    return out
+
+
 def small_test_note(n, limit=1000):
     """A note when D'_test (n images) is too small to rank methods a few points apart: one image
     is 100/n points and an accuracy near 50% has a binomial standard error of 50/sqrt(n) points."""
@@ -2582,6 +2682,11 @@ def run_settings(args, data, device, precision="fp32"):
     if args.dataset != "officehome":  # the split flags apply to Office-Home only
         flags.pop("split_share", None)
         flags.pop("split_seed", None)
+    if args.prototype_init != "cpe":  # CPE's flags apply to CPE only
+        flags.pop("cpe_k", None)
+        flags.pop("class_descriptions", None)
+    elif args.class_descriptions:  # the file's contents, not its name
+        flags["class_descriptions"] = file_digest(args.class_descriptions)
     flags["precision"] = precision  # what "auto" became on this device
     real = lambda path, is_file: os.path.realpath(path) if is_file else path
     if args.weak_model.startswith("hf:") and os.path.isdir(args.weak_model[3:]):  # a local folder
@@ -2645,6 +2750,10 @@ def run_experiment(args):
     if min(sizes.values()) == 0:
         raise UserError(f"{args.data_root}/{args.domain}_test.txt lists {len(data['test_labels'])} "
                         f"images, too few: the splits {sizes} must all be non-empty")
+    if args.class_descriptions and args.prototype_init != "cpe":
+        raise UserError("--class-descriptions enriches CPE's ensemble: add --prototype-init cpe")
+    descriptions = (read_class_descriptions(args.class_descriptions, data["classnames"])
+                    if args.class_descriptions else None)
     note = small_test_note(sizes["test"])
     if note:
         print(note, flush=True)
@@ -2684,7 +2793,11 @@ def run_experiment(args):
                             f"{args.weak_lr:g})") from None
         if strong is None and set(seed_methods) - {"weak"}:
             clip_model, tokenizer, feats = feature_stage(args, data, device, precision)
-            strong = {"clip": clip_model, "tokenizer": tokenizer, "feats": feats.to(device)}
+            strong = {"clip": clip_model, "tokenizer": tokenizer, "feats": feats.to(device),
+                      "descriptions": descriptions}
+        if strong is not None and args.prototype_init == "cpe":  # CPE weighs on this seed's hold-train
+            strong.pop("prototypes", None)
+            strong["hold_features"] = strong["feats"][splits["hold_train"]]
         for method in seed_methods:
             if torch.device(device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
