@@ -104,10 +104,10 @@ paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet or DATASET
 	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $(T3_DOMAIN) \
 	    --method $(T3_METHODS) --seeds $(SEEDS) --weak-model $$w \
 	    --out-dir "$(OUT)/weak-$$(echo $$w | tr ':/' '--')" --cache-dir $(CACHE) $(FLAGS) || exit 1; done
-	for d in $(DOMAINS); do \
-	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method cpl \
-	    --prototype-init ensemble --seeds $(SEEDS) --out-dir $(OUT)/ensemble-init \
-	    --cache-dir $(CACHE) $(FLAGS) || exit 1; done
+	for d in $(DOMAINS); do for i in ensemble cpe; do \
+	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method zero-shot cpl \
+	    --prototype-init $$i --seeds $(SEEDS) --out-dir $(OUT)/$$i-init \
+	    --cache-dir $(CACHE) $(FLAGS) || exit 1; done; done
 	$(MAKE) tables
 
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT
@@ -120,10 +120,10 @@ demo-tables: venv demo-pretraining ## the table pipeline on six synthetic domain
 	for w in $(filter-out test_resnet,$(DEMO_WEAK_MODELS)); do \
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain clipart --method $(T3_METHODS) \
 	    --seeds $(DEMO_SEEDS) --weak-model $$w --out-dir $(DEMO)/tables-runs/weak-$$w || exit 1; done
-	for d in $(DOMAINS); do \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $$d --method cpl \
-	    --prototype-init ensemble --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs/ensemble-init \
-	    || exit 1; done
+	for d in $(DOMAINS); do for i in ensemble cpe; do \
+	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $$d --method zero-shot cpl \
+	    --prototype-init $$i --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs/$$i-init \
+	    || exit 1; done; done
 	$(MAKE) tables OUT=$(DEMO)/tables-runs TABLES=$(DEMO)/results
 
 ablations: venv ## CPL and two baselines under each alternative to the paper's choices (GPU, DomainNet)
