@@ -1887,7 +1887,7 @@ def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=N
                                              strong.get("descriptions"))
             out["cmm_zero_shot"] = cmm_report(zero_shot, strong["feats"][te], labels[te],
                                               weak_logits[te].argmax(-1), names)
-    if "cpe" in strong and method != "weak":  # the template weights this seed's prototypes use
+    if strong and "cpe" in strong and method != "weak":  # the template weights this seed's prototypes use
         out["cpe"] = strong["cpe"]
     if method != "weak":
         out.update(best_epoch=fit["best_epoch"], val_score=fit["val_score"],
