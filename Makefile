@@ -56,7 +56,7 @@ PT_TAGS ?= datacomp_s_s13m_b4k datacomp_m_s128m_b4k datacomp_xl_s13b_b90k openai
 PT_METHODS := $(T3_METHODS)
 
 .PHONY: help venv test demo data data-all paper-tables tables demo-tables demo-pretraining \
-	pretraining-table ablations demo-ablations demo-tuning gpu-check weights bench clean
+	pretraining-table ablations demo-ablations demo-tuning gpu-check weights jobs bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -109,6 +109,17 @@ paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet or DATASET
 	    --prototype-init $$i --seeds $(SEEDS) --out-dir $(OUT)/$$i-init \
 	    --cache-dir $(CACHE) $(FLAGS) || exit 1; done; done
 	$(MAKE) tables
+
+jobs: ## print paper-tables' grid as one command per line, to run in any order and concurrently
+	@for d in $(DOMAINS); do for s in $(SEEDS); do \
+	  echo "$(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method all --seeds $$s --out-dir $(OUT) --cache-dir $(CACHE) $(FLAGS)"; \
+	done; done
+	@for w in $(filter-out resnet18,$(WEAK_MODELS)); do for s in $(SEEDS); do \
+	  echo "$(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $(T3_DOMAIN) --method $(T3_METHODS) --seeds $$s --weak-model $$w --out-dir $(OUT)/weak-$$(echo $$w | tr ':/' '--') --cache-dir $(CACHE) $(FLAGS)"; \
+	done; done
+	@for d in $(DOMAINS); do for i in ensemble cpe; do for s in $(SEEDS); do \
+	  echo "$(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method zero-shot cpl --prototype-init $$i --seeds $$s --out-dir $(OUT)/$$i-init --cache-dir $(CACHE) $(FLAGS)"; \
+	done; done; done
 
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT
 	$(PY) w2s_clip.py --build-tables --out-dir $(OUT) --tables-dir $(TABLES)

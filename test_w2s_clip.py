@@ -15,6 +15,7 @@ import copy
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -1376,6 +1377,110 @@ def test_cli_error_bad_class_descriptions(demo, tmp_path, content, fragment):
     assert_user_error(proc, tmp_path / "out", "--class-descriptions", fragment)
 
 
+def test_make_jobs_in_parallel_equal_one_by_one_and_compute_each_cache_once(demo, tmp_path):
+    """`make jobs` lines run with `xargs -P 2` give the same results as the same lines run one by
+    one; every cache entry is computed by one process only ($W2S_CLIP_CACHE_LOG counts them);
+    `make tables` builds from them."""
+    flags = (f"--clip-model {demo / 'tiny-clip.json'} --clip-pretrained none --weak-model "
+             f"test_resnet --no-weak-pretrained --weak-epochs 1 --strong-epochs 2 --batch-size 16 "
+             f"--workers 0 --device cpu --tune none")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for mode in ("parallel", "sequential"):
+        out, cache, log = tmp_path / mode / "runs", tmp_path / mode / "cache", tmp_path / f"{mode}.log"
+        lines = subprocess.run(
+            ["make", "-s", "jobs", f"PY={sys.executable}", f"DATA={demo / 'data'}", "DOMAINS=sketch",
+             "SEEDS=0 1", "WEAK_MODELS=", f"OUT={out}", f"CACHE={cache}", f"FLAGS={flags}"],
+            cwd=HERE, capture_output=True, text=True, check=True).stdout.splitlines()
+        assert len(lines) == 2 + 2 * 2  # (all, ensemble, cpe) x 2 seeds
+        job_env = {**env, "W2S_CLIP_CACHE_LOG": str(log)}
+        if mode == "parallel":
+            subprocess.run(["xargs", "-P", "2", "-d", "\n", "-n", "1", "sh", "-c"], input="\n".join(lines),
+                           cwd=HERE, env=job_env, text=True, check=True, capture_output=True)
+        else:
+            for line in lines:
+                subprocess.run(["sh", "-c", line], cwd=HERE, env=job_env, check=True, capture_output=True)
+        computed = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+        assert len(computed) == len(set(computed)), computed  # no entry computed twice
+        outs[mode] = {str(p.relative_to(out)): json.loads(p.read_text()) for p in out.rglob("results.json")}
+    assert outs["parallel"].keys() == outs["sequential"].keys() and len(outs["parallel"]) > 20
+    for key, r in outs["parallel"].items():
+        other = outs["sequential"][key]
+        assert (r["test_accuracy"], r["predictions"]) == (other["test_accuracy"], other["predictions"]), key
+    tables = subprocess.run(["make", "tables", f"PY={sys.executable}", f"OUT={tmp_path / 'parallel' / 'runs'}",
+                             f"TABLES={tmp_path / 'tables'}"], cwd=HERE, env=env, capture_output=True, text=True)
+    assert tables.returncode == 0, tables.stderr
+    assert "cpl (cpe init)" in (tmp_path / "tables" / "table4.md").read_text()
+
+
+# The research instrument: student-supervisor agreement and intervals for differences
+def test_agreement_report_hand_example():
+    """6 images: the weak model is right on 0, 1, 2; the student copies its mistake on 3, fixes 4,
+    makes a new one on 5 and drops 2."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    weak = F.one_hot(torch.tensor([0, 1, 2, 1, 2, 0]), 3).float()
+    student = F.one_hot(torch.tensor([0, 1, 0, 1, 1, 1]), 3).float()
+    r = w2s_clip.agreement_report(student, weak, labels)
+    assert r == pytest.approx({"agreement_with_weak": 3 / 6, "accuracy_where_weak_right": 2 / 3,
+                               "accuracy_where_weak_wrong": 1 / 3})
+    assert w2s_clip.agreement_report(weak, weak, labels)["accuracy_where_weak_wrong"] == 0.0
+    right = w2s_clip.agreement_report(student, F.one_hot(labels, 3).float(), labels)
+    assert right["accuracy_where_weak_wrong"] is None  # no image where the weak model is wrong
+
+
+def test_agreement_identity_and_predictions_on_a_real_run(demo, tmp_path):
+    """weak accuracy * right + (1 - weak accuracy) * wrong = accuracy, from results.json; the
+    per-image predictions give the accuracy; head.pt holds the trained prototypes."""
+    w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache")])
+    run = tmp_path / "out" / "sketch" / "cpl" / "seed0"
+    r = json.loads((run / "results.json").read_text())
+    w = r["weak_test_accuracy"]
+    assert w * r["accuracy_where_weak_right"] + (1 - w) * r["accuracy_where_weak_wrong"] == pytest.approx(
+        r["test_accuracy"], abs=1e-6)
+    assert sum(p == y for p, y in zip(r["predictions"], r["d_test_labels"])) / r["n_test"] == pytest.approx(
+        r["test_accuracy"])
+    head = torch.load(run / "head.pt")
+    assert list(head) == ["prototypes"] and head["prototypes"].shape[0] == 4
+
+
+def test_bootstrap_interval_covers_a_known_difference_about_95_percent():
+    """Two seeds of 400 paired images with P(A right) = 0.7, P(B right) = 0.6 (true difference
+    10 points): over 200 draws the 95% interval holds 10 in 88-99% of them; identical methods
+    give 0 [0, 0]."""
+    g = torch.Generator().manual_seed(0)
+    hits = 0
+    for draw in range(200):
+        u = [torch.rand(400, generator=g) for _ in range(2)]  # one latent per image: paired
+        pairs = {"d": [(x < 0.7, x < 0.6) for x in u]}
+        diff, low, high = w2s_clip.bootstrap_difference(pairs, n_boot=500, seed=draw)
+        hits += low <= 10 <= high
+    assert 0.88 <= hits / 200 <= 0.99, hits
+    same = torch.rand(300, generator=g) < 0.5
+    assert w2s_clip.bootstrap_difference({"d": [(same, same)]}) == (0.0, 0.0, 0.0)
+
+
+def test_tables_group_a_sweep_by_the_setting_that_differs(demo, tmp_path):
+    """Runs of one cell made with three τ (one out-dir each, under one folder): three rows of
+    Table 2 named by τ, runs.csv with a tau column; CPL − weak with an interval in differences.md."""
+    for tau in ("0.1", "0.3", "1"):
+        w2s_clip.main([str(a) for a in cli_args(
+            demo, demo / "data", tmp_path / "sweep" / tau, tmp_path / "cache",
+            **{"--method": ["weak", "cpl"], "--tune": "none", "--tau": tau})])
+    w2s_clip.build_tables(tmp_path / "sweep", tmp_path / "tables")
+    table2 = (tmp_path / "tables" / "table2.md").read_text()
+    labels = [line.split(" | ")[0][2:] for line in table2.split("Worst-10")[0].splitlines()
+              if line.startswith("| cpl")]
+    assert len(labels) == 3 and "cpl" in labels  # the most common settings (a tie: the first)
+    assert {label for label in labels if label != "cpl"} in (
+        {f"cpl (tau={a})", f"cpl (tau={b})"} for a, b in (("0.3", "1"), ("0.1", "1"), ("0.1", "0.3")))
+    assert table2.split("Worst-10")[0].count("| weak |") == 1 and "weak (" not in table2  # counted once
+    with open(tmp_path / "tables" / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["tau"] for r in rows if r["method"] == "cpl"}) == ["0.1", "0.3", "1.0"]
+    diff = (tmp_path / "tables" / "differences.md").read_text()
+    assert re.search(r"\| weak \| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", diff), diff
+
+
 # Decoding less: the pixel caches
 def varied_images(folder, sizes=((40, 30), (31, 57), (64, 64), (5, 9))):
     """PNG images of the given (w, h) sizes with seeded random pixels; their relative paths."""
@@ -1856,8 +1961,8 @@ def test_build_tables_mean_std_avg_delta_pgr_worst10(tmp_path):
     csv_rows = (tmp_path / "tables" / "runs.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + sum(map(len, runs.values())) + 2
     fig = (tmp_path / "tables" / "figure2.csv").read_text().splitlines()
-    assert fig[0] == "domain,method,epoch,step,train_acc,test_acc"
-    assert fig[1].startswith("clipart,cpl,1,3,")
+    assert fig[0] == "domain,method,epoch,step,seeds,train_acc,train_std,test_acc,test_std"
+    assert fig[1].startswith("clipart,cpl,1,3,1,")  # one seed: std 0
 
 
 def test_pgr_column_and_paper_gap_on_the_papers_own_table2(tmp_path):
@@ -2317,11 +2422,13 @@ def test_summary_box_and_tables_use_only_runs_with_matching_settings(tmp_path, c
     capsys.readouterr()
     w2s_clip.build_tables(out, tmp_path / "tables")
     note = capsys.readouterr().out
-    assert "left out 2 runs" in note and "differing: tau" in note
+    assert "2 runs made with other settings" in note and "without a label have tau=1" in note
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     cells = [c.split(" [")[0] for c in table_row(t2, "cpl")[:2]]  # without the paper's value
-    assert cells == ["30.00 ± 0.00", "50.00 ± 0.00"]  # not 0.99
+    assert cells == ["30.00 ± 0.00", "50.00 ± 0.00"]  # not 0.99: that run is a row of its own
     assert [c.split(" [")[0] for c in table_row(t2, "ce-lp")[:2]] == ["—", "—"]
+    assert table_row(t2, "cpl (tau=0.5)")[:2] == ["—", "99.00 ± 0.00 (n=1)"]
+    assert table_row(t2, "ce-lp (tau=0.5)")[:2] == ["—", "45.00 ± 0.00 (n=1)"]
 
 
 def test_image_stats_digest_notices_replaced_images(demo, tmp_path):
@@ -2635,7 +2742,8 @@ def test_one_clip_config_typed_two_ways_is_one_setting_to_the_tables(tmp_path):
 
 @pytest.mark.parametrize("other, note", [
     ({"clip_model": "ViT-L-14"}, "left out 1 runs of other CLIP models than the 2 of ViT-B-32 (ViT-L-14)"),
-    ({"tune": "none"}, "(differing: tune)")])
+    ({"tune": "none"}, "rows of their own, named by what differs (the rows without a label have "
+                       "tune=hold-val)")])
 def test_runs_left_out_of_the_tables_are_named_with_what_differs(tmp_path, capsys, other, note):
     out = tmp_path / "runs"
     for seed in (0, 1):
@@ -2658,8 +2766,10 @@ def test_make_tables_over_a_folder_that_holds_the_ablations(tmp_path, capsys):
     w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     printed = capsys.readouterr().out
     assert printed.count("(same settings); counted once") == 2
-    assert "left out 2 runs made with other settings" in printed and "cpl_kl" in printed
-    assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "50.00 ± 0.00 [64.01]"
+    assert "2 runs made with other settings" in printed and "cpl_kl=summand" in printed
+    t2 = (tmp_path / "t" / "table2.md").read_text()
+    assert table_row(t2, "cpl")[0] == "50.00 ± 0.00 [64.01]"
+    assert table_row(t2, "cpl (cpl_kl=printed)")[0] == "90.00 ± 0.00"
 
 
 def test_ablation_reference_other_than_the_papers_defaults_is_said(tmp_path):

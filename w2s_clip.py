@@ -556,6 +556,7 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
             tmp.unlink(missing_ok=True)
             raise
         atomic_save(index, f"{stem}.idx.pt")  # written last: its presence means a whole file
+        log_computed(f"{stem}.u8")
     return PixelCache(stem)
 
 
@@ -1504,6 +1505,18 @@ def pgr_text(weak, strong, ceiling):
     return f"{pgr(weak, strong, ceiling):.2f}" if ceiling > weak else "n/a"
 
 
+def agreement_report(logits, weak_logits, labels):
+    """How a student relates to its supervisor on the same images (Burns et al. 2023's
+    student-supervisor agreement): the share of predictions equal to the weak model's, and the
+    accuracy where the weak model is right and where it is wrong (None where that set is empty).
+    weak accuracy * right + (1 - weak accuracy) * wrong = accuracy."""
+    pred, weak = logits.argmax(dim=-1), weak_logits.argmax(dim=-1)
+    right = weak == labels
+    acc = lambda m: (pred[m] == labels[m]).float().mean().item() if m.any() else None  # noqa: E731
+    return {"agreement_with_weak": (pred == weak).float().mean().item(),
+            "accuracy_where_weak_right": acc(right), "accuracy_where_weak_wrong": acc(~right)}
+
+
 def n_predicted_classes(logits):
     """How many distinct classes the argmax of logits [n, k] predicts (1 = a collapsed head)."""
     return int(logits.argmax(dim=-1).unique().numel())
@@ -1611,14 +1624,30 @@ def load_cache(path):
 
 def cached(path, compute, force=False):
     """Load `path` if it exists (and not `force`) and loads, else compute, save atomically and
-    return."""
+    return. Computing holds a lock on `path` (`file_lock`): a second process asking for the same
+    entry waits, then loads what the first one wrote (`make jobs` runs share one cache)."""
     if os.path.exists(path) and not force:
         obj = load_cache(path)
         if obj is not None:
             return obj
-    obj = compute()
-    atomic_save(obj, path)
+    with file_lock(path):
+        if os.path.exists(path) and not force:  # written while this process waited
+            obj = load_cache(path)
+            if obj is not None:
+                return obj
+        obj = compute()
+        atomic_save(obj, path)
+        log_computed(path)
     return obj
+
+
+def log_computed(path):
+    """Append `path` to the file named by $W2S_CLIP_CACHE_LOG, if set: which process computed
+    which cache entry (O_APPEND: whole lines from concurrent processes)."""
+    log = os.environ.get("W2S_CLIP_CACHE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {path}\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1653,6 +1682,18 @@ def weak_stage(args, data, seed, device, precision="fp32"):
                                                  and not args.force) else None
     if logits is not None:
         return logits, history
+    with file_lock(f"{stem}-logits.pt"):  # one process computes them, a concurrent one waits
+        logits = (load_cache(f"{stem}-logits.pt") if os.path.exists(f"{stem}-logits.pt")
+                  and not args.force else None)
+        if logits is not None:
+            return logits, load_cache(history_path) if history_path.exists() else None
+        return train_and_label(args, data, seed, device, precision, stem, data_key)
+
+
+def train_and_label(args, data, seed, device, precision, stem, data_key):
+    """weak_stage's work: train (or load) the weak model, then label all of D_test."""
+    k, root, cache_dir = len(data["classnames"]), os.path.realpath(args.data_root), Path(args.cache_dir)
+    history, history_path = None, Path(f"{stem}-history.json")
     set_seed(seed)
     model, train_tf, eval_tf = create_weak_model(args.weak_model, k, args.weak_pretrained)
 
@@ -1687,7 +1728,9 @@ def weak_stage(args, data, seed, device, precision="fp32"):
                                    pixels=pixels), args.batch_size, device, args.workers)
     logits = predict_logits(model, loader, device)
     atomic_save(logits, f"{stem}-logits.pt")
-    return logits, history
+    log_computed(f"{stem}-logits.pt")
+    return logits, history if history is not None else (
+        load_cache(history_path) if history_path.exists() else None)
 
 
 def clip_identity(model_name, pretrained):
@@ -1847,6 +1890,16 @@ def cmm_report(protos, feats, labels, weak_pred, classnames, k_worst=10):
     return report
 
 
+def head_weights(head):
+    """A trained head, small enough to keep with every run: its trainable parameters (LP's W and
+    b, TP's context, CPL's prototypes) or, for cpl-text, which tunes the whole text tower, the class
+    features it ends with (logits = scale * cos(x, features))."""
+    if isinstance(head, TextEncoderHead):
+        with torch.no_grad():
+            return {"class_features": head.text_features().cpu()}
+    return {n: p.detach().cpu() for n, p in head.named_parameters() if p.requires_grad}
+
+
 def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=None):
     """Steps 3-5 for one method and seed; returns its results (accuracies in [0, 1]). `on_epoch`
     gets every trained head's rows per epoch (every grid point, every ceiling head)."""
@@ -1862,7 +1915,7 @@ def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=N
                                args, seed, train_idx=train, on_epoch=on_epoch)
                 for kind in ("lp", "tp", "cpl")}
         best = max(runs, key=lambda kind: runs[kind][1]["val_score"])
-        _, fit, test_logits = runs[best]
+        head, fit, test_logits = runs[best]
         out["ceiling_head"], out["ceiling_data"], out["n_ceiling_train"] = best, args.ceiling_data, len(train)
         out["heads"] = {kind: {"val_score": f["val_score"], "test_accuracy": accuracy(t, labels[te])}
                         for kind, (_, f, t) in runs.items()}
@@ -1895,6 +1948,11 @@ def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=N
                    warnings=fit["warnings"], curves=fit["curves"])
     out.setdefault("tuned", {})  # weak, zero-shot and the ceiling (CE) have nothing to tune
     out.setdefault("tuning", [])
+    if method != "weak":
+        out["_head"] = head_weights(head)  # saved as head.pt beside results.json
+    out.update(agreement_report(test_logits, weak_logits[te], labels[te]),
+               d_test_index=te.tolist(), d_test_labels=labels[te].tolist(),
+               predictions=test_logits.argmax(dim=-1).tolist())  # per image, for later analysis
     class_acc = per_class_accuracy(test_logits, labels[te], k)
     return {"test_accuracy": accuracy(test_logits, labels[te]),
             "weak_test_accuracy": accuracy(weak_logits[te], labels[te]),
@@ -2024,6 +2082,9 @@ def result_row(r, path):
             "clip_model": canonical.get("clip_model", cfg["clip_model"]),
             "clip_pretrained": canonical.get("clip_pretrained", cfg.get("clip_pretrained")),
             "test_accuracy": r["test_accuracy"], "worst10_accuracy": r["worst10_accuracy"],
+            **{key: r.get(key) for key in ("agreement_with_weak", "accuracy_where_weak_right",
+                                           "accuracy_where_weak_wrong", "predictions",
+                                           "d_test_index", "d_test_labels")},
             "n_predicted_classes": r.get("n_predicted_classes"), "curves": r.get("curves", []),
             "settings": settings, "config": cfg, "tuned": r.get("tuned"),
             "hardware": r.get("hardware"), "path": str(path)}
@@ -2056,32 +2117,78 @@ def load_results(out_dir):
 
 
 TABLE_AXES = ("domain", "splits", "weak_model", "prototype_init")  # vary across a table's cells
+WEAK_SETTINGS = ("weak_model", "weak_pretrained", "weak_epochs", "weak_lr", "batch_size",
+                 "warmup_ratio", "weight_decay", "lr_schedule", "max_grad_norm", "weak_micro_batch",
+                 "train_image_cache", "data_root", "splits", "domain", "dataset", "split_share",
+                 "split_seed", "device", "precision")  # all that decides a weak run (weak_stage)
+
+
+def varying_settings(settings):
+    """The names of the settings whose values differ among `settings` (dicts), sorted."""
+    names = sorted({k for s in settings for k in s})
+    return [k for k in names if len({json.dumps(s.get(k), sort_keys=True, default=str)
+                                     for s in settings}) > 1]
+
+
+def short_value(v):
+    """A setting's value as a label shows it: 0.1, `0.01 0.1`, at most 24 characters."""
+    v = f"{v:g}" if isinstance(v, float) else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+    return v if len(v) <= 24 else v[:21] + "..."
+
+
+def setting_label(settings, ref, vary=TABLE_AXES):
+    """`name=value, ...` of the settings that differ from `ref` (e.g. `tau=0.1, tune=none`)."""
+    return ", ".join(f"{name}={short_value(settings.get(name))}"
+                     for name in sorted(settings.keys() | ref.keys())
+                     if name not in vary and settings.get(name) != ref.get(name))
 
 
 def comparable_runs(rows, vary=TABLE_AXES):
-    """The rows made with the most common settings apart from seed, method and the settings in
-    `vary`, plus rows that record no settings dict (older files: not checked).
+    """The rows for one set of tables: those made with the most common settings apart from seed,
+    method and the settings in `vary` keep their method's name; runs made with other settings (a
+    sweep) become rows of their own, named by what differs (`cpl (tau=0.1)`); rows without a
+    settings dict (older files) are kept unchecked. Within a domain, runs of other split files
+    than most are left out.
 
     Returns:
-        (kept rows, notes): one note on the rows left out (how many, which settings differ,
-        one file) and one on the unchecked rows.
+        (rows, notes): a note on the renamed rows (how many, which settings differ, one file),
+        on rows left out and on the unchecked rows.
     """
-    def key(r):
-        s = r.get("settings")
-        return (cache_key(**{k: v for k, v in s.items() if k not in vary})
-                if isinstance(s, dict) else None)
-    keys = [key(r) for r in rows]
-    counts = {k: keys.count(k) for k in keys if k is not None}
-    notes, kept = [], rows
-    if len(counts) > 1:
-        main = max(sorted(counts), key=counts.get)
-        ref = rows[keys.index(main)]["settings"]
-        left = [r for r, k in zip(rows, keys) if k not in (None, main)]
-        names = sorted({name for r in left for name in r["settings"].keys() | ref.keys()
-                        if name not in vary and r["settings"].get(name) != ref.get(name)})
-        notes.append(f"left out {len(left)} runs made with other settings than the other "
-                     f"{counts[main]} (differing: {', '.join(names)}), e.g. {left[0]['path']}")
-        kept = [r for r, k in zip(rows, keys) if k in (None, main)]
+    def relevant(r):  # a weak run depends on the weak stage's settings only
+        s = r["settings"]
+        return {k: v for k, v in s.items() if k not in vary
+                and (r["method"] != "weak" or k in WEAK_SETTINGS)}
+
+    keys = [cache_key(**relevant(r)) if isinstance(r.get("settings"), dict) else None for r in rows]
+    notes, kept, seen, merged = [], [], set(), 0
+    groups = {weak: [k for r, k in zip(rows, keys) if k is not None and (r["method"] == "weak") == weak]
+              for weak in (False, True)}
+    main = {weak: max(sorted(set(ks)), key=ks.count) if ks else None for weak, ks in groups.items()}
+    ref = {weak: relevant(next(r for r, k in zip(rows, keys) if k == main[weak]))
+           for weak in main if main[weak] is not None}
+    other, names = [], set()
+    for r, k in zip(rows, keys):
+        weak = r["method"] == "weak"
+        if k is not None and weak and (r["domain"], r["seed"], k) in seen:
+            merged += 1  # the same weak run, copied into each folder of a sweep
+            continue
+        seen.add((r["domain"], r["seed"], k))
+        if k not in (None, main[weak]):  # a sweep, or other settings: a row of its own
+            mine = relevant(r)
+            label = setting_label(mine, ref[weak], ())
+            names |= {n for n in mine.keys() | ref[weak].keys() if mine.get(n) != ref[weak].get(n)}
+            other.append(r)
+            r = {**r, "method": f"{r['method']} ({label})", "variant_of": r["method"]}
+        kept.append(r)
+    if other:
+        plain = ", ".join(f"{n}={short_value(ref[False if False in ref else True].get(n))}"
+                          for n in sorted(names))
+        notes.append(f"{len(other)} runs made with other settings than the other "
+                     f"{len(kept) - len(other)} are rows of their own, named by what differs "
+                     f"(the rows without a label have {plain}), e.g. {other[0]['path']}")
+    if merged:
+        notes.append(f"{merged} weak runs repeat another with the same weak-model settings (a "
+                     f"sweep's folders each hold one): counted once")
     for domain in sorted({r["domain"] for r in kept}):  # a domain's split files are one per table
         mine = [r for r in kept if r["domain"] == domain and isinstance(r.get("settings"), dict)]
         digests = [r["settings"].get("splits") for r in mine]
@@ -2093,7 +2200,7 @@ def comparable_runs(rows, vary=TABLE_AXES):
                          f"between runs), e.g. {left[0]['path']}")
             kept = [r for r in kept if not any(r is x for x in left)]
     unchecked = sum(k is None for k in keys)
-    if unchecked and counts:
+    if unchecked and any(groups.values()):
         notes.append(f"{unchecked} runs are older results.json files without their settings: "
                      f"kept, not checked for comparability")
     return kept, notes
@@ -2122,6 +2229,11 @@ def accuracy_grid(rows, row_key, col_key, metric="test_accuracy", scale=100):
         if r.get(metric) is not None:
             grid.setdefault((r[row_key], r[col_key]), []).append(scale * r[metric])
     return grid
+
+
+def is_baseline(method):
+    """An LP or TP weak-to-strong row (e.g. `kd-tp`, `kd-tp (tau=0.1)`): what CPL is compared with."""
+    return method.split(" (")[0] in METHOD_HEAD_LOSS and not method.startswith("cpl")
 
 
 def markdown_table(title, row_names, col_names, grid, table_id, pgr_column=False, delta=True,
@@ -2162,7 +2274,7 @@ def markdown_table(title, row_names, col_names, grid, table_id, pgr_column=False
             known = row not in ("weak", "ceiling") and None not in levels
             cells.append(pgr_text(*levels) if known else "—")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    baselines = [r for r in row_names if r not in ("weak", "zero-shot", "ceiling", "cpl")]
+    baselines = [r for r in row_names if is_baseline(r)]
     if delta and "cpl" in row_names and baselines:
         name, cells = "Δ (CPL − best baseline)", []
         for c in cols:
@@ -2171,6 +2283,89 @@ def markdown_table(title, row_names, col_names, grid, table_id, pgr_column=False
             ok = get("cpl") is not None and base
             cells.append(cell(name, c, f"{get('cpl') - max(base):+.2f}" if ok else "—"))
         lines.append(f"| {name} | " + " | ".join(cells) + (" | |" if pgr_column else " |"))
+    return "\n".join(lines) + "\n"
+
+
+def bootstrap_difference(pairs, n_boot=2000, seed=0, level=0.95):
+    """Accuracy of A minus accuracy of B in points, with a paired bootstrap interval.
+
+    `pairs` maps each column (a domain, a weak model) to one (correct_a, correct_b) pair of bool
+    tensors per seed, A and B scored on the same D'_test images of that seed. The difference is
+    the mean over columns of the mean over seeds. Each of `n_boot` replicates redraws every seed's
+    images with replacement, one draw for both methods (paired), and recomputes it; the interval
+    holds the middle `level` of the replicates (percentile bootstrap, seeded).
+    Returns:
+        (difference, low, high) in points.
+    """
+    g = torch.Generator().manual_seed(seed)
+    point, reps = 0.0, torch.zeros(n_boot, dtype=torch.float64)
+    for column in pairs.values():
+        for a, b in column:
+            d = a.double() - b.double()
+            point += d.mean().item() / len(column) / len(pairs)
+            for start in range(0, n_boot, 256):  # [chunk, n] indices at a time: bounded memory
+                idx = torch.randint(len(d), (min(256, n_boot - start), len(d)), generator=g)
+                reps[start:start + len(idx)] += d[idx].mean(dim=1) / len(column) / len(pairs)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(reps, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return 100 * point, 100 * low, 100 * high
+
+
+def correct_by_seed(rows, method, col_key, col):
+    """{seed: (d_test_index, bool tensor of correct predictions)} of one method in one column,
+    from the per-image predictions in results.json (runs without them are left out)."""
+    out = {}
+    for r in rows:
+        if r["method"] == method and r[col_key] == col and r.get("predictions") is not None:
+            out[r["seed"]] = (r["d_test_index"], torch.tensor(r["predictions"])
+                              == torch.tensor(r["d_test_labels"]))
+    return out
+
+
+def differences(rows, col_key, col_names, baselines, n_boot=2000):
+    """CPL against the best baseline and against the weak model per column and for Avg., each a
+    (difference, low, high) in points from `bootstrap_difference` over the seeds both ran on the
+    same images. The best baseline of a column is the one with the highest mean accuracy there;
+    Avg.'s is the one with the highest mean over the columns (as the tables' Δ row).
+    Returns {(comparison, column): (name of B, (difference, low, high)) or None}."""
+    mean = lambda m, c: (lambda v: sum(v) / len(v) if v else None)(  # noqa: E731
+        [r["test_accuracy"] for r in rows if r["method"] == m and r[col_key] == c])
+    out = {}
+
+    def pairs(other, cols):
+        found = {}
+        for c in cols:
+            a, b = correct_by_seed(rows, "cpl", col_key, c), correct_by_seed(rows, other, col_key, c)
+            same = [(a[s][1], b[s][1]) for s in sorted(a.keys() & b.keys()) if a[s][0] == b[s][0]]
+            if not same:
+                return None
+            found[c] = same
+        return found
+
+    for c in list(col_names) + ["Avg."]:
+        cols = col_names if c == "Avg." else [c]
+        score = lambda m: (None if any(mean(m, x) is None for x in cols)  # noqa: E731
+                           else sum(mean(m, x) for x in cols) / len(cols))
+        ranked = sorted((b for b in baselines if score(b) is not None), key=lambda b: -score(b))
+        for comparison, other in (("best baseline", ranked[0] if ranked else None), ("weak", "weak")):
+            p = pairs(other, cols) if other else None
+            out[(comparison, c)] = (other, bootstrap_difference(p, n_boot)) if p else None
+    return out
+
+
+def differences_table(title, rows, col_key, col_names, baselines):
+    """differences.md's section for one table: `+d [low, high]` per column and Avg."""
+    diffs = differences(rows, col_key, col_names, baselines)
+    lines = [f"### {title}", "", "| CPL − | " + " | ".join(list(col_names) + ["Avg."]) + " |",
+             "|" + "---|" * (len(col_names) + 2)]
+    for comparison in ("best baseline", "weak"):
+        cells = []
+        for c in list(col_names) + ["Avg."]:
+            found = diffs[(comparison, c)]
+            name = f" ({found[0]})" if found and comparison != "weak" else ""
+            cells.append(f"{found[1][0]:+.2f} [{found[1][1]:+.2f}, {found[1][2]:+.2f}]{name}"
+                         if found else "—")
+        lines.append(f"| {comparison} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -2241,8 +2436,13 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
         raise UserError(f"no readable results.json under {out_dir}; run experiments first")
     check_writable(tables_dir, "--tables-dir")
     fields = ["domain", "method", "seed", "weak_model", "clip_model", "test_accuracy",
-              "worst10_accuracy", "n_predicted_classes", "path"]
-    files = {"runs.csv": csv_text(rows, fields)}  # written together at the end
+              "worst10_accuracy", "n_predicted_classes", "agreement_with_weak",
+              "accuracy_where_weak_wrong", "path"]
+    varying = varying_settings([r["settings"] for r in rows if isinstance(r["settings"], dict)])
+    varying = [k for k in varying if k not in fields]  # e.g. tau in a sweep: a column each
+    settings_of = lambda r: r["settings"] if isinstance(r["settings"], dict) else {}  # noqa: E731
+    files = {"runs.csv": csv_text([{**r, **{k: settings_of(r).get(k) for k in varying}}
+                                   for r in rows], fields[:-1] + varying + ["path"])}  # written last
     count = lambda key, value: sum(r[key] == value for r in rows)
     dataset = max(sorted({r["dataset"] for r in rows}), key=lambda d: count("dataset", d))
     other_data = [r for r in rows if r["dataset"] != dataset]
@@ -2254,6 +2454,9 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
         paper, domains = {}, sorted({r["domain"] for r in rows},
                                     key=lambda d: (d.lower() not in DOMAINS, d))
     rows, notes = comparable_runs(rows)
+    variants = {(r["variant_of"], r["method"]) for r in rows if r.get("variant_of")}
+    with_variants = lambda names: [v for n in names for v in  # noqa: E731
+                                   [n, *sorted(m for base, m in variants if base == n)]]
     kinds = {}
     for r in rows:
         hw = r.get("hardware") if isinstance(r.get("hardware"), dict) else {}
@@ -2282,15 +2485,16 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
     t3_rows = [r for r in rows if r["domain"] == t3_domain]
     t3_models = [w for w in paper_weak_models if w in weak_models] or weak_models
     shown = Path(clip_model).name if str(clip_model).endswith(".json") else clip_model
+    table4_rows = ("zero-shot", "zero-shot (ensemble init)", "zero-shot (cpe init)", "cpl",
+                   "cpl (ensemble init)", "cpl (cpe init)", "cpl-text")
     specs = [("table2", f"Table 2: accuracy (%) on D'_test, {shown} with weak model "
-              f"{weak_models[0]}", table_rows, main_rows, "domain", cols, True),
+              f"{weak_models[0]}", with_variants(table_rows), main_rows, "domain", cols, True),
              ("table3", f"Table 3: accuracy (%) on {t3_domain} by weak model, {shown}",
-              table_rows, t3_rows, "weak_model", t3_models, True),
+              with_variants(table_rows), t3_rows, "weak_model", t3_models, True),
              ("table4", "Table 4: tuning the prototypes (cpl) vs. the text encoder (cpl-text)",
-              ("zero-shot", "zero-shot (ensemble init)", "zero-shot (cpe init)", "cpl",
-               "cpl (ensemble init)", "cpl (cpe init)", "cpl-text"), main_rows, "domain", cols,
-              False)]
+              with_variants(table4_rows), main_rows, "domain", cols, False)]
     gaps = ["# Ours − paper per published cell (percentage points)", ""]
+    difference_parts = [DIFFERENCES_HEAD]
     if dataset != "domainnet":
         gaps.append(f"These are {dataset} runs: the paper publishes DomainNet numbers only.\n")
     paper_cols = {"table2": tuple(domains), "table3": tuple(paper_weak_models),
@@ -2307,11 +2511,25 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
         text += "\n" + markdown_table("Distinct classes predicted on D'_test (a collapsed head "
                                        "predicts few)", names, col_names, classes,
                                        f"{table_id}-classes", delta=False)
+        if table_id != "table4":  # what the student copies from its supervisor
+            for metric, what in (("agreement_with_weak", "Agreement with the weak model on D'_test "
+                                  "(%): the share of images where the prediction is the weak one"),
+                                 ("accuracy_where_weak_wrong", "Accuracy (%) on the D'_test images "
+                                  "the weak model gets wrong: the supervisor's mistakes not copied")):
+                text += "\n" + markdown_table(what, [n for n in names if n != "weak"], col_names,
+                                               accuracy_grid(subset, "method", col_key, metric),
+                                               f"{table_id}-{metric}", delta=False)
+            diff_title = f"{title.split(':')[0]}: CPL minus ..., points, 95% interval"
+            difference_parts.append(differences_table(
+                diff_title, subset, col_key, col_names,
+                [n for n in names if is_baseline(n)]))
         files[f"{table_id}.md"] = text
         if dataset == "domainnet":
             gaps.append(paper_gap(title.split(":")[0], table_id, names, col_names, subset, col_key,
                                   shown))
     files["paper_gap.md"] = "\n".join(gaps)
+    files["differences.md"] = "\n".join(difference_parts)
+    files.update(imitation_figure(main_rows, [n for n in table_rows if n != "weak"]))
     files.update(figure2(main_rows, accuracy_grid(main_rows, "method", "domain"), domains,
                          paper=paper))
     save_together(files, tables_dir, owned=TABLE_FILES)
@@ -2319,7 +2537,18 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
 
 
 TABLE_FILES = ("runs.csv", "table2.md", "table3.md", "table4.md", "paper_gap.md", "figure2.csv",
-               "figure2.png")  # what build_tables owns in --tables-dir
+               "figure2.png", "differences.md", "imitation.csv", "imitation.png")  # build_tables owns them
+DIFFERENCES_HEAD = """# CPL minus the best baseline and minus the weak model, with 95% intervals
+
+Each cell: the difference of mean accuracy on D'_test in points [95% interval]. The interval is a
+paired percentile bootstrap (`bootstrap_difference`, 2,000 replicates, seed 0): each replicate
+redraws every seed's D'_test images with replacement, the same draw for both methods, and averages
+the difference over the seeds and, for Avg., over the columns. It measures how much the difference
+depends on which test images were drawn, given these seeds' models; it does not redraw the models
+(seed-to-seed spread is the ± std of the tables). An interval that excludes 0 settles the sign on
+these images. The best baseline of a column is the LP or TP method with the highest mean there;
+Avg.'s, the one with the highest mean over the columns.
+"""
 
 
 def save_together(files, folder, owned=()):
@@ -2343,10 +2572,30 @@ def save_together(files, folder, owned=()):
         (folder / name).unlink(missing_ok=True)
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def png_bytes(fig, plt):
+    png = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    return png.getvalue()
+
+
 def figure2(rows, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-lp"), paper=None):
-    """Figure 2: train/test accuracy per epoch of three methods (mean over seeds), weak/ceiling lines,
-    on the first of `domains` that has curves (clipart for the full grid); the paper's levels
-    (`paper[("figure2", level, domain)]`) in brackets beside ours.
+    """Figure 2: train/test accuracy per epoch of three methods (mean over seeds, ± std band),
+    weak and ceiling levels, on the first of `domains` that has curves (clipart for the full
+    grid); the paper's levels (`paper[("figure2", level, domain)]`) in brackets beside ours. Train
+    accuracy is against each run's own training labels (weak labels; true ones for a ceiling).
     Returns {"figure2.csv": text, "figure2.png": bytes} ({} without curves; no png without
     matplotlib)."""
     domain = next((d for d in domains if any(r["domain"] == d and r["curves"] for r in rows)), None)
@@ -2357,38 +2606,73 @@ def figure2(rows, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-
         curves = [r["curves"] for r in rows if r["domain"] == domain and r["method"] == m]
         for epoch in range(min(map(len, curves), default=0)):
             pts = [c[epoch] for c in curves]
-            series.append({"domain": domain, "method": m, "epoch": pts[0]["epoch"],
-                           "step": pts[0]["step"],
-                           "train_acc": 100 * sum(p["train_acc"] for p in pts) / len(pts),
-                           "test_acc": 100 * sum(p["test_acc"] for p in pts) / len(pts)})
-    files = {"figure2.csv": csv_text(series, ["domain", "method", "epoch", "step", "train_acc",
-                                              "test_acc"])}
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+            row = {"domain": domain, "method": m, "epoch": pts[0]["epoch"], "step": pts[0]["step"],
+                   "seeds": len(pts)}
+            for split in ("train_acc", "test_acc"):
+                row[split], row[split.replace("acc", "std")] = mean_std([100 * p[split] for p in pts])
+            series.append(row)
+    files = {"figure2.csv": csv_text(series, ["domain", "method", "epoch", "step", "seeds",
+                                              "train_acc", "train_std", "test_acc", "test_std"])}
+    plt = pyplot()
+    if plt is None:
         return files
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, split in zip(axes, ("train_acc", "test_acc")):
-        for m in methods:
+        for m in dict.fromkeys(s["method"] for s in series):  # only methods with curves
             pts = [s for s in series if s["method"] == m]
-            ax.plot([s["step"] for s in pts], [s[split] for s in pts], marker="o", label=m)
+            x, y = [s["step"] for s in pts], [s[split] for s in pts]
+            sd = [s[split.replace("acc", "std")] for s in pts]
+            line, = ax.plot(x, y, marker="o", label=f"{m} (n={pts[0]['seeds']})")
+            ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
         for level in ("weak", "ceiling"):
             if (level, domain) in grid:
                 ours = mean_std(grid[(level, domain)])[0]
                 ref = (paper or {}).get(("figure2", level, domain))
-                ax.axhline(ours, ls="--", color="gray")
+                ax.axhline(ours, ls="--", color="gray", lw=1)
                 ax.annotate(f"{level} {ours:.2f}" + (f" [{ref:.2f}]" if ref is not None else ""),
-                            (0, ours), color="gray")
-        ax.set(title=f"{domain}: {split.replace('_acc', '')} accuracy", xlabel="step",
-               ylabel="accuracy (%)")
-    axes[0].legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    return {**files, "figure2.png": png.getvalue()}
+                            (0.99, ours), xycoords=("axes fraction", "data"), ha="right",
+                            va="bottom", color="gray", fontsize=8)
+        what = ("train accuracy (against its training labels: weak)" if split == "train_acc"
+                else "test accuracy (D'_test, true labels)")
+        ax.set(title=f"{domain}: {what}", xlabel="step", ylabel="accuracy (%), mean ± std")
+        ax.title.set_fontsize(9)
+    axes[0].legend(fontsize=8)
+    return {**files, "figure2.png": png_bytes(fig, plt)}
+
+
+def imitation_figure(rows, methods):
+    """Accuracy where the weak model is wrong against agreement with it, one point per method
+    (mean over columns and seeds): up is correcting the supervisor, right is copying it.
+    Returns {"imitation.csv": text, "imitation.png": bytes} ({} without the keys)."""
+    points = []
+    for m in methods:
+        runs = [r for r in rows if r["method"] == m and r.get("agreement_with_weak") is not None
+                and r.get("accuracy_where_weak_wrong") is not None]
+        if runs:
+            points.append({"method": m, "runs": len(runs),
+                           "agreement_with_weak": 100 * sum(r["agreement_with_weak"] for r in runs) / len(runs),
+                           "accuracy_where_weak_wrong": 100 * sum(r["accuracy_where_weak_wrong"]
+                                                                  for r in runs) / len(runs),
+                           "test_accuracy": 100 * sum(r["test_accuracy"] for r in runs) / len(runs)})
+    if not points:
+        return {}
+    files = {"imitation.csv": csv_text(points, ["method", "runs", "agreement_with_weak",
+                                                "accuracy_where_weak_wrong", "test_accuracy"])}
+    plt = pyplot()
+    if plt is None:
+        return files
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for p in points:
+        ax.scatter(p["agreement_with_weak"], p["accuracy_where_weak_wrong"],
+                   color="C3" if p["method"].startswith("cpl") else "C0")
+        ax.annotate(p["method"], (p["agreement_with_weak"], p["accuracy_where_weak_wrong"]),
+                    textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set(xlabel="agreement with the weak model on D'_test (%)",
+           ylabel="accuracy where the weak model is wrong (%)",
+           title="What the student copies from its supervisor (mean over runs)")
+    ax.title.set_fontsize(10)
+    return {**files, "imitation.png": png_bytes(fig, plt)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2640,7 +2924,7 @@ def summary_box(out_dir, domain, seed, methods, settings=None):
     """A box of weak, `methods` and ceiling accuracy on D'_test (with PGR), from whichever
     results.json exist for this domain and seed and, given `settings` (run_settings' dict),
     were made with them; a line under the box names the runs left out and why."""
-    acc, left_out = {}, []
+    acc, left_out, found = {}, [], []
     for m in ["weak", *[m for m in methods if m not in ("weak", "ceiling")], "ceiling"]:
         path = result_path(out_dir, domain, m, seed)
         r = read_result(path, "left out of the box") if path.exists() else None
@@ -2649,6 +2933,7 @@ def summary_box(out_dir, domain, seed, methods, settings=None):
             left_out.append(f"{m} ({describe_difference(r.get('settings'), settings)})")
         elif r is not None:
             acc[m] = r["test_accuracy"]
+            found.append({**r, "column": domain})
     rows = [f"{domain}, seed {seed}: accuracy on D'_test (%), PGR"]
     for m, a in acc.items():
         gap = m not in ("weak", "ceiling") and {"weak", "ceiling"} <= acc.keys()
@@ -2657,6 +2942,15 @@ def summary_box(out_dir, domain, seed, methods, settings=None):
     width = max(map(len, rows))
     note = ([f"left out of the box, made with other settings: {'; '.join(left_out)}"]
             if left_out else [])
+    baselines = [m for m in acc if is_baseline(m)]
+    diffs = differences(found, "column", [domain], baselines) if "cpl" in acc else {}
+    for comparison in ("best baseline", "weak"):
+        got = diffs.get((comparison, domain))
+        if got:
+            who = f" ({got[0]})" if comparison != "weak" else ""
+            note.append(f"cpl − {comparison}{who}: {got[1][0]:+.2f} points, 95% interval "
+                        f"[{got[1][1]:+.2f}, {got[1][2]:+.2f}] (paired bootstrap over this seed's "
+                        f"D'_test images)")
     return "\n".join(["+" + "-" * (width + 2) + "+"] + [f"| {r:<{width}} |" for r in rows]
                      + ["+" + "-" * (width + 2) + "+"] + note)
 
@@ -2819,6 +3113,7 @@ def run_experiment(args):
             for warning in result.get("warnings", []):
                 print(f"warning: {args.domain} seed {seed} {method}: {warning}", file=sys.stderr,
                       flush=True)
+            head = result.pop("_head", None)
             if method == "weak":
                 result["weak_training"] = weak_history  # per epoch; None from an older cache
             result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
@@ -2836,6 +3131,8 @@ def run_experiment(args):
                     raise UserError(f"{path} was written by another command meanwhile, with other "
                                     f"settings ({describe_difference(other.get('settings'), settings)}"
                                     f"); kept it: rerun with another --out-dir")
+                if head is not None:  # before results.json: a finished run has its head
+                    atomic_save(head, path.with_name("head.pt"))
                 atomic_save(result, path)
                 os.replace(log_path, path.with_name("epochs.csv"))  # the log of this result
             tuned = "".join(f", {name} {value:g}" for name, value in result["tuned"].items())
