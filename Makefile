@@ -32,6 +32,7 @@ DOMAINNET := http://csr.bu.edu/ftp/visda/2019/multi-source
 # steps (minidomainnet.py), a tiny random-init weak model, on the CPU with DEMO_THREADS threads.
 DEMO := demo
 DEMO_PRETRAIN ?= 300
+DEMO_TEST ?= 300
 DEMO_THREADS ?= 1
 DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS)
 DEMO_FLAGS := --dataset folder --data-root $(DEMO)/data --clip-model $(DEMO)/tiny-clip.json \
@@ -76,10 +77,11 @@ $(VENV)/.installed: requirements.txt
 test: venv ## run the unit tests (CPU, no download)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_w2s_clip.py test_minidomainnet.py
 
-demo: venv ## the miniature on the CPU, no download: data, tiny CLIP pretrained on the spot, weak-to-strong runs (about a minute)
-	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN)
+demo: venv ## the miniature on the CPU, no download: data, tiny CLIP pretrained on the spot, weak-to-strong runs, its tables (about 2 minutes)
+	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN) --test-per-class $(DEMO_TEST)
 	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
 	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/runs
+	$(DEMO_ENV) $(PY) w2s_clip.py --build-tables --out-dir $(DEMO)/runs --tables-dir $(DEMO)/tables
 
 data: ## download and unpack DomainNet's DOMAIN (default sketch) and its split files into DATA
 	mkdir -p $(DATA)
@@ -145,21 +147,21 @@ ablations: venv ## CPL and two baselines under each alternative to the paper's c
 	$(PY) ablations_w2s_clip.py --out-dir $(OUT)/ablations --output $(TABLES)/ablations.md
 
 demo-ablations: venv ## the same ablation on the demo's synthetic sketch domain, CPU, no download
-	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN)
+	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN) --test-per-class $(DEMO_TEST)
 	for a in $(ABLATIONS); do \
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(ABLATION_METHODS) \
 	    --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/ablations/$$a $(ablation_flags) || exit 1; done
 	$(PY) ablations_w2s_clip.py --out-dir $(DEMO)/ablations --output $(DEMO)/results/ablations.md
 
 demo-tuning: venv ## every method on the miniature with and without hold-val tuning -> demo/results/tuning.md, CPU
-	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN)
+	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN) --test-per-class $(DEMO_TEST)
 	for t in hold-val none; do \
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method all --seeds $(DEMO_SEEDS) \
 	    --tune $$t --out-dir $(DEMO)/tuning/$$t || exit 1; done
 	$(PY) ablations_w2s_clip.py --out-dir $(DEMO)/tuning --output $(DEMO)/results/tuning.md
 
 demo-pretraining: venv ## the pretraining table on the miniature: DEMO_PRETRAIN_AXIS steps -> demo/results/pretraining.md
-	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN_AXIS)
+	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN_AXIS) --test-per-class $(DEMO_TEST)
 	for s in $(DEMO_PRETRAIN_AXIS); do \
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --clip-pretrained $(DEMO)/tiny-clip-$${s}steps.pt \
 	    --domain sketch --method $(PT_METHODS) --seeds $(DEMO_SEEDS) \

@@ -430,6 +430,8 @@ def parse_args(argv=None):
     p.add_argument("--layout", choices=LAYOUTS, default="folder",
                    help="how DIR/data is laid out: folder (w2s_clip --dataset folder, the demo: "
                         "its own data set), domainnet (split files) or officehome")
+    p.add_argument("--test-per-class", type=w2s_clip.positive(int), default=60,
+                   help="D_test images per class and domain (D'_test is a fifth of D_test)")
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
     p.add_argument("--pretraining-table", nargs="+", metavar="LABEL=DIR", default=None,
                    help="only write TABLES_DIR/pretraining.md from w2s_clip result folders")
@@ -450,7 +452,7 @@ def main(argv=None):
         elif args.out:
             if any(steps < 0 for steps in args.pretrain_steps):
                 raise UserError(f"--pretrain-steps {min(args.pretrain_steps)}: must be >= 0")
-            make_demo(args.out, flag="--out", layout=args.layout)
+            make_demo(args.out, flag="--out", layout=args.layout, n_test=args.test_per_class)
             for steps in args.pretrain_steps:
                 path, info = pretrained_checkpoint(
                     args.out, steps, force=args.force, batch_size=args.pretrain_batch,
