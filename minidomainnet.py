@@ -275,7 +275,8 @@ def zero_shot_accuracy(clip_model, tokenizer, classes, domains=DOMAINS, n=600, s
     doms = [domains[i] for i in torch.randint(len(domains), (n,), generator=g).tolist()]
     images = normalise(render(labels, doms, g, len(classes), size))
     protos = w2s_clip.text_prototypes(clip_model.eval(), tokenizer,
-                                      [c.replace("_", " ") for c in classes], ["a photo of a {}."])
+                                      [c.replace("_", " ") for c in classes], ["a photo of a {}."],
+                                      normalize=True)
     logits = F.normalize(clip_model.encode_image(images), dim=-1) @ protos.T
     return w2s_clip.accuracy(logits, labels)
 
@@ -430,7 +431,7 @@ def parse_args(argv=None):
     p.add_argument("--layout", choices=LAYOUTS, default="folder",
                    help="how DIR/data is laid out: folder (w2s_clip --dataset folder, the demo: "
                         "its own data set), domainnet (split files) or officehome")
-    p.add_argument("--test-per-class", type=w2s_clip.positive(int), default=60,
+    p.add_argument("--test-per-class", type=w2s_clip.positive(int), default=300,
                    help="D_test images per class and domain (D'_test is a fifth of D_test)")
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
     p.add_argument("--pretraining-table", nargs="+", metavar="LABEL=DIR", default=None,

@@ -233,7 +233,8 @@ def test_text_prototypes_equal_build_zero_shot_classifier(clip, templates, per_b
     ref = open_clip.build_zero_shot_classifier(model, tok, PROMPT_NAMES, templates,
                                                num_classes_per_batch=per_batch, device="cpu").T
     for batch_size in (256, 3):  # 3: prompt batches that cut across classes
-        ours = w2s_clip.text_prototypes(model, tok, PROMPT_NAMES, templates, batch_size=batch_size)
+        ours = w2s_clip.text_prototypes(model, tok, PROMPT_NAMES, templates, batch_size=batch_size,
+                                        normalize=True)
         assert ours.shape == (len(PROMPT_NAMES), 64)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.norm(dim=-1), torch.ones(len(PROMPT_NAMES)))
@@ -242,15 +243,15 @@ def test_text_prototypes_equal_build_zero_shot_classifier(clip, templates, per_b
 @pytest.mark.parametrize("templates", [["a photo of a {}."], ["a photo of a {}.", "art of the {}."]],
                          ids=["single", "two"])
 def test_text_prototypes_raw_equal_encode_text_unnormalised(clip, templates):
-    """normalize=False (Algorithm 1's raw C_i = f_text(prompt)): for one template exactly open_clip's
-    encode_text(normalize=False), for several the mean of those; the norms are not 1."""
+    """The default, normalize=False (Algorithm 1's raw C_i = f_text(prompt), what a copied function
+    must give): for one template exactly open_clip's encode_text(normalize=False), for several the
+    mean of those; the norms are not 1."""
     model, tok = clip
     with torch.no_grad():
         ref = torch.stack([model.encode_text(tok([t.format(c) for c in PROMPT_NAMES]),
                                              normalize=False) for t in templates]).mean(dim=0)
     for batch_size in (256, 3):
-        ours = w2s_clip.text_prototypes(model, tok, PROMPT_NAMES, templates, batch_size=batch_size,
-                                        normalize=False)
+        ours = w2s_clip.text_prototypes(model, tok, PROMPT_NAMES, templates, batch_size=batch_size)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ours.norm(dim=-1), torch.ones(len(PROMPT_NAMES)), atol=1e-2)
 
@@ -273,7 +274,8 @@ def test_zero_shot_prototypes_computed_once_per_strong_bundle(clip, monkeypatch)
     torch.testing.assert_close(first, raw)
     unit = w2s_clip.zero_shot_prototypes({"clip": model, "tokenizer": tok}, PROMPT_NAMES,
                                          prototype_norm="unit")
-    torch.testing.assert_close(unit, real(model, tok, PROMPT_NAMES, ["a photo of a {}"]))
+    torch.testing.assert_close(unit, real(model, tok, PROMPT_NAMES, ["a photo of a {}"],
+                                          normalize=True))
 
 
 def test_prompt_head_starts_at_open_clip_text_features(clip):

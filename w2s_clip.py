@@ -1101,15 +1101,15 @@ def split_prompts(emb, eot, p):
 
 
 @torch.no_grad()
-def text_prototypes(clip_model, tokenizer, classnames, templates, batch_size=256, normalize=True):
+def text_prototypes(clip_model, tokenizer, classnames, templates, batch_size=256, normalize=False):
     """Zero-shot class embeddings [k, d], one per class name, averaged over the templates.
 
     Args:
         templates: format strings with `{}` or callables, e.g. open_clip.OPENAI_IMAGENET_TEMPLATES.
-        normalize: True: the L2-normalised mean of normalised prompt embeddings, which equals
-            `open_clip.build_zero_shot_classifier(...).T`; False: the mean of the raw embeddings
-            (Algorithm 1, line 2: C_i = f_text(prompt_i); for one template exactly
-            `encode_text(..., normalize=False)`).
+        normalize: False (the paper's CPL): the mean of the raw embeddings (Algorithm 1, line 2:
+            C_i = f_text(prompt_i); for one template exactly `encode_text(..., normalize=False)`);
+            True: the L2-normalised mean of normalised prompt embeddings, which equals
+            `open_clip.build_zero_shot_classifier(...).T`.
     Runs only the prompts' real tokens, not all 77.
     """
     emb = prompt_embeddings(clip_model, tokenizer, classnames, templates, batch_size)
