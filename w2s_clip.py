@@ -104,6 +104,19 @@ def available_cpus():
         return os.cpu_count() or 1
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default shown once: not for None, a switch's off state or a help text that
+    already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or "default" in text
+                or isinstance(action, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (`error: argument --x: ...; see --help`),
     exit status 2, instead of the usage block and the error."""
@@ -114,143 +127,141 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     """The command line; every flag is documented in README.md."""
-    p = OneLineParser(description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # data
-    p.add_argument("--dataset", choices=DATASETS, default="domainnet",
-                   help="layout of --data-root: domainnet (split files), officehome "
-                        "(<Domain>/<Class>/<image>, split here) or folder "
-                        "(<domain>/{train,test}/<class>/<image>); see datasets_w2s_clip.py")
-    p.add_argument("--data-root", default="data/domainnet",
-                   help="folder with <domain>/<class>/<file>.jpg and <domain>_{train,test}.txt "
-                        "(DomainNet), or of the --dataset layout")
-    p.add_argument("--domain", default="sketch",
-                   help=f"the data set's domain: for DomainNet one of {', '.join(DOMAINS)}")
-    p.add_argument("--split-share", type=in_range(0, 1), default=0.8,
-                   help="officehome only (no official split): share of each class's images in the "
-                        "weak model's train split, the rest is D_test (DomainBed's 80/20)")
-    p.add_argument("--split-seed", type=seed_value, default=0,
-                   help="officehome only: seed of that split, the same for every --seeds run")
-    p.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="one run per seed: the D_test split, weak model and head all follow it")
-    p.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
-                   default=min(8, available_cpus()),
-                   help="data-loader worker processes for image decoding (no effect on results)")
-    # weak model
-    p.add_argument("--weak-model", default="resnet18",
-                   help="any timm model name, or hf:<Hugging Face id or folder> for a transformers "
-                        "image classifier (Table 3: hf:microsoft/resnet-18 ... hf:microsoft/cvt-13)")
-    p.add_argument("--no-weak-pretrained", dest="weak_pretrained", action="store_false",
-                   help="random-init weak model instead of ImageNet weights (offline use; for hf: "
-                        "random init from the model's config)")
-    p.add_argument("--weak-epochs", type=positive(int), default=3, help="weak fine-tuning epochs on D_train")
-    p.add_argument("--weak-lr", type=positive(float), default=1e-3, help="weak fine-tuning learning rate")
-    p.add_argument("--weak-micro-batch", type=positive(int), default=None, metavar="N",
-                   help="run each weak-training batch of --batch-size in parts of N images, "
-                        "gradients added up: the paper's batch of 512 on a smaller card "
-                        "(BatchNorm then normalises over N images); default: the whole batch")
-    p.add_argument("--train-image-cache", type=int, default=0, metavar="PIXELS",
-                   help="decode each D_train image once and keep it at this short side (uint8, "
-                        "bicubic, never enlarged) for weak training's crops: faster, a slightly "
-                        "different augmentation (deviation 22); 0: decode every epoch (paper)")
-    p.add_argument("--eval-image-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the weak model's evaluation images up to their center crop (uint8, "
-                        "in --cache-dir) so that each seed's weak logits read them instead of "
-                        "decoding again: the same tensors bit for bit (timm models)")
-    # strong model
-    p.add_argument("--clip-model", default="ViT-B-32",
-                   help="open_clip model name, or a path to an open_clip JSON model config")
-    p.add_argument("--clip-pretrained", default="openai",
-                   help="open_clip pretrained tag or checkpoint file; 'none' = random init")
-    # heads and losses
-    p.add_argument("--method", choices=METHODS + ("all",), nargs="+", default=["cpl"],
-                   help="one or more of weak, zero-shot, ceiling, cpl, cpl-text, <loss>-<lp|tp>; "
-                        "or all")
-    p.add_argument("--tau", type=positive(float), default=1.0,
-                   help="CPL temperature tau on both weak and strong logits (Eq. 4); the paper "
-                        "gives no value")
-    p.add_argument("--cpl-logit-scale", type=positive(float), default=1.0,
-                   help="CPL and cpl-text logits = scale * cos(x, C): 1 = Eq. 3; 100 = CLIP's scale")
-    p.add_argument("--prototype-norm", choices=("raw", "unit"), default="raw",
-                   help="CPL's initial prototypes: raw text embeddings (Algorithm 1, line 2) or "
-                        "L2-normalised (open_clip's zero-shot classifier)")
-    p.add_argument("--lp-input", choices=("raw", "normalized"), default="raw",
-                   help="LP input: the raw image feature (Eq. 1) or the L2-normalised one")
-    p.add_argument("--kd-temperature", type=positive(float), default=1.0, help="KD/AdaptConf temperature T")
-    p.add_argument("--aux-alpha", type=in_range(0, 1), default=0.5, help="AuxConf final alpha")
-    p.add_argument("--adapt-tau", type=positive(float), default=0.5,
-                   help="AdaptConf beta temperature (Guo et al.'s code default)")
-    p.add_argument("--prototype-init", choices=("single", "ensemble", "cpe"), default="single",
-                   help="CPL init: --prompt-template (Algorithm 1), open_clip's 80 ImageNet "
-                        "templates, or those weighted by CPE (Shao et al. 2023: worst-k CMM with "
-                        "pseudo-labels on hold-train, no true label)")
-    p.add_argument("--cpe-k", type=positive(int), default=10,
-                   help="CPE: the k worst classes whose mean CMM weighs a template")
-    p.add_argument("--class-descriptions", metavar="FILE",
-                   help="CPE: JSON {class name: [sentences]}, each sentence one more prompt of its "
-                        "class (e.g. written by a language model beforehand)")
-    p.add_argument("--prompt-template", type=prompt_template, default="a photo of a {}",
-                   help="CPL's and cpl-text's prompt, one {} for the class name (Algorithm 1, line 2, "
-                        "no period)")
-    p.add_argument("--cpl-kl", choices=("summand", "printed"), default="summand",
-                   help="CPL loss: KL(p^w || p^s), Eq. 5's summand (Hinton's distillation direction), "
-                        "or KL(p^s || p^w), Eq. 5's left-hand side as printed")
-    # training
-    p.add_argument("--strong-epochs", type=positive(int), default=10, help="head training epochs")
-    p.add_argument("--batch-size", type=positive(int), default=512, help="batch size, weak and strong")
-    p.add_argument("--lr", type=positive(float), default=1e-2, help="head learning rate (AdamW)")
-    p.add_argument("--text-lr", type=positive(float), default=1e-5,
-                   help="learning rate of the text tower for cpl-text (Table 4)")
-    p.add_argument("--warmup-ratio", type=in_range(0, 1), default=0.1, help="linear warm-up share of steps")
-    p.add_argument("--lr-schedule", choices=("linear", "cosine"), default="linear",
-                   help="decay after warm-up, weak and strong: HF Trainer's default linear, or cosine")
-    p.add_argument("--max-grad-norm", type=in_range(0, float("inf")), default=1.0,
-                   help="clip the gradient norm, weak and strong (HF Trainer default); 0 = off")
-    p.add_argument("--select-by", choices=("loss", "agreement"), default="loss",
-                   help="best epoch: lowest hold-val loss against the run's supervision (HF Trainer "
-                        "metric_for_best_model default), or highest agreement with its labels")
-    p.add_argument("--select-from", choices=("epochs", "start-and-epochs"), default="epochs",
-                   help="candidates for the best epoch: the head after each epoch (HF Trainer: only "
-                        "checkpoints saved after training steps), or also the head before training")
-    p.add_argument("--ceiling-data", choices=("hold", "hold-train"), default="hold",
-                   help="the ceiling's training set, true labels: all of D_hold (paper Section 5, "
-                        "step 5) or hold-train only (the weak-to-strong runs' set)")
-    # hold-val parameter tuning (paper Section 5, step 4)
-    p.add_argument("--tune", choices=("hold-val", "none"), default="hold-val",
-                   help="choose each weak-to-strong method's open hyperparameters from the grids "
-                        "below on hold-val with weak labels only (Section 5, step 4), or keep the "
-                        "fixed --tau, --kd-temperature, --aux-alpha, --text-lr")
-    p.add_argument("--tune-by", choices=("agreement", "weak-kl"), default="agreement",
-                   help="tuning criterion on hold-val: agreement with the weak labels, or the lowest "
-                        "KL(softmax(w) || the head's own p^s); both comparable across temperatures")
-    p.add_argument("--tau-grid", type=positive(float), nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0],
-                   help="CPL and cpl-text tau grid (not stated; 0.01 = CLIP's logit scale 100, 1 = Eq. 4 "
-                        "at face value)")
-    p.add_argument("--kd-temperature-grid", type=positive(float), nargs="+", default=[1.0, 2.0, 4.0],
-                   help="KD and AdaptConf T grid (not stated; Hinton et al. 2015's usual range)")
-    p.add_argument("--aux-alpha-grid", type=in_range(0, 1), nargs="+", default=[0.25, 0.5, 0.75],
-                   help="AuxConf alpha grid (Burns et al. 2023: 0.5 in their code, 0.75 for large "
-                        "students)")
-    p.add_argument("--text-lr-grid", type=positive(float), nargs="+", default=[1e-6, 1e-5, 1e-4],
-                   help="cpl-text text-tower learning-rate grid (not stated; a decade either side "
-                        "of --text-lr)")
-    p.add_argument("--weight-decay", type=in_range(0, float("inf")), default=0.0, help="AdamW weight decay")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ...; none given: cuda if "
-                   "available (a GPU this torch build has no kernels for stops the command), "
-                   "else cpu")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast of weak training and CLIP encoding: auto = bf16 on sm_80+, fp16 "
-                        "with a gradient scaler below (V100), fp32 on the CPU; weak logits and "
-                        "heads are always fp32")
-    # output
-    p.add_argument("--out-dir", default="runs", help="results go to <out-dir>/<domain>/<method>/")
-    p.add_argument("--cache-dir", default="cache", help="features, weak models and weak logits")
-    p.add_argument("--force", action="store_true", help="recompute caches and finished runs")
-    p.add_argument("--build-tables", action="store_true",
-                   help="only build Tables 2-4 and Figure 2 from the results under --out-dir")
-    p.add_argument("--tables-dir", default="results", help="where --build-tables writes")
-    p.add_argument("--make-demo", metavar="DIR",
-                   help="only write a synthetic DomainNet-layout dataset and a tiny CLIP config")
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    data = p.add_argument_group("data: which images, which domain, which splits")
+    data.add_argument("--dataset", choices=DATASETS, default="domainnet",
+                      help="layout of --data-root: domainnet (split files), officehome "
+                           "(<Domain>/<Class>/<image>, split here) or folder "
+                           "(<domain>/{train,test}/<class>/<image>); see datasets_w2s_clip.py")
+    data.add_argument("--data-root", default="data/domainnet",
+                      help="folder with <domain>/<class>/<file>.jpg and <domain>_{train,test}.txt "
+                           "(DomainNet), or of the --dataset layout")
+    data.add_argument("--domain", default="sketch",
+                      help=f"the data set's domain: for DomainNet one of {', '.join(DOMAINS)}")
+    data.add_argument("--split-share", type=in_range(0, 1), default=0.8,
+                      help="officehome only (no official split): share of each class's images in the "
+                           "weak model's train split, the rest is D_test (DomainBed's 80/20)")
+    data.add_argument("--split-seed", type=seed_value, default=0,
+                      help="officehome only: seed of that split, the same for every --seeds run")
+    data.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2, 3, 4],
+                      help="one run per seed: the D_test split, weak model and head all follow it")
+    data.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
+                      default=min(8, available_cpus()),
+                      help="data-loader worker processes for image decoding (no effect on results)")
+    weak = p.add_argument_group("weak model: fine-tuned on D_train with true labels")
+    weak.add_argument("--weak-model", default="resnet18",
+                      help="any timm model name, or hf:<Hugging Face id or folder> for a transformers "
+                           "image classifier (Table 3: hf:microsoft/resnet-18 ... hf:microsoft/cvt-13)")
+    weak.add_argument("--no-weak-pretrained", dest="weak_pretrained", action="store_false",
+                      help="random-init weak model instead of ImageNet weights (offline use; for hf: "
+                           "random init from the model's config)")
+    weak.add_argument("--weak-epochs", type=positive(int), default=3, help="weak fine-tuning epochs on D_train")
+    weak.add_argument("--weak-lr", type=positive(float), default=1e-3, help="weak fine-tuning learning rate")
+    weak.add_argument("--weak-micro-batch", type=positive(int), default=None, metavar="N",
+                      help="run each weak-training batch of --batch-size in parts of N images, "
+                           "gradients added up: the paper's batch of 512 on a smaller card "
+                           "(BatchNorm then normalises over N images); default: the whole batch")
+    weak.add_argument("--train-image-cache", type=int, default=0, metavar="PIXELS",
+                      help="decode each D_train image once and keep it at this short side (uint8, "
+                           "bicubic, never enlarged) for weak training's crops: faster, a slightly "
+                           "different augmentation (deviation 22); 0: decode every epoch (paper)")
+    weak.add_argument("--eval-image-cache", action=argparse.BooleanOptionalAction, default=True,
+                      help="keep the weak model's evaluation images up to their center crop (uint8, "
+                           "in --cache-dir) so that each seed's weak logits read them instead of "
+                           "decoding again: the same tensors bit for bit (timm models)")
+    strong = p.add_argument_group("strong model: open_clip CLIP, image tower frozen")
+    strong.add_argument("--clip-model", default="ViT-B-32",
+                        help="open_clip model name, or a path to an open_clip JSON model config")
+    strong.add_argument("--clip-pretrained", default="openai",
+                        help="open_clip pretrained tag or checkpoint file; 'none' = random init")
+    heads = p.add_argument_group("methods, heads and losses")
+    heads.add_argument("--method", choices=METHODS + ("all",), nargs="+", default=["cpl"],
+                       metavar="METHOD", help=f"one or more of {', '.join(METHODS)}; or all")
+    heads.add_argument("--tau", type=positive(float), default=1.0,
+                       help="CPL temperature tau on both weak and strong logits (Eq. 4); the paper "
+                            "gives no value")
+    heads.add_argument("--cpl-logit-scale", type=positive(float), default=1.0,
+                       help="CPL and cpl-text logits = scale * cos(x, C): 1 = Eq. 3; 100 = CLIP's scale")
+    heads.add_argument("--prototype-norm", choices=("raw", "unit"), default="raw",
+                       help="CPL's initial prototypes: raw text embeddings (Algorithm 1, line 2) or "
+                            "L2-normalised (open_clip's zero-shot classifier)")
+    heads.add_argument("--lp-input", choices=("raw", "normalized"), default="raw",
+                       help="LP input: the raw image feature (Eq. 1) or the L2-normalised one")
+    heads.add_argument("--kd-temperature", type=positive(float), default=1.0, help="KD/AdaptConf temperature T")
+    heads.add_argument("--aux-alpha", type=in_range(0, 1), default=0.5, help="AuxConf final alpha")
+    heads.add_argument("--adapt-tau", type=positive(float), default=0.5,
+                       help="AdaptConf beta temperature (Guo et al.'s code default)")
+    heads.add_argument("--prototype-init", choices=("single", "ensemble", "cpe"), default="single",
+                       help="CPL init: --prompt-template (Algorithm 1), open_clip's 80 ImageNet "
+                            "templates, or those weighted by CPE (Shao et al. 2023: worst-k CMM with "
+                            "pseudo-labels on hold-train, no true label)")
+    heads.add_argument("--cpe-k", type=positive(int), default=10,
+                       help="CPE: the k worst classes whose mean CMM weighs a template")
+    heads.add_argument("--class-descriptions", metavar="FILE",
+                       help="CPE: JSON {class name: [sentences]}, each sentence one more prompt of its "
+                            "class (e.g. written by a language model beforehand)")
+    heads.add_argument("--prompt-template", type=prompt_template, default="a photo of a {}",
+                       help="CPL's and cpl-text's prompt, one {} for the class name (Algorithm 1, line 2, "
+                            "no period)")
+    heads.add_argument("--cpl-kl", choices=("summand", "printed"), default="summand",
+                       help="CPL loss: KL(p^w || p^s), Eq. 5's summand (Hinton's distillation direction), "
+                            "or KL(p^s || p^w), Eq. 5's left-hand side as printed")
+    train = p.add_argument_group("training (weak model and heads)")
+    train.add_argument("--strong-epochs", type=positive(int), default=10, help="head training epochs")
+    train.add_argument("--batch-size", type=positive(int), default=512, help="batch size, weak and strong")
+    train.add_argument("--lr", type=positive(float), default=1e-2, help="head learning rate (AdamW)")
+    train.add_argument("--text-lr", type=positive(float), default=1e-5,
+                       help="learning rate of the text tower for cpl-text (Table 4)")
+    train.add_argument("--warmup-ratio", type=in_range(0, 1), default=0.1, help="linear warm-up share of steps")
+    train.add_argument("--lr-schedule", choices=("linear", "cosine"), default="linear",
+                       help="decay after warm-up, weak and strong: HF Trainer's default linear, or cosine")
+    train.add_argument("--max-grad-norm", type=in_range(0, float("inf")), default=1.0,
+                       help="clip the gradient norm, weak and strong (HF Trainer default); 0 = off")
+    train.add_argument("--select-by", choices=("loss", "agreement"), default="loss",
+                       help="best epoch: lowest hold-val loss against the run's supervision (HF Trainer "
+                            "metric_for_best_model default), or highest agreement with its labels")
+    train.add_argument("--select-from", choices=("epochs", "start-and-epochs"), default="epochs",
+                       help="candidates for the best epoch: the head after each epoch (HF Trainer: only "
+                            "checkpoints saved after training steps), or also the head before training")
+    train.add_argument("--ceiling-data", choices=("hold", "hold-train"), default="hold",
+                       help="the ceiling's training set, true labels: all of D_hold (paper Section 5, "
+                            "step 5) or hold-train only (the weak-to-strong runs' set)")
+    tune = p.add_argument_group("hold-val tuning (Section 5, step 4)")
+    tune.add_argument("--tune", choices=("hold-val", "none"), default="hold-val",
+                      help="choose each weak-to-strong method's open hyperparameters from the grids "
+                           "below on hold-val with weak labels only (Section 5, step 4), or keep the "
+                           "fixed --tau, --kd-temperature, --aux-alpha, --text-lr")
+    tune.add_argument("--tune-by", choices=("agreement", "weak-kl"), default="agreement",
+                      help="tuning criterion on hold-val: agreement with the weak labels, or the lowest "
+                           "KL(softmax(w) || the head's own p^s); both comparable across temperatures")
+    tune.add_argument("--tau-grid", type=positive(float), nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0],
+                      help="CPL and cpl-text tau grid (not stated; 0.01 = CLIP's logit scale 100, 1 = Eq. 4 "
+                           "at face value)")
+    tune.add_argument("--kd-temperature-grid", type=positive(float), nargs="+", default=[1.0, 2.0, 4.0],
+                      help="KD and AdaptConf T grid (not stated; Hinton et al. 2015's usual range)")
+    tune.add_argument("--aux-alpha-grid", type=in_range(0, 1), nargs="+", default=[0.25, 0.5, 0.75],
+                      help="AuxConf alpha grid (Burns et al. 2023: 0.5 in their code, 0.75 for large "
+                           "students)")
+    tune.add_argument("--text-lr-grid", type=positive(float), nargs="+", default=[1e-6, 1e-5, 1e-4],
+                      help="cpl-text text-tower learning-rate grid (not stated; a decade either side "
+                           "of --text-lr)")
+    tune.add_argument("--weight-decay", type=in_range(0, float("inf")), default=0.0, help="AdamW weight decay")
+    tune.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ...; none given: cuda if "
+                      "available (a GPU this torch build has no kernels for stops the command), "
+                      "else cpu")
+    tune.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                      help="autocast of weak training and CLIP encoding: auto = bf16 on sm_80+, fp16 "
+                           "with a gradient scaler below (V100), fp32 on the CPU; weak logits and "
+                           "heads are always fp32")
+    out = p.add_argument_group("output and caches")
+    out.add_argument("--out-dir", default="runs", help="results go to <out-dir>/<domain>/<method>/")
+    out.add_argument("--cache-dir", default="cache", help="features, weak models and weak logits")
+    out.add_argument("--force", action="store_true", help="recompute caches and finished runs")
+    out.add_argument("--build-tables", action="store_true",
+                     help="only build Tables 2-4 and Figure 2 from the results under --out-dir")
+    out.add_argument("--tables-dir", default="results", help="where --build-tables writes")
+    out.add_argument("--make-demo", metavar="DIR",
+                     help="only write a synthetic DomainNet-layout dataset and a tiny CLIP config")
     args = p.parse_args(argv)
     if args.dataset == "domainnet" and args.domain not in DOMAINS and not args.build_tables:
         p.error(f"argument --domain: invalid choice: {args.domain!r} (DomainNet has "
