@@ -1136,6 +1136,7 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     # the same command again skips the finished run; other settings stop with a one-line error
     again = run_cli(cli_args(demo, demo / "data", out, cache))
     assert again.returncode == 0 and "all runs exist" in again.stdout
+    assert f"| {'cpl':<16}{100 * r['test_accuracy']:6.2f}" in again.stdout  # its box, as printed
     other = run_cli(cli_args(demo, demo / "data", out, cache, **{"--tau": "0.5"}))
     lines = other.stderr.strip().splitlines()
     assert other.returncode != 0 and len(lines) == 1 and "other settings" in lines[0], other.stderr

@@ -3077,6 +3077,8 @@ def run_experiment(args):
                 continue
             todo[seed].append(m)
     if not any(todo.values()):
+        for seed in args.seeds:  # what they hold, as the run that made them printed it
+            print(summary_box(args.out_dir, args.domain, seed, methods, settings))
         print(f"all runs exist under {args.out_dir}/{args.domain}; --force recomputes them")
         return
     data["images"] = image_stats_digest(args.data_root, data["train_paths"] + data["test_paths"])
