@@ -114,13 +114,13 @@ paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet or DATASET
 
 jobs: ## print paper-tables' grid as one command per line, to run in any order and concurrently
 	@for d in $(DOMAINS); do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method all --seeds $$s --out-dir $(OUT) --cache-dir $(CACHE) $(FLAGS)"; \
+	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(DATA) --domain $$d --method all --seeds $$s --out-dir $(OUT) --cache-dir $(CACHE)"; \
 	done; done
 	@for w in $(filter-out resnet18,$(WEAK_MODELS)); do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $(T3_DOMAIN) --method $(T3_METHODS) --seeds $$s --weak-model $$w --out-dir $(OUT)/weak-$$(echo $$w | tr ':/' '--') --cache-dir $(CACHE) $(FLAGS)"; \
+	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(DATA) --domain $(T3_DOMAIN) --method $(T3_METHODS) --seeds $$s --weak-model $$w --out-dir $(OUT)/weak-$$(echo $$w | tr ':/' '--') --cache-dir $(CACHE)"; \
 	done; done
 	@for d in $(DOMAINS); do for i in ensemble cpe; do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method zero-shot cpl --prototype-init $$i --seeds $$s --out-dir $(OUT)/$$i-init --cache-dir $(CACHE) $(FLAGS)"; \
+	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(DATA) --domain $$d --method zero-shot cpl --prototype-init $$i --seeds $$s --out-dir $(OUT)/$$i-init --cache-dir $(CACHE)"; \
 	done; done; done
 
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT

@@ -369,7 +369,7 @@ def pretraining_row(label, acc):
     of the best baseline and of CPL (on the means over seeds, `n/a` where ceiling <= weak, as
     w2s_clip.pgr_text prints it in the tables)."""
     mean = lambda m: sum(acc[m].values()) / len(acc[m]) if acc.get(m) else float("nan")  # noqa: E731
-    others = [m for m in acc if m not in ("weak", "ceiling", "zero-shot") and not m.startswith("cpl")]
+    others = [m for m in acc if w2s_clip.is_baseline(m) and " (" not in m]  # not a sweep's variant
     best = max(others, key=mean) if others else None
     cells = [mean("weak"), mean("zero-shot"), mean("ceiling"), mean(best) if best else float("nan"),
              mean("cpl")]
