@@ -245,14 +245,16 @@ def parse_args(argv=None):
     tune.add_argument("--text-lr-grid", type=positive(float), nargs="+", default=[1e-6, 1e-5, 1e-4],
                       help="cpl-text text-tower learning-rate grid (not stated; a decade either side "
                            "of --text-lr)")
-    tune.add_argument("--weight-decay", type=in_range(0, float("inf")), default=0.0, help="AdamW weight decay")
-    tune.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ...; none given: cuda if "
-                      "available (a GPU this torch build has no kernels for stops the command), "
-                      "else cpu")
-    tune.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                      help="autocast of weak training and CLIP encoding: auto = bf16 on sm_80+, fp16 "
-                           "with a gradient scaler below (V100), fp32 on the CPU; weak logits and "
-                           "heads are always fp32")
+    train.add_argument("--weight-decay", type=in_range(0, float("inf")), default=0.0,
+                       help="AdamW weight decay")
+    device = p.add_argument_group("device")
+    device.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ...; none given: cuda if "
+                        "available (a GPU this torch build has no kernels for stops the command), "
+                        "else cpu")
+    device.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="autocast of weak training and CLIP encoding: auto = bf16 on sm_80+, "
+                             "fp16 with a gradient scaler below (V100), fp32 on the CPU; weak logits "
+                             "and heads are always fp32")
     out = p.add_argument_group("output and caches")
     out.add_argument("--out-dir", default="runs", help="results go to <out-dir>/<domain>/<method>/")
     out.add_argument("--cache-dir", default="cache", help="features, weak models and weak logits")
