@@ -14,7 +14,7 @@ from pathlib import Path
 
 import w2s_clip
 
-# The flags of the paper's letter and their alternatives (README, deviations), in the order the
+# The flags of the paper's letter and their alternatives (docs/deviations.md), in the order the
 # table lists them: flag -> value. Any other changed flag is a variant too, listed after these.
 ALTERNATIVES = {"cpl_logit_scale": 100.0,      # Eq. 3: cos; CLIP's 100 * cos
                 "prototype_norm": "unit",      # Algorithm 1: raw text embeddings; unit norm

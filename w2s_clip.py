@@ -126,7 +126,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """The command line; every flag is documented in README.md."""
+    """The command line; every flag is documented in docs/reference.md."""
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = p.add_argument_group("data: which images, which domain, which splits")
     data.add_argument("--dataset", choices=DATASETS, default="domainnet",
@@ -1149,7 +1149,7 @@ def cpe_weights(embeddings, features, k_worst=10):
     those pseudo-labels, mean of the k lowest classes) and the weight
     w_t = (m_t - min m) / sum(m - min m): the weakest template drops out, the others count by how
     far they beat it (uniform when all tie). The paper's exact rule is not available here; this is
-    the simplest one consistent with "weighted by worst-k CMM" (README deviation 23).
+    the simplest one consistent with "weighted by worst-k CMM" (docs/deviations.md, 23).
     Args:
         embeddings: prompt embeddings [k, T, d] (`prompt_embeddings`).
     Returns:
@@ -1173,7 +1173,7 @@ def weighted_prototypes(embeddings, weights, normalize=False, descriptions=None)
     """Class prototypes [k, d] as the `weights`-weighted mean of the templates' embeddings [k, T, d]
     (each L2-normalised first, and the mean too, when `normalize`). `descriptions` ({class index:
     embeddings [m, d]}) adds each sentence as one more prompt of its class at the mean template
-    weight 1/T (README deviation 23)."""
+    weight 1/T (docs/deviations.md, 23)."""
     unit = lambda x: F.normalize(x, dim=-1) if normalize else x  # noqa: E731
     protos = torch.einsum("ktd,t->kd", unit(embeddings), weights.to(embeddings))
     for i, extra in (descriptions or {}).items():
@@ -2850,7 +2850,7 @@ def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):
         return None
     hours = (n_test / 13.8 * (1 + 11 * seeds) + seeds * weak_epochs * n_train / 9.4) / 3600
     return (f"warning: no usable GPU, so this runs on the CPU: roughly {hours:.0f} h for "
-            f"{n_train + n_test} images and {seeds} seeds (README, Speed); pass --device cpu to "
+            f"{n_train + n_test} images and {seeds} seeds (docs/speed.md); pass --device cpu to "
             f"mean it, or see README, Running on a GPU")
 
 
