@@ -2170,6 +2170,22 @@ def test_parse_args_seeds_are_what_a_torch_generator_takes(capsys):
         torch.Generator().manual_seed(2 ** 64)  # ... and torch refuses it too
 
 
+@pytest.mark.parametrize("flag, bad", [("--train-image-cache", "-3"), ("--train-image-cache", "x"),
+                                       ("--split-share", "1.5"), ("--cpe-k", "0"),
+                                       ("--dataset", "imagenet")])
+def test_parse_args_refuses_bad_values_of_the_new_flags_in_one_line(capsys, flag, bad):
+    with pytest.raises(SystemExit) as e:
+        w2s_clip.parse_args([flag, bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: argument {flag}: ") and len(err.splitlines()) == 1
+
+
+def test_cache_log_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("W2S_CLIP_CACHE_LOG", str(tmp_path / "no-such-folder" / "log"))
+    assert w2s_clip.cached(tmp_path / "x.pt", lambda: torch.ones(2)).sum() == 2
+    assert "warning: W2S_CLIP_CACHE_LOG" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config", [[1, 2], {"embed_dim": 64}, {**minidomainnet.TINY_CLIP, "embed_dim": "64"},
                                     {**minidomainnet.TINY_CLIP, "vision_cfg": {
                                         **minidomainnet.TINY_CLIP["vision_cfg"], "layers": "two"}},

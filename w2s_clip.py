@@ -70,6 +70,14 @@ def positive(kind):
     return parse
 
 
+def non_negative_int(text):
+    """argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def in_range(low, high):
     """argparse type: a finite float in [low, high] (high may be inf: no upper bound)."""
     def parse(text):
@@ -161,7 +169,7 @@ def parse_args(argv=None):
                       help="run each weak-training batch of --batch-size in parts of N images, "
                            "gradients added up: the paper's batch of 512 on a smaller card "
                            "(BatchNorm then normalises over N images); default: the whole batch")
-    weak.add_argument("--train-image-cache", type=int, default=0, metavar="PIXELS",
+    weak.add_argument("--train-image-cache", type=non_negative_int, default=0, metavar="PIXELS",
                       help="decode each D_train image once and keep it at this short side (uint8, "
                            "bicubic, never enlarged) for weak training's crops: faster, a slightly "
                            "different augmentation (deviation 22); 0: decode every epoch (paper)")
@@ -1659,8 +1667,12 @@ def log_computed(path):
     which cache entry (O_APPEND: whole lines from concurrent processes)."""
     log = os.environ.get("W2S_CLIP_CACHE_LOG")
     if log:
-        with open(log, "a") as f:
-            f.write(f"{os.getpid()} {path}\n")
+        try:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {path}\n")
+        except OSError as e:  # a log that cannot be written must not stop the run
+            print(f"warning: W2S_CLIP_CACHE_LOG {log} cannot be written ({e.strerror})",
+                  file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
