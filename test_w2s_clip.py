@@ -2694,6 +2694,25 @@ def put(out, r, sub=""):
     return path
 
 
+def test_weak_runs_of_other_weak_models_and_cpe_runs_are_table_axes_not_variants(tmp_path, capsys):
+    """Table 3's layout (one folder per weak model) and Table 4's CPE runs (with --cpe-k): every
+    weak model keeps its weak row, and CPE's flags make no variant rows."""
+    out = tmp_path / "runs"
+    for seed in (0, 1):
+        for weak_model, acc in (("resnet18", 0.4), ("resnet34", 0.6)):
+            sub = "" if weak_model == "resnet18" else f"weak-{weak_model}"
+            put(out, good_result("weak", seed, acc, domain="clipart", weak_model=weak_model), sub)
+            put(out, good_result("cpl", seed, acc + 0.1, domain="clipart", weak_model=weak_model), sub)
+        put(out, good_result("cpl", seed, 0.8, domain="clipart", prototype_init="cpe", cpe_k=10),
+            "cpe-init")
+    w2s_clip.build_tables(out, tmp_path / "t")
+    printed = capsys.readouterr().out
+    assert "rows of their own" not in printed and "counted once" not in printed
+    t3 = (tmp_path / "t" / "table3.md").read_text()
+    assert table_row(t3, "weak")[:2] == ["40.00 ± 0.00", "60.00 ± 0.00"]
+    assert table_row((tmp_path / "t" / "table4.md").read_text(), "cpl (cpe init)")[0] == "80.00 ± 0.00"
+
+
 @pytest.mark.parametrize("edit", [
     {"test_accuracy": "0.5"}, {"test_accuracy": None}, {"test_accuracy": 50.0},
     {"test_accuracy": float("nan")}, {"seed": "0"}, {"seed": -1}, {"method": "mystery"},

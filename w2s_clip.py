@@ -2141,7 +2141,8 @@ def load_results(out_dir):
     return sorted(rows, key=lambda r: r["path"])
 
 
-TABLE_AXES = ("domain", "splits", "weak_model", "prototype_init")  # vary across a table's cells
+TABLE_AXES = ("domain", "splits", "weak_model", "prototype_init", "cpe_k",
+              "class_descriptions")  # vary across a table's cells (CPE's flags with its init)
 WEAK_SETTINGS = ("weak_model", "weak_pretrained", "weak_epochs", "weak_lr", "batch_size",
                  "warmup_ratio", "weight_decay", "lr_schedule", "max_grad_norm", "weak_micro_batch",
                  "train_image_cache", "data_root", "splits", "domain", "dataset", "split_share",
@@ -2194,10 +2195,12 @@ def comparable_runs(rows, vary=TABLE_AXES):
     other, names = [], set()
     for r, k in zip(rows, keys):
         weak = r["method"] == "weak"
-        if k is not None and weak and (r["domain"], r["seed"], k) in seen:
+        same = (r["seed"], cache_key(**{n: v for n, v in r["settings"].items() if n in WEAK_SETTINGS})
+                ) if weak and k is not None else None  # the whole weak run, table axes included
+        if same is not None and same in seen:
             merged += 1  # the same weak run, copied into each folder of a sweep
             continue
-        seen.add((r["domain"], r["seed"], k))
+        seen.add(same)
         if k not in (None, main[weak]):  # a sweep, or other settings: a row of its own
             mine = relevant(r)
             label = setting_label(mine, ref[weak], ())
