@@ -109,6 +109,29 @@ def test_losses_dict_has_the_five_losses():
     assert w2s_clip.LOSSES["cpl"] is w2s_clip.cpl_loss
 
 
+def test_a_new_baseline_is_one_entry_in_baselines():
+    """w2s_clip.py with one more BASELINES entry (a symmetric KL) and nothing else changed: its
+    -lp and -tp methods are --method choices and Table 2 rows, its T is tuned, its
+    hyperparameters come from the flags."""
+    import importlib.util
+    source = (HERE / "w2s_clip.py").read_text()
+    entry = ('BASELINES = {\n    "skl": (lambda s, w, T=1.0: kd_loss(s, w, T) + kd_loss(w, s, T), '
+             'lambda h, step, total: {"T": h["kd_temperature"]}, ("kd_temperature",)),')
+    assert source.count("BASELINES = {") == 1
+    spec = importlib.util.spec_from_loader("w2s_clip_skl", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source.replace("BASELINES = {", entry), "w2s_clip_skl", "exec"), module.__dict__)
+    assert {"skl-lp", "skl-tp"} <= set(module.METHODS) and {"skl-lp", "skl-tp"} <= set(module.TABLE2_ROWS)
+    assert module.parse_args(["--method", "skl-tp"]).method == ["skl-tp"]
+    assert module.METHOD_HEAD_LOSS["skl-lp"] == ("lp", "skl") and module.is_baseline("skl-lp")
+    assert module.tuning_grid("lp", "skl", {"kd_temperature": [1.0, 2.0]}) == [
+        {"kd_temperature": 1.0}, {"kd_temperature": 2.0}]
+    s, w = logits_pair(5, 4)
+    kwargs = module.loss_hyper("skl", kd_temperature=2.0)(0, 10)
+    torch.testing.assert_close(module.LOSSES["skl"](s, w, **kwargs),
+                               w2s_clip.kd_loss(s, w, 2.0) + w2s_clip.kd_loss(w, s, 2.0))
+
+
 @pytest.mark.parametrize("k", [2, 7])
 @pytest.mark.parametrize("name,hyper", LOSS_CASES, ids=LOSS_IDS)
 def test_loss_value_and_gradient_match_float64_formula(name, hyper, k):

@@ -46,10 +46,6 @@ from tqdm import tqdm
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")  # DomainNet's
 DATASETS = ("domainnet", "officehome", "folder")  # layouts: datasets_w2s_clip.py for the others
-LOSS_NAMES = ("ce", "kd", "auxconf", "adaptconf")
-METHOD_HEAD_LOSS = {"cpl": ("cpl", "cpl"), "cpl-text": ("cpl-text", "cpl"),  # weak-to-strong
-                    **{f"{loss}-{head}": (head, loss) for head in ("lp", "tp") for loss in LOSS_NAMES}}
-METHODS = ("weak", "zero-shot", "ceiling") + tuple(METHOD_HEAD_LOSS)
 
 
 def finite(text):
@@ -1319,21 +1315,41 @@ def cpl_loss(strong_logits, weak_logits, tau=1.0, direction="summand"):
     return F.kl_div(log_s, log_w, reduction="batchmean", log_target=True)
 
 
-LOSSES = {"ce": ce_loss, "kd": kd_loss, "auxconf": auxconf_loss, "adaptconf": adaptconf_loss,
-          "cpl": cpl_loss}
+def warmed_up(value, step, total, share=0.2):
+    """`value` reached linearly from 0 over the first `share` of the steps (AuxConf's alpha,
+    Burns et al.)."""
+    return value * (min(1.0, step / (share * total)) if total else 1.0)
+
+
+# Every loss in one place: its function, its keyword arguments at (step, total steps) from the
+# run's hyperparameters h (the flags or a tuning grid point), and the ones hold-val tuning chooses.
+# A new baseline is its function and one entry in BASELINES: it becomes the methods <name>-lp and
+# <name>-tp, rows of Tables 2 and 3, a tuning grid and a choice of --method.
+BASELINES = {
+    "ce": (ce_loss, lambda h, step, total: {}, ()),
+    "kd": (kd_loss, lambda h, step, total: {"T": h["kd_temperature"]}, ("kd_temperature",)),
+    "auxconf": (auxconf_loss, lambda h, step, total: {"alpha": warmed_up(h["aux_alpha"], step, total)},
+                ("aux_alpha",)),
+    "adaptconf": (adaptconf_loss, lambda h, step, total: {"T": h["kd_temperature"],
+                                                          "tau": h["adapt_tau"]}, ("kd_temperature",)),
+}
+ALL_LOSSES = {**BASELINES,
+              "cpl": (cpl_loss, lambda h, step, total: {"tau": h["tau"], "direction": h["cpl_kl"]},
+                      ("tau",))}
+LOSS_NAMES = tuple(BASELINES)
+LOSSES = {name: entry[0] for name, entry in ALL_LOSSES.items()}
+TUNED_PARAMS = {name: entry[2] for name, entry in ALL_LOSSES.items()}  # hold-val tuning's grids
+METHOD_HEAD_LOSS = {"cpl": ("cpl", "cpl"), "cpl-text": ("cpl-text", "cpl"),  # weak-to-strong
+                    **{f"{loss}-{head}": (head, loss) for head in ("lp", "tp") for loss in LOSS_NAMES}}
+METHODS = ("weak", "zero-shot", "ceiling") + tuple(METHOD_HEAD_LOSS)
 
 
 def loss_hyper(loss, tau=1.0, kd_temperature=1.0, aux_alpha=0.5, adapt_tau=0.5, cpl_kl="summand"):
-    """The hyperparameters of `loss` as a function (step, total_steps) -> kwargs.
-
-    AuxConf's alpha warms linearly from 0 to `aux_alpha` over the first 20% of steps (Burns et al.).
-    """
-    fixed = {"ce": {}, "kd": {"T": kd_temperature}, "cpl": {"tau": tau, "direction": cpl_kl},
-             "adaptconf": {"T": kd_temperature, "tau": adapt_tau}}
-    if loss == "auxconf":
-        return lambda step, total: {"alpha": aux_alpha * (min(1.0, step / (0.2 * total)) if total
-                                                          else 1.0)}
-    return lambda step, total: fixed[loss]
+    """The hyperparameters of `loss` as a function (step, total_steps) -> kwargs (ALL_LOSSES)."""
+    h = {"tau": tau, "kd_temperature": kd_temperature, "aux_alpha": aux_alpha,
+         "adapt_tau": adapt_tau, "cpl_kl": cpl_kl}
+    hyper = ALL_LOSSES[loss][1]
+    return lambda step, total: hyper(h, step, total)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1447,8 +1463,6 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
 
 # Section 5, step 4: the 20% of D'_hold "for parameter tuning". The paper names no parameter; these
 # are the ones each method leaves open (the text tower's lr only for cpl-text).
-TUNED_PARAMS = {"ce": (), "kd": ("kd_temperature",), "auxconf": ("aux_alpha",),
-                "adaptconf": ("kd_temperature",), "cpl": ("tau",)}
 
 
 def tuning_grid(kind, loss, grids):
@@ -1992,8 +2006,8 @@ def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=N
 # ------------------------------------------------------------------------------------------------
 # Reporting: Tables 2-4 and Figure 2 from the results.json files, never from logs
 # ------------------------------------------------------------------------------------------------
-TABLE2_ROWS = ("weak", "zero-shot", "ce-lp", "kd-lp", "auxconf-lp", "adaptconf-lp", "ce-tp",
-               "kd-tp", "auxconf-tp", "adaptconf-tp", "cpl", "ceiling")
+TABLE2_ROWS = (("weak", "zero-shot") + tuple(f"{loss}-lp" for loss in LOSS_NAMES)
+               + tuple(f"{loss}-tp" for loss in LOSS_NAMES) + ("cpl", "ceiling"))
 DELTA = "Δ (CPL − best baseline)"
 # Table 3's five weak models, by the Hugging Face ids its column names are.
 PAPER_WEAK_MODELS = ("hf:microsoft/resnet-18", "hf:microsoft/resnet-26", "hf:microsoft/resnet-34",
