@@ -1243,6 +1243,20 @@ def test_folder_layout_label_order_and_same_run_as_domainnet_layout(demo, tmp_pa
         assert r["per_class_accuracy"] == r_ref["per_class_accuracy"]
 
 
+def test_folder_images_are_checked_once_per_data_folder(demo, tmp_path, monkeypatch):
+    """Writing a folder's split files and the run itself share one stamped image check: the first
+    command opens every image's header once, a second command not at all."""
+    root = folder_copy(demo, tmp_path)
+    calls = []
+    real = w2s_clip.check_images
+    monkeypatch.setattr(w2s_clip, "check_images", lambda r, p, **kw: calls.append(len(p)) or real(r, p, **kw))
+    for seed in ("0", "1"):
+        w2s_clip.main([str(a) for a in cli_args(demo, root, tmp_path / "out", tmp_path / "cache",
+                                                 **{"--dataset": "folder", "--method": "weak",
+                                                    "--seeds": seed})])
+    assert calls == [(8 + 20) * 4]
+
+
 @pytest.mark.parametrize("damage, fragments", [
     ("no-test", ["has no test/ folder"]),
     ("empty-class", ["holds no images"]),
@@ -2741,7 +2755,8 @@ def test_weak_runs_of_other_weak_models_and_cpe_runs_are_table_axes_not_variants
     {"test_accuracy": float("nan")}, {"seed": "0"}, {"seed": -1}, {"method": "mystery"},
     {"domain": ""}, {"curves": {"epoch": 1}}, {"curves": [1, 2]}, {"curves": [{"epoch": 1}]},
     {"curves": None}, {"config": "flags"}, {"settings": 3}, {"n_predicted_classes": "ten"},
-    {"worst10_accuracy": True}])
+    {"worst10_accuracy": True}, {"agreement_with_weak": 2.0}, {"predictions": "0 1"},
+    {"predictions": [0, 1], "d_test_index": [3], "d_test_labels": [1]}])
 def test_a_hand_edited_results_json_is_named_and_skipped_by_tables_and_box(tmp_path, capsys, edit):
     """Each damaged file is named with its reason and left out of the tables and the box; the
     good runs beside it are still combined; no traceback."""

@@ -508,8 +508,8 @@ class PixelCache:
             return False
         if not (isinstance(index, torch.Tensor) and index.shape == (n, 3)):
             return False
-        end = index[-1, 0] + index[-1, 1] * index[-1, 2] * 3 if n else 0
-        return int(end) == size and bool((index[1:, 0] == index[:-1, 0] + index[:-1, 1] * index[:-1, 2] * 3).all())
+        ends = index[:, 0] + index[:, 1] * index[:, 2] * 3  # each image's end: the next's offset
+        return (int(ends[-1]) if n else 0) == size and bool((index[1:, 0] == ends[:-1]).all())
 
 
 class PixelSource(Dataset):
@@ -529,12 +529,11 @@ class PixelSource(Dataset):
 def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=False):
     """A `PixelCache` of the images `root/paths`, each decoded once and passed through `prepare`
     (PIL -> PIL of size `out_size(w, h)`, from the file's header): built under a lock, written to
-    temporary files renamed into place, reused when it exists and is whole (else rebuilt).
+    a temporary file renamed into place, reused when it exists and is whole (else rebuilt).
 
     Used for the weak model's evaluation transform up to its crop (`eval_pixel_steps`, exact) and,
     opt-in, for its training images at a short side of `--train-image-cache` pixels.
     """
-    import numpy as np
     cache = PixelCache(stem)
     with file_lock(f"{stem}.u8"):
         if cache.valid(len(paths)) and not force:
@@ -542,35 +541,39 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
         if os.path.exists(f"{stem}.u8") or os.path.exists(f"{stem}.idx.pt"):
             print(f"warning: cache file {stem}.u8 is incomplete or damaged; rebuilding it",
                   file=sys.stderr, flush=True)
+
         def header_size(rel):
             with Image.open(os.path.join(root, rel)) as im:
                 return out_size(*im.size)
         with ThreadPoolExecutor(16) as pool:
             sizes = list(pool.map(header_size, paths, chunksize=256))  # (w, h) after prepare
         lengths = torch.tensor([w * h * 3 for w, h in sizes], dtype=torch.long)
-        offsets = torch.cumsum(lengths, 0) - lengths
-        index = torch.stack([offsets, torch.tensor([h for _, h in sizes]),
+        index = torch.stack([torch.cumsum(lengths, 0) - lengths, torch.tensor([h for _, h in sizes]),
                              torch.tensor([w for w, _ in sizes])], dim=1)
+        Path(f"{stem}.idx.pt").unlink(missing_ok=True)  # no old index beside a new data file
         tmp = Path(stem).with_name(f".{Path(stem).name}.u8.{os.getpid()}.tmp")
         remove_stale_temps(tmp.parent, f"{Path(stem).name}.u8")
+        loader = DataLoader(PixelSource(root, paths, prepare), batch_size=64, num_workers=workers,
+                            collate_fn=list)
         try:
-            flat = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(int(lengths.sum()), 1),))
-            loader = DataLoader(PixelSource(root, paths, prepare), batch_size=64, num_workers=workers,
-                                collate_fn=list)
-            i = 0
-            for batch in progress(loader, "decoding images once"):
-                for a in batch:
-                    if a.shape != (int(index[i, 1]), int(index[i, 2]), 3):
-                        raise ValueError(f"prepared image {i} is {a.shape}, not {tuple(index[i])}")
-                    flat[int(offsets[i]):int(offsets[i]) + a.size] = a.reshape(-1)
-                    i += 1
-            flat.flush()
-            del flat
-            if not len(paths) or lengths.sum() == 0:
-                os.truncate(tmp, 0)
+            with open(tmp, "wb") as f:  # the images back to back, in order: offsets as indexed
+                i = 0
+                for batch in progress(loader, "decoding images once"):
+                    for a in batch:
+                        if a.shape != (int(index[i, 1]), int(index[i, 2]), 3):
+                            raise UserError(f"image {paths[i]} is {a.shape[1]}x{a.shape[0]} after "
+                                            f"the transform, not the {int(index[i, 2])}x"
+                                            f"{int(index[i, 1])} its header gave; pass "
+                                            f"--no-eval-image-cache or --train-image-cache 0")
+                        f.write(a.tobytes())
+                        i += 1
             os.replace(tmp, f"{stem}.u8")
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"no space left on {tmp.parent} (writing {Path(stem).name}.u8); "
+                                f"free some space, point --cache-dir elsewhere or pass "
+                                f"--no-eval-image-cache") from None
             raise
         atomic_save(index, f"{stem}.idx.pt")  # written last: its presence means a whole file
         log_computed(f"{stem}.u8")
@@ -603,6 +606,21 @@ def short_side(size):
     def prepare(image):
         return image.resize(out_size(*image.size), Image.BICUBIC)
     return prepare, out_size
+
+
+def check_images_once(root, paths, cache_dir, domain):
+    """`check_images` once per data folder: a stamp file in `cache_dir`, keyed by the real root,
+    the listed paths and each image's size and time, records that they passed. Returns the
+    images' `image_stats_digest` (part of the cache keys)."""
+    images = image_stats_digest(root, paths)
+    key = cache_key(root=os.path.realpath(root), images=images,
+                    paths=hashlib.sha1("\n".join(paths).encode()).hexdigest())
+    stamp = Path(cache_dir) / f"images-checked-{domain}-{key}"
+    if not stamp.exists():
+        check_images(root, paths)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    return images
 
 
 def load_domain(data_root, domain, split_root=None):
@@ -1338,7 +1356,9 @@ ALL_LOSSES = {**BASELINES,
                       ("tau",))}
 LOSS_NAMES = tuple(BASELINES)
 LOSSES = {name: entry[0] for name, entry in ALL_LOSSES.items()}
-TUNED_PARAMS = {name: entry[2] for name, entry in ALL_LOSSES.items()}  # hold-val tuning's grids
+# Section 5, step 4: the 20% of D'_hold "for parameter tuning". The paper names no parameter;
+# these are the ones each loss leaves open (and the text tower's lr for cpl-text, `tuning_grid`).
+TUNED_PARAMS = {name: entry[2] for name, entry in ALL_LOSSES.items()}
 METHOD_HEAD_LOSS = {"cpl": ("cpl", "cpl"), "cpl-text": ("cpl-text", "cpl"),  # weak-to-strong
                     **{f"{loss}-{head}": (head, loss) for head in ("lp", "tp") for loss in LOSS_NAMES}}
 METHODS = ("weak", "zero-shot", "ceiling") + tuple(METHOD_HEAD_LOSS)
@@ -1459,10 +1479,6 @@ def train_head(head, loss_fn, hyper, x, targets, x_val, val_targets, *, epochs, 
     elif epochs > 0 and all(row["val_loss"] == curves[0]["val_loss"] for row in curves):
         warnings.append("the hold-val loss never moved: the head did not learn")
     return {**best, "curves": curves, "start_would_win": start_would_win, "warnings": warnings}
-
-
-# Section 5, step 4: the 20% of D'_hold "for parameter tuning". The paper names no parameter; these
-# are the ones each method leaves open (the text tower's lr only for cpl-text).
 
 
 def tuning_grid(kind, loss, grids):
@@ -2089,6 +2105,15 @@ def result_problems(r):
         problems.append("curves is not a list of per-epoch rows")
     if not isinstance(r.get("settings"), (dict, str, type(None))):
         problems.append("settings is neither an object nor a hash")
+    problems += [f"{k} is {r[k]!r}, not a fraction in [0, 1] or null" for k in (
+        "agreement_with_weak", "accuracy_where_weak_right", "accuracy_where_weak_wrong")
+        if r.get(k) is not None and not (number(r[k]) and 0 <= r[k] <= 1)]
+    per_image = [r.get(k) for k in ("d_test_index", "d_test_labels", "predictions")]
+    if any(v is not None for v in per_image) and not (
+            all(isinstance(v, list) for v in per_image) and len({len(v) for v in per_image}) == 1
+            and all(isinstance(x, int) and not isinstance(x, bool) for v in per_image for x in v)):
+        problems.append("d_test_index, d_test_labels and predictions are not lists of integers "
+                        "of one length")
     return problems
 
 
@@ -3062,9 +3087,12 @@ def run_experiment(args):
     if args.dataset != "domainnet":  # another layout: DomainNet-format split files written first
         from datasets_w2s_clip import write_splits
         check_writable(args.out_dir, "--out-dir")
+        check_writable(args.cache_dir, "--cache-dir")
         split_root = os.path.join(args.out_dir, "splits", args.dataset)
-        skipped, first = write_splits(args.dataset, args.data_root, args.domain, split_root,
-                                      args.split_share, args.split_seed, check=check_images)
+        skipped, first = write_splits(
+            args.dataset, args.data_root, args.domain, split_root, args.split_share,
+            args.split_seed, check=lambda root, paths: check_images_once(root, paths,
+                                                                         args.cache_dir, args.domain))
         if skipped:
             print(f"note: skipped {skipped} files that are not images by their extension, "
                   f"e.g. {first}", flush=True)
@@ -3112,13 +3140,8 @@ def run_experiment(args):
             print(summary_box(args.out_dir, args.domain, seed, methods, settings))
         print(f"all runs exist under {args.out_dir}/{args.domain}; --force recomputes them")
         return
-    data["images"] = image_stats_digest(args.data_root, data["train_paths"] + data["test_paths"])
-    data_key = cache_key(root=os.path.realpath(args.data_root), splits=data["digest"],
-                         images=data["images"])
-    stamp = Path(args.cache_dir) / f"images-checked-{args.domain}-{data_key}"
-    if not stamp.exists():  # every listed image opens; checked once per data folder
-        check_images(args.data_root, data["train_paths"] + data["test_paths"])
-        stamp.touch()
+    data["images"] = check_images_once(args.data_root, data["train_paths"] + data["test_paths"],
+                                       args.cache_dir, args.domain)
     strong = None
     for seed, seed_methods in todo.items():
         if not seed_methods:
@@ -3150,7 +3173,10 @@ def run_experiment(args):
                     writer.writeheader()
                     result = run_method(method, args, data, splits, weak_logits, strong, seed,
                                         on_epoch=lambda row: (writer.writerow(row), log.flush()))
-            except FloatingPointError as e:
+            except BaseException as e:  # no log without its results.json
+                log_path.unlink(missing_ok=True)
+                if not isinstance(e, FloatingPointError):
+                    raise
                 raise UserError(f"{args.domain} seed {seed} {method}: {e}; lower --lr (now "
                                 f"{args.lr:g}) or check --tau-grid, --cpl-logit-scale, "
                                 f"--kd-temperature-grid") from None
