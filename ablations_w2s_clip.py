@@ -12,6 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+import checks_w2s_clip
+import report_w2s_clip
+import store_w2s_clip
 import w2s_clip
 
 # The flags of the paper's letter and their alternatives (docs/deviations.md), in the order the
@@ -32,7 +35,7 @@ ALTERNATIVES = {"cpl_logit_scale": 100.0,      # Eq. 3: cos; CLIP's 100 * cos
 # Settings that say what was run on, not how, and flags that never change a result (in the
 # "config" of older files without settings): never a variant.
 NOT_VARIANTS = ("data_root", "splits", "clip", "clip_model", "clip_pretrained", "device", "workers",
-                "domain") + w2s_clip.RUN_FLAGS
+                "domain") + store_w2s_clip.RUN_FLAGS
 
 
 def flag_text(name, value):
@@ -74,7 +77,7 @@ def ablation_table(out_dir, defaults=None):
         the markdown text (str); raises w2s_clip.UserError when there is no result.
     """
     defaults = defaults or vars(w2s_clip.parse_args([]))
-    rows = w2s_clip.load_results(out_dir)
+    rows = report_w2s_clip.load_results(out_dir)
     if not rows:
         raise w2s_clip.UserError(f"no readable results.json under {out_dir}; run `make ablations` "
                                  f"first")
@@ -87,7 +90,7 @@ def ablation_table(out_dir, defaults=None):
     for r, s in zip(rows, settings):
         key = (r["domain"], variant_of(s, reference) or ref_name, r["method"])
         acc.setdefault(key, []).append(100 * r["test_accuracy"])
-    stats = {key: w2s_clip.mean_std(v) for key, v in acc.items()}
+    stats = {key: report_w2s_clip.mean_std(v) for key, v in acc.items()}
     order = [ref_name] + [flag_text(f, v) for f, v in ALTERNATIVES.items()]
     lines = ["# Faithfulness ablation: accuracy (%) on D'_test, one flag changed at a time", ""]
     if off_paper:
@@ -97,7 +100,7 @@ def ablation_table(out_dir, defaults=None):
         variants = {k[1] for k in acc if k[0] == domain}
         variants = [v for v in order if v in variants] + sorted(variants - set(order))
         ran = {k[2] for k in acc if k[0] == domain}
-        methods = [m for m in dict.fromkeys(w2s_clip.TABLE2_ROWS + w2s_clip.METHODS) if m in ran]
+        methods = [m for m in dict.fromkeys(report_w2s_clip.TABLE2_ROWS + w2s_clip.METHODS) if m in ran]
         methods += sorted(ran - set(methods))  # Table 2's order, then e.g. "cpl (ensemble init)"
         lines += [f"### {domain}", "", "| variant | " + " | ".join(methods) + " |",
                   "|" + "---|" * (len(methods) + 1)]
@@ -124,8 +127,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         text = ablation_table(args.out_dir)
-        w2s_clip.check_writable(Path(args.output).parent, "--output")
-        w2s_clip.atomic_save(text, args.output)
+        checks_w2s_clip.check_writable(Path(args.output).parent, "--output")
+        store_w2s_clip.atomic_save(text, args.output)
     except w2s_clip.UserError as e:
         sys.exit(f"error: {e}")
     print(text)

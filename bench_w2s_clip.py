@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
+import checks_w2s_clip
+import datasets_w2s_clip
 import minidomainnet
+import report_w2s_clip
 import w2s_clip as W
 
 
@@ -159,10 +162,10 @@ def decode_counts(folder, seeds=5, epochs=3, short=256):
     minidomainnet.make_synthetic_domainnet(root / "data", domains=("sketch",),
                                            classes=DOMAINNET_CLASSES[:4], n_train=8, n_test=20)
     (root / "tiny-clip.json").write_text(json.dumps(minidomainnet.TINY_CLIP))
-    data = W.load_domain(root / "data", "sketch")
+    data = datasets_w2s_clip.load_domain(root / "data", "sketch")
     n_train, n_test = len(data["train_paths"]), len(data["test_paths"])
-    count, real = [0], W.decode_image
-    W.decode_image = lambda path: count.__setitem__(0, count[0] + 1) or real(path)
+    count, real = [0], datasets_w2s_clip.decode_image
+    datasets_w2s_clip.decode_image = lambda path: count.__setitem__(0, count[0] + 1) or real(path)
     per_image = {}
     try:
         for name, flags in (("paper defaults, no pixel cache", ["--no-eval-image-cache"]),
@@ -178,7 +181,7 @@ def decode_counts(folder, seeds=5, epochs=3, short=256):
                     "--out-dir", str(root / f"runs-{len(per_image)}"), "--force", *flags])
             per_image[name] = count[0] / (n_train + n_test)
     finally:
-        W.decode_image = real
+        datasets_w2s_clip.decode_image = real
     return per_image, (n_train, n_test)
 
 
@@ -189,7 +192,7 @@ def grid_decodes(seeds=5, epochs=3, weak_models=5, pretrain_tags=3):
     `weak_models` Hugging Face weak models on clipart (their processors are not cached), the
     pretraining table `pretrain_tags` CLIP passes on sketch, Table 4 none (all cached).
     Returns {setting: (decodes, per image)}."""
-    table1 = W.PAPER_TABLE1
+    table1 = report_w2s_clip.PAPER_TABLE1
     images = sum(a + b for a, b in table1.values())
     ct, cv = table1["clipart"]
     extra_clip = pretrain_tags * table1["sketch"][1]
@@ -214,11 +217,11 @@ def print_steps(rows, k, name):
 def main():
     a = parse_args()
     try:
-        device, precision, hardware = W.choose_device(a.device, "auto")
+        device, precision, hardware = checks_w2s_clip.choose_device(a.device, "auto")
         device = torch.device(device)
     except W.UserError as e:
         sys.exit(f"error: {e}")
-    print(W.device_line(hardware), flush=True)
+    print(checks_w2s_clip.device_line(hardware), flush=True)
     names = list(DOMAINNET_CLASSES[:a.classes])
     k = len(names)
     name = (hardware["name"] if device.type == "cuda"
@@ -237,12 +240,12 @@ def main():
             n_train=-(-a.weak_images // k), n_test=-(-a.images // k), size=64)
     rows = []
     clip_model, preprocess, tokenizer = W.load_clip(a.clip_model, None, device)
-    data = W.load_domain(root / "data", "sketch")
+    data = datasets_w2s_clip.load_domain(root / "data", "sketch")
     n = len(data["test_paths"])
 
     # 1. CLIP image features, decoding included; one pass over D_test takes n / rate.
     m = min(n, a.clip_images)
-    loader = W.make_loader(W.ImageList(root / "data", data["test_paths"][:m], data["test_labels"][:m],
+    loader = datasets_w2s_clip.make_loader(datasets_w2s_clip.ImageList(root / "data", data["test_paths"][:m], data["test_labels"][:m],
                                        preprocess), 256, device, a.workers)
     W.encode_images(clip_model, [next(iter(loader))], device, precision)  # warm-up
     _, seconds = timed(lambda: W.encode_images(clip_model, loader, device, precision))
@@ -252,7 +255,7 @@ def main():
 
     # 2. Weak-model training: a warm-up epoch, then one timed epoch over D_train.
     model, train_tf, _ = W.create_weak_model(a.weak_model, k, pretrained=False)
-    wl = W.make_loader(W.ImageList(root / "data", data["train_paths"], data["train_labels"], train_tf),
+    wl = datasets_w2s_clip.make_loader(datasets_w2s_clip.ImageList(root / "data", data["train_paths"], data["train_labels"], train_tf),
                        128, device, a.workers, shuffle=True)
     W.train_weak_model(model, wl, 1, 1e-3, 0.1, device, precision=precision)
     _, weak_s = timed(lambda: W.train_weak_model(model, wl, 1, 1e-3, 0.1, device,

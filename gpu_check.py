@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+import checks_w2s_clip
+import hf_w2s_clip
 import minidomainnet
 import w2s_clip as W
 
@@ -42,7 +44,7 @@ def run_check(name, fn, passed):
     except torch.cuda.OutOfMemoryError:
         detail, ok = "out of GPU memory; --real-batch 256 shows the rate on a smaller card", False
     except Exception as e:  # a check that fails is a finding, not a crash
-        detail, ok = f"{type(e).__name__}: {W.one_line(e, 200)}", False
+        detail, ok = f"{type(e).__name__}: {checks_w2s_clip.one_line(e, 200)}", False
     passed.append(ok)
     print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail} ({time.time() - start:.1f} s)", flush=True)
 
@@ -100,10 +102,12 @@ def head_losses(kind, loss, device, clip_model, tokenizer, epochs=2):
               if kind == "cpl" else None)
     torch.manual_seed(0)
     head = W.make_head(kind, clip_model, tokenizer, NAMES, 64, protos).to(device)
-    fit = W.train_head(head, W.LOSSES[loss], W.loss_hyper(loss), x[:64].to(device),
+    loss_fn, loss_schedule = W.bind_loss(loss, {n: h[0] for n, h in W.HYPERPARAMETERS.items()})
+    fit = W.train_head(head, loss_fn, x[:64].to(device),
                        weak[:64].to(device), x[64:].to(device), weak[64:].to(device), epochs=epochs,
                        batch_size=32, lr=1e-2, seed=0,
-                       param_lrs={"text.": 1e-5} if kind == "cpl-text" else None)
+                       param_lrs={"text.": 1e-5} if kind == "cpl-text" else None,
+                       loss_schedule=loss_schedule)
     return [v for row in fit["curves"] for v in (row["loss"], row["val_loss"])]
 
 
@@ -167,7 +171,7 @@ def weak_step_rate(name, device, precision, batch, size=224, classes=345):
     torch.manual_seed(0)
     if name == "cvt-13":  # Table 3's CvT-13: transformers' default CvtConfig is CvT-13
         import transformers
-        model = W.HFLogits(transformers.CvtForImageClassification(
+        model = hf_w2s_clip.HFLogits(transformers.CvtForImageClassification(
             transformers.CvtConfig(num_labels=classes)))
     else:
         import timm
@@ -235,16 +239,16 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; default: cuda if usable")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="as w2s_clip.py's --precision")
-    p.add_argument("--real-batch", type=W.positive(int), default=None,
+    p.add_argument("--real-batch", type=checks_w2s_clip.positive(int), default=None,
                    help="batch of the real-size checks (default 512 on a GPU, 8 on the CPU)")
     args = p.parse_args(argv)
     try:
-        device, precision, hardware = W.choose_device(args.device, args.precision)
+        device, precision, hardware = checks_w2s_clip.choose_device(args.device, args.precision)
     except W.UserError as e:
         sys.exit(f"error: {e}")
     device = torch.device(device)
     batch = args.real_batch or (512 if device.type == "cuda" else 8)
-    print(W.device_line(hardware), flush=True)
+    print(checks_w2s_clip.device_line(hardware), flush=True)
     passed = []
     run_check("kernels", lambda: check_kernels(device, precision), passed)
     run_check("heads and losses as on the CPU", lambda: check_heads(device), passed)

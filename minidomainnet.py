@@ -31,6 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import checks_w2s_clip
+import report_w2s_clip
+import store_w2s_clip
+import text_w2s_clip
 import w2s_clip
 from w2s_clip import DOMAINS, UserError
 
@@ -137,9 +141,9 @@ def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_trai
                 Image.fromarray(array).save(Path(root) / rel, quality=95)
                 lines.append(f"{rel} {c}\n")
             if layout == "domainnet":
-                w2s_clip.atomic_save("".join(lines), Path(root) / f"{domain}_{split}.txt")
+                store_w2s_clip.atomic_save("".join(lines), Path(root) / f"{domain}_{split}.txt")
     if layout == "folder":
-        w2s_clip.atomic_save("".join(f"{c}\n" for c in classes), Path(root) / "classnames.txt")
+        store_w2s_clip.atomic_save("".join(f"{c}\n" for c in classes), Path(root) / "classnames.txt")
 
 
 def make_demo(folder, flag="--make-demo", **kwargs):
@@ -155,7 +159,7 @@ def make_demo(folder, flag="--make-demo", **kwargs):
     if folder.is_dir() and any(folder.iterdir()) and not manifest.is_file():
         raise UserError(f"{flag} {folder} holds files the demo did not write (no {MANIFEST}); "
                         f"pick a new or empty folder")
-    key = w2s_clip.cache_key(version=GENERATOR_VERSION, **kwargs)
+    key = store_w2s_clip.cache_key(version=GENERATOR_VERSION, **kwargs)
     try:
         old = json.loads(manifest.read_text()) if manifest.is_file() else {}
     except ValueError:  # a damaged manifest: the folder is still ours, rewrite it
@@ -166,15 +170,15 @@ def make_demo(folder, flag="--make-demo", **kwargs):
     if old.get("data_key") == key and old.get("complete"):
         print(f"{folder}/data is up to date")
     else:
-        w2s_clip.check_writable(folder, flag)
-        w2s_clip.atomic_save({"written_by": "minidomainnet", "data_key": key, "complete": False},
+        checks_w2s_clip.check_writable(folder, flag)
+        store_w2s_clip.atomic_save({"written_by": "minidomainnet", "data_key": key, "complete": False},
                              manifest)
         shutil.rmtree(folder / "data", ignore_errors=True)  # ours: the manifest says so
         make_synthetic_domainnet(folder / "data", **kwargs)
-        w2s_clip.atomic_save({"written_by": "minidomainnet", "data_key": key, "complete": True},
+        store_w2s_clip.atomic_save({"written_by": "minidomainnet", "data_key": key, "complete": True},
                              manifest)
         print(f"wrote {folder}/data")
-    w2s_clip.atomic_save(TINY_CLIP, folder / "tiny-clip.json")
+    store_w2s_clip.atomic_save(TINY_CLIP, folder / "tiny-clip.json")
     print(f"wrote {folder}/tiny-clip.json")
 
 
@@ -229,9 +233,9 @@ class CaptionEmbedding(nn.Module):
 
 def encode_captions(clip_model, embed, tokenizer, texts):
     """Text features [n, d] of `texts`, running the text tower only up to the last end-of-text
-    token (w2s_clip.TextTower); equal to `clip_model.encode_text(tokenizer(texts))`."""
-    tokens, eot = w2s_clip.tokenize_prompts(clip_model, tokenizer, texts)
-    return w2s_clip.TextTower(clip_model)(embed(tokens), eot)
+    token (text_w2s_clip.TextTower); equal to `clip_model.encode_text(tokenizer(texts))`."""
+    tokens, eot = text_w2s_clip.tokenize_prompts(clip_model, tokenizer, texts)
+    return text_w2s_clip.TextTower(clip_model)(embed(tokens), eot)
 
 
 def clip_step_loss(clip_model, embed, tokenizer, images, texts, loss_fn):
@@ -328,7 +332,7 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
     Written atomically. Returns (path, info dict with key, zero_shot_accuracy, seconds, losses)."""
     import open_clip
     path, info_path = Path(folder) / f"tiny-clip-{steps}steps.pt", Path(folder) / f"tiny-clip-{steps}steps.json"
-    key = w2s_clip.cache_key(config=config, steps=steps, version=GENERATOR_VERSION,
+    key = store_w2s_clip.cache_key(config=config, steps=steps, version=GENERATOR_VERSION,
                              torch=torch.__version__, open_clip=open_clip.__version__,
                              **{k: v for k, v in kwargs.items() if k != "log_every"})
     try:
@@ -345,10 +349,10 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
     names = kwargs.get("classes", DEMO_CLASSES)
     zs = zero_shot_accuracy(model, open_clip.get_tokenizer("ViT-B-32"), names,
                             kwargs.get("domains", DOMAINS))
-    w2s_clip.atomic_save(state, path)
+    store_w2s_clip.atomic_save(state, path)
     info = {"key": key, "steps": steps, "seconds": seconds, "zero_shot_accuracy": zs,
             "chance": 1 / len(names), "losses": losses}
-    w2s_clip.atomic_save(info, info_path)
+    store_w2s_clip.atomic_save(info, info_path)
     return path, info
 
 
@@ -356,7 +360,7 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
 # The pretraining table: CPL against the best baseline as the strong model's pretraining grows
 # ------------------------------------------------------------------------------------------------
 def seed_means(rows):
-    """{method: {seed: test accuracy in %}} from w2s_clip.load_results rows (one domain)."""
+    """{method: {seed: test accuracy in %}} from report_w2s_clip.load_results rows (one domain)."""
     out = {}
     for r in rows:
         out.setdefault(r["method"], {})[r["seed"]] = 100 * r["test_accuracy"]
@@ -367,15 +371,15 @@ def pretraining_row(label, acc):
     """One table row from {method: {seed: accuracy %}}: weak, zero-shot, ceiling, the best
     baseline (highest mean among the other weak-to-strong methods), CPL, CPL − best, and the PGR
     of the best baseline and of CPL (on the means over seeds, `n/a` where ceiling <= weak, as
-    w2s_clip.pgr_text prints it in the tables)."""
+    report_w2s_clip.pgr_text prints it in the tables)."""
     mean = lambda m: sum(acc[m].values()) / len(acc[m]) if acc.get(m) else float("nan")  # noqa: E731
-    others = [m for m in acc if w2s_clip.is_baseline(m) and " (" not in m]  # not a sweep's variant
+    others = [m for m in acc if report_w2s_clip.is_baseline(m) and " (" not in m]  # not a sweep's variant
     best = max(others, key=mean) if others else None
     cells = [mean("weak"), mean("zero-shot"), mean("ceiling"), mean(best) if best else float("nan"),
              mean("cpl")]
     fmt = lambda v: "—" if math.isnan(v) else f"{v:.2f}"  # noqa: E731
     gain = lambda v: "—" if math.isnan(v) or math.isnan(cells[0]) or math.isnan(cells[2]) \
-        else w2s_clip.pgr_text(cells[0], v, cells[2])  # noqa: E731
+        else report_w2s_clip.pgr_text(cells[0], v, cells[2])  # noqa: E731
     return (f"| {label} | " + " | ".join(map(fmt, cells[:3])) + f" | {best or '—'} {fmt(cells[3])} | "
             f"{fmt(cells[4])} | {fmt(cells[4] - cells[3])} | {gain(cells[3])} | {gain(cells[4])} |")
 
@@ -394,19 +398,19 @@ def pretraining_table(levels, tables_dir):
              "| pretraining | weak | zero-shot | ceiling | best baseline | CPL | CPL − best | "
              "PGR best | PGR CPL |", "|" + " --- |" * 9]
     for label, out_dir in levels:
-        rows = w2s_clip.load_results(out_dir)
+        rows = report_w2s_clip.load_results(out_dir)
         if not rows:
             raise UserError(f"--pretraining-table {label}={out_dir}: no results.json there; "
                             f"run w2s_clip.py with --out-dir {out_dir} first")
-        rows, notes = w2s_clip.comparable_runs(rows)  # one setting per row, named if not
+        rows, notes = report_w2s_clip.comparable_runs(rows)  # one setting per row, named if not
         for note in notes:
             print(f"note: {label}: {note}")
         for domain in sorted({r["domain"] for r in rows}):  # one row per domain, never averaged
             lines.append(pretraining_row(f"{label} ({domain})",
                                          seed_means([r for r in rows if r["domain"] == domain])))
     text = "\n".join(lines) + "\n"
-    w2s_clip.check_writable(tables_dir, "--tables-dir")
-    w2s_clip.atomic_save(text, Path(tables_dir) / "pretraining.md")
+    checks_w2s_clip.check_writable(tables_dir, "--tables-dir")
+    store_w2s_clip.atomic_save(text, Path(tables_dir) / "pretraining.md")
     return text
 
 
@@ -421,17 +425,17 @@ def parse_args(argv=None):
                    "pretrained checkpoints DIR/tiny-clip-<N>steps.pt")
     p.add_argument("--pretrain-steps", type=int, nargs="*", default=[], metavar="N",
                    help="pretraining steps of each checkpoint (0 = the seeded random init)")
-    p.add_argument("--pretrain-batch", type=w2s_clip.positive(int), default=128,
+    p.add_argument("--pretrain-batch", type=checks_w2s_clip.positive(int), default=128,
                    help="images per pretraining step (not from the paper: small CPU budget)")
-    p.add_argument("--pretrain-lr", type=w2s_clip.positive(float), default=2e-3,
+    p.add_argument("--pretrain-lr", type=checks_w2s_clip.positive(float), default=2e-3,
                    help="peak AdamW learning rate of the pretraining (not from the paper)")
-    p.add_argument("--caption-noise", type=w2s_clip.in_range(0, 0.5), nargs=2, default=[0.2, 0.2],
+    p.add_argument("--caption-noise", type=checks_w2s_clip.in_range(0, 0.5), nargs=2, default=[0.2, 0.2],
                    metavar=("WRONG", "NONE"),
                    help="shares of captions that name a wrong class and that name no class")
     p.add_argument("--layout", choices=LAYOUTS, default="folder",
                    help="how DIR/data is laid out: folder (w2s_clip --dataset folder, the demo: "
                         "its own data set), domainnet (split files) or officehome")
-    p.add_argument("--test-per-class", type=w2s_clip.positive(int), default=300,
+    p.add_argument("--test-per-class", type=checks_w2s_clip.positive(int), default=300,
                    help="D_test images per class and domain (D'_test is a fifth of D_test)")
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
     p.add_argument("--pretraining-table", nargs="+", metavar="LABEL=DIR", default=None,

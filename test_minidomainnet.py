@@ -20,7 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import datasets_w2s_clip
 import minidomainnet as M
+import store_w2s_clip
 import w2s_clip
 
 HERE = Path(__file__).resolve().parent
@@ -176,7 +178,7 @@ def test_end_to_end_pretrained_strong_model_beats_its_weak_supervisor(pretrained
 def test_generator_keeps_domainnet_layout_and_label_order(tmp_path):
     M.make_synthetic_domainnet(tmp_path, domains=("clipart", "quickdraw"), classes=NAMES,
                                n_train=2, n_test=3)
-    data = w2s_clip.load_domain(tmp_path, "quickdraw")
+    data = datasets_w2s_clip.load_domain(tmp_path, "quickdraw")
     names = [c.replace("_", " ") for c in NAMES]
     assert data["classnames"] == names != sorted(names)  # the label-order trap
     assert len(data["train_paths"]) == 8 and len(data["test_paths"]) == 12
@@ -222,7 +224,7 @@ def test_pretraining_table_rows_best_baseline_delta_and_pgr(tmp_path):
     for level, methods in accs.items():
         for method, values in methods.items():
             for seed, acc in enumerate(values):
-                w2s_clip.atomic_save(
+                store_w2s_clip.atomic_save(
                     {"domain": "sketch", "method": method, "seed": seed, "test_accuracy": acc / 100,
                      "worst10_accuracy": 0.0, "config": {"weak_model": "w", "clip_model": "c",
                                                          "clip_pretrained": level}},

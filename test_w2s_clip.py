@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip / timm are impo
 
 import copy
 import csv
+import functools
+import inspect
 import json
 import math
 import re
@@ -27,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 
+import checks_w2s_clip
+import cpe_w2s_clip
+import datasets_w2s_clip
+import hf_w2s_clip
 import minidomainnet
+import report_w2s_clip
+import store_w2s_clip
+import text_w2s_clip
 import w2s_clip
 
 HERE = Path(__file__).resolve().parent
@@ -103,33 +112,49 @@ def logits_pair(n, k, scale=3.0, seed=0):
     return scale * torch.randn(n, k, generator=g), scale * torch.randn(n, k, generator=g)
 
 
-def test_losses_dict_has_the_five_losses():
-    """The CLI reads losses from LOSSES by name."""
+def test_losses_registry_has_the_five_losses_and_declares_their_hyperparameters():
+    """The CLI reads losses from LOSSES by name; every keyword a loss takes from the run is a
+    declared hyperparameter with a default, and a tuned one's grid holds valid values."""
     assert set(w2s_clip.LOSSES) == {"ce", "kd", "auxconf", "adaptconf", "cpl"}
-    assert w2s_clip.LOSSES["cpl"] is w2s_clip.cpl_loss
+    assert w2s_clip.LOSSES["cpl"][0] is w2s_clip.cpl_loss
+    for name, (fn, kwargs) in w2s_clip.LOSSES.items():
+        defaults = inspect.signature(fn).parameters
+        for keyword, hyper in kwargs.items():
+            assert keyword in defaults and hyper in w2s_clip.HYPERPARAMETERS, (name, keyword)
+    args = w2s_clip.parse_args([])
+    for hyper, (default, grid, _, _) in w2s_clip.HYPERPARAMETERS.items():
+        assert getattr(args, hyper) == default
+        assert grid is None or getattr(args, f"{hyper}_grid") == list(grid)
 
 
-def test_a_new_baseline_is_one_entry_in_baselines():
-    """w2s_clip.py with one more BASELINES entry (a symmetric KL) and nothing else changed: its
-    -lp and -tp methods are --method choices and Table 2 rows, its T is tuned, its
-    hyperparameters come from the flags."""
+def test_a_new_loss_is_its_function_and_one_entry():
+    """w2s_clip.py with one more LOSSES entry (a symmetric KL) and one new hyperparameter, nothing
+    else changed: its -lp and -tp methods are --method choices (also under `lp` and `tp`), its
+    flags exist with their defaults, both its parameters are tuned, and bind_loss gives the loss
+    with the flags' values. The tables list any method found in the results (tested below)."""
     import importlib.util
     source = (HERE / "w2s_clip.py").read_text()
-    entry = ('BASELINES = {\n    "skl": (lambda s, w, T=1.0: kd_loss(s, w, T) + kd_loss(w, s, T), '
-             'lambda h, step, total: {"T": h["kd_temperature"]}, ("kd_temperature",)),')
-    assert source.count("BASELINES = {") == 1
+    assert source.count("LOSSES = {\n") == 1 and source.count("HYPERPARAMETERS = {\n") == 1
+    source = source.replace("LOSSES = {\n", 'LOSSES = {\n    "skl": (lambda s, w, T=1.0, weight=0.5: '
+                            'kd_loss(s, w, T) + weight * kd_loss(w, s, T), '
+                            '{"T": "kd_temperature", "weight": "skl_weight"}),\n')
+    source = source.replace("HYPERPARAMETERS = {\n", 'HYPERPARAMETERS = {\n    "skl_weight": (0.5, '
+                            '(0.25, 0.5), "fraction", "the reverse KL\'s weight. Grid: a test\'s"),\n')
     spec = importlib.util.spec_from_loader("w2s_clip_skl", loader=None)
     module = importlib.util.module_from_spec(spec)
-    exec(compile(source.replace("BASELINES = {", entry), "w2s_clip_skl", "exec"), module.__dict__)
-    assert {"skl-lp", "skl-tp"} <= set(module.METHODS) and {"skl-lp", "skl-tp"} <= set(module.TABLE2_ROWS)
-    assert module.parse_args(["--method", "skl-tp"]).method == ["skl-tp"]
-    assert module.METHOD_HEAD_LOSS["skl-lp"] == ("lp", "skl") and module.is_baseline("skl-lp")
-    assert module.tuning_grid("lp", "skl", {"kd_temperature": [1.0, 2.0]}) == [
-        {"kd_temperature": 1.0}, {"kd_temperature": 2.0}]
+    exec(compile(source, "w2s_clip_skl", "exec"), module.__dict__)
+    assert {"skl-lp", "skl-tp"} <= set(module.METHODS)
+    assert "skl-lp" in module.METHOD_GROUPS["lp"] and "skl-tp" in module.METHOD_GROUPS["tp"]
+    args = module.parse_args(["--method", "skl-tp", "--skl-weight", "0.3"])
+    assert args.method == ["skl-tp"] and args.skl_weight == 0.3 and args.skl_weight_grid == [0.25, 0.5]
+    assert module.METHOD_HEAD_LOSS["skl-lp"] == ("lp", "skl")
+    assert module.TUNED_PARAMS["skl"] == ("kd_temperature", "skl_weight")
+    assert module.tuning_grid("lp", "skl", {"kd_temperature": [1.0, 2.0], "skl_weight": [0.5]}) == [
+        {"kd_temperature": 1.0, "skl_weight": 0.5}, {"kd_temperature": 2.0, "skl_weight": 0.5}]
     s, w = logits_pair(5, 4)
-    kwargs = module.loss_hyper("skl", kd_temperature=2.0)(0, 10)
-    torch.testing.assert_close(module.LOSSES["skl"](s, w, **kwargs),
-                               w2s_clip.kd_loss(s, w, 2.0) + w2s_clip.kd_loss(w, s, 2.0))
+    fn, schedule = module.bind_loss("skl", {**vars(args), "kd_temperature": 2.0})
+    assert schedule is None
+    torch.testing.assert_close(fn(s, w), w2s_clip.kd_loss(s, w, 2.0) + 0.3 * w2s_clip.kd_loss(w, s, 2.0))
 
 
 @pytest.mark.parametrize("k", [2, 7])
@@ -138,7 +163,7 @@ def test_loss_value_and_gradient_match_float64_formula(name, hyper, k):
     """Value and d(loss)/d(strong) equal the docstring formula's, computed independently in float64."""
     s, w = logits_pair(9, k)
     s = s.requires_grad_()
-    loss = w2s_clip.LOSSES[name](s, w, **hyper)
+    loss = w2s_clip.LOSSES[name][0](s, w, **hyper)
     (grad,) = torch.autograd.grad(loss, s)
     s64 = s.detach().double().requires_grad_()
     ref = ref_loss(name, s64, w.double(), **hyper)
@@ -153,7 +178,7 @@ def test_loss_is_stable_for_logits_times_1000(name, hyper):
     """Logits x1000: finite value and gradient that still match the shifted float64 formula."""
     s, w = logits_pair(8, 5, scale=1000.0, seed=1)
     s = s.requires_grad_()
-    loss = w2s_clip.LOSSES[name](s, w, **hyper)
+    loss = w2s_clip.LOSSES[name][0](s, w, **hyper)
     (grad,) = torch.autograd.grad(loss, s)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     s64 = s.detach().double().requires_grad_()
@@ -168,7 +193,7 @@ def test_loss_is_stable_for_logits_times_1000(name, hyper):
 def test_loss_is_the_mean_of_per_sample_losses(name, hyper):
     """A batch's loss is the mean of the losses of its rows taken one at a time (not a sum)."""
     s, w = logits_pair(6, 4, seed=2)
-    fn = w2s_clip.LOSSES[name]
+    fn = w2s_clip.LOSSES[name][0]
     rows = torch.stack([fn(s[i:i + 1], w[i:i + 1], **hyper) for i in range(len(s))])
     torch.testing.assert_close(fn(s, w, **hyper), rows.mean(), rtol=1e-5, atol=1e-6)
 
@@ -198,7 +223,7 @@ def test_kd_with_T1_equals_cpl_with_tau1():
 @pytest.mark.parametrize("name,hyper", [("kd", {"T": 2.0}), ("cpl", {"tau": 0.5})])
 def test_kl_losses_are_zero_when_strong_equals_weak(name, hyper):
     s, _ = logits_pair(5, 4, seed=5)
-    assert abs(w2s_clip.LOSSES[name](s, s.clone(), **hyper).item()) < 1e-6
+    assert abs(w2s_clip.LOSSES[name][0](s, s.clone(), **hyper).item()) < 1e-6
 
 
 def test_adaptconf_beta_is_detached_and_auxconf_target_is_not_differentiated():
@@ -218,15 +243,17 @@ def test_adaptconf_beta_is_detached_and_auxconf_target_is_not_differentiated():
     torch.testing.assert_close(g2, (p - onehot) / len(s))
 
 
-def test_loss_hyper_auxconf_alpha_warms_up_over_20_percent_of_steps():
-    """AuxConf alpha ramps linearly 0 -> --aux-alpha over the first 20% of steps, then stays."""
-    hyper = dict(aux_alpha=0.5, kd_temperature=3.0, tau=0.7, adapt_tau=2.0)
-    alpha = w2s_clip.loss_hyper("auxconf", **hyper)
+def test_bind_loss_binds_the_values_and_warms_up_auxconf_alpha_over_20_percent_of_steps():
+    """bind_loss fixes each loss's keywords from the run's values (functools.partial); AuxConf's
+    alpha instead ramps linearly 0 -> --aux-alpha over the first 20% of steps, then stays."""
+    values = dict(aux_alpha=0.5, kd_temperature=3.0, tau=0.7, adapt_tau=2.0, cpl_kl="summand")
+    fn, alpha = w2s_clip.bind_loss("auxconf", values)
+    assert fn.func is w2s_clip.auxconf_loss and fn.keywords == {}
     assert [alpha(s, 100)["alpha"] for s in (0, 10, 20, 60, 99)] == pytest.approx([0, .25, .5, .5, .5])
-    assert w2s_clip.loss_hyper("kd", **hyper)(5, 100) == {"T": 3.0}
-    assert w2s_clip.loss_hyper("cpl", **hyper)(5, 100) == {"tau": 0.7, "direction": "summand"}
-    assert w2s_clip.loss_hyper("adaptconf", **hyper)(5, 100) == {"T": 3.0, "tau": 2.0}
-    assert w2s_clip.loss_hyper("ce", **hyper)(5, 100) == {}
+    for loss, keywords in (("kd", {"T": 3.0}), ("cpl", {"tau": 0.7, "direction": "summand"}),
+                           ("adaptconf", {"T": 3.0, "tau": 2.0}), ("ce", {})):
+        fn, schedule = w2s_clip.bind_loss(loss, values)
+        assert fn.func is w2s_clip.LOSSES[loss][0] and fn.keywords == keywords and schedule is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,12 +264,12 @@ def test_text_tower_truncated_path_equals_full_encode_text(clip):
     model, tok = clip
     prompts = ["a cat.", "a photo of The Eiffel Tower at night, seen from far away.", "t-shirt",
                "an aircraft carrier in the sea"]
-    tokens, eot = w2s_clip.tokenize_prompts(model, tok, prompts)
+    tokens, eot = text_w2s_clip.tokenize_prompts(model, tok, prompts)
     full = tok(prompts)
     assert torch.equal(eot, full.argmax(dim=-1))
     assert tokens.shape[1] == int(eot.max()) + 1 < 77
     with torch.no_grad():
-        ours = w2s_clip.TextTower(model)(model.token_embedding(tokens), eot)
+        ours = text_w2s_clip.TextTower(model)(model.token_embedding(tokens), eot)
         ref = model.encode_text(full)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -507,7 +534,7 @@ def test_read_split_file_keeps_order_and_skips_blank_lines(tmp_path):
     path = tmp_path / "sketch_train.txt"
     path.write_text("sketch/aircraft_carrier/x.jpg 0\nsketch/zebra/b.jpg 1\n\n"
                     "sketch/aircraft_carrier/a.jpg 0\nsketch/The_Eiffel_Tower/e f.jpg 2\n")
-    paths, labels = w2s_clip.read_split_file(path)
+    paths, labels = datasets_w2s_clip.read_split_file(path)
     assert paths == ["sketch/aircraft_carrier/x.jpg", "sketch/zebra/b.jpg",
                      "sketch/aircraft_carrier/a.jpg", "sketch/The_Eiffel_Tower/e f.jpg"]
     assert labels.dtype == torch.int64 and labels.tolist() == [0, 1, 0, 2]
@@ -516,22 +543,22 @@ def test_read_split_file_keeps_order_and_skips_blank_lines(tmp_path):
 def test_classnames_follow_label_order_not_sorted_order():
     paths = ["sketch/apple/1.jpg", "sketch/zebra/2.jpg", "sketch/The_Eiffel_Tower/3.jpg",
              "sketch/zebra/4.jpg"]
-    names = w2s_clip.classnames_from_splits(paths, torch.tensor([1, 0, 2, 0]))
+    names = datasets_w2s_clip.classnames_from_splits(paths, torch.tensor([1, 0, 2, 0]))
     assert names == ["zebra", "apple", "The Eiffel Tower"]
 
 
 @pytest.mark.parametrize("labels", [[0, 2], [0, -1], [1, 1]], ids=["gap", "negative", "no-zero"])
 def test_classnames_reject_labels_outside_range(labels):
     with pytest.raises(w2s_clip.UserError, match="label"):
-        w2s_clip.classnames_from_splits(["s/apple/1.jpg", "s/zebra/2.jpg"], torch.tensor(labels))
+        datasets_w2s_clip.classnames_from_splits(["s/apple/1.jpg", "s/zebra/2.jpg"], torch.tensor(labels))
 
 
 def test_read_split_file_missing_or_empty(tmp_path):
     with pytest.raises(w2s_clip.UserError, match="not found"):
-        w2s_clip.read_split_file(tmp_path / "nope.txt")
+        datasets_w2s_clip.read_split_file(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(w2s_clip.UserError, match="empty"):
-        w2s_clip.read_split_file(tmp_path / "empty.txt")
+        datasets_w2s_clip.read_split_file(tmp_path / "empty.txt")
 
 
 @pytest.mark.parametrize("bad", ["sketch/zebra/x.jpg", "x.jpg 1", "sketch/zebra/x.jpg one",
@@ -541,7 +568,7 @@ def test_read_split_file_malformed_line_names_file_and_line(tmp_path, bad):
     path = tmp_path / "sketch_test.txt"
     path.write_text(f"sketch/zebra/a.jpg 0\n\nsketch/zebra/b.jpg 0\n{bad}\n")
     with pytest.raises(w2s_clip.UserError) as info:
-        w2s_clip.read_split_file(path)
+        datasets_w2s_clip.read_split_file(path)
     assert f"{path}:4" in str(info.value)
 
 
@@ -601,8 +628,8 @@ def test_pgr_closed_form():
     assert w2s_clip.pgr(0.5, 0.6, 0.9) == pytest.approx(0.25)
     assert w2s_clip.pgr(0.5, 0.9, 0.9) == pytest.approx(1.0)
     assert math.isnan(w2s_clip.pgr(0.5, 0.6, 0.5))
-    assert w2s_clip.pgr_text(0.5, 0.6, 0.9) == "0.25"
-    assert [w2s_clip.pgr_text(0.5, s, c) for s, c in ((0.6, 0.5), (0.3, 0.4))] == ["n/a", "n/a"]
+    assert report_w2s_clip.pgr_text(0.5, 0.6, 0.9) == "0.25"
+    assert [report_w2s_clip.pgr_text(0.5, s, c) for s, c in ((0.6, 0.5), (0.3, 0.4))] == ["n/a", "n/a"]
 
 
 def test_n_predicted_classes_hand_example():
@@ -614,9 +641,9 @@ def test_n_predicted_classes_hand_example():
 
 def test_split_count_note_names_both_counts_only_when_they_differ():
     """Table 1's counts: silent on a match or on data that is not DomainNet (not 345 classes)."""
-    assert w2s_clip.split_count_note("clipart", 33525, 14604, 345) is None
-    assert w2s_clip.split_count_note("clipart", 100, 200, 10) is None
-    note = w2s_clip.split_count_note("sketch", 48837, 21850, 345)
+    assert report_w2s_clip.split_count_note("clipart", 33525, 14604, 345) is None
+    assert report_w2s_clip.split_count_note("clipart", 100, 200, 10) is None
+    note = report_w2s_clip.split_count_note("sketch", 48837, 21850, 345)
     assert "\n" not in note and "uncleaned" in note
     assert all(str(n) in note for n in (48837, 21850, 48212, 20916))
 
@@ -634,7 +661,7 @@ def test_class_matching_margin_hand_example():
     m0 = ((1 - 0.0) + (c(60) - c(30))) / 2
     # class 1: 120 deg rival c2 (cos 60); 80 deg rival c0 (cos 80); 150 deg rival c2 (cos 30)
     m1 = ((c(30) - c(60)) + (c(10) - c(80)) + (c(60) - c(30))) / 3
-    margins, confused = w2s_clip.class_matching_margin(feats, protos, torch.tensor(labels), 3)
+    margins, confused = cpe_w2s_clip.class_matching_margin(feats, protos, torch.tensor(labels), 3)
     assert margins[:2].tolist() == pytest.approx([m0, m1], abs=1e-6)
     assert math.isnan(margins[2].item())  # class 2 has no image
     assert confused[:2].tolist() == [1, 2]
@@ -678,7 +705,7 @@ def test_cpl_on_weak_labels_beats_weak_model_and_zero_shot(planted_data):
     assert 0.55 < weak_acc < 0.65 and zero_shot < 0.85  # the set-up: weak and zero-shot imperfect
     head = w2s_clip.PrototypeHead(3.0 * p["t"])
     weak_logits = 5.0 * F.one_hot(wl, p["k"]).float()
-    fit = w2s_clip.train_head(head, w2s_clip.cpl_loss, lambda step, total: {"tau": 1.0},
+    fit = w2s_clip.train_head(head, functools.partial(w2s_clip.cpl_loss, tau=1.0),
                               x[tr], weak_logits[tr], x[va], weak_logits[va],
                               epochs=10, batch_size=128, lr=1e-2, seed=0)
     assert fit["best_epoch"] > 0
@@ -694,7 +721,7 @@ def test_linear_head_ceiling_on_true_labels(planted_data):
     x, y, tr, va, te = p["x"], p["y"], p["tr"], p["va"], p["te"]
     torch.manual_seed(0)
     head = w2s_clip.LinearHead(x.shape[1], p["k"])
-    w2s_clip.train_head(head, w2s_clip.ce_loss, lambda step, total: {},
+    w2s_clip.train_head(head, w2s_clip.ce_loss,
                         x[tr], F.one_hot(y[tr], p["k"]).float(), x[va],
                         F.one_hot(y[va], p["k"]).float(), epochs=10, batch_size=128, lr=1e-2, seed=0)
     assert w2s_clip.accuracy(w2s_clip.predict(head, x[te]), y[te]) >= 0.9
@@ -710,7 +737,7 @@ def test_train_head_returns_curves_and_restores_best_epoch(planted_data):
     noise_targets = 5.0 * F.one_hot(torch.randint(p["k"], (300,), generator=torch.Generator()
                                                   .manual_seed(3)), p["k"]).float()
     head = w2s_clip.PrototypeHead(p["t"])
-    fit = w2s_clip.train_head(head, w2s_clip.cpl_loss, lambda step, total: {"tau": 1.0}, xs,
+    fit = w2s_clip.train_head(head, functools.partial(w2s_clip.cpl_loss, tau=1.0), xs,
                               noise_targets, x[va], F.one_hot(y[va], p["k"]).float(), epochs=6,
                               batch_size=64, lr=3e-3, seed=0, select_by="agreement",
                               probes={"test_acc": (x[te], y[te]), "train_acc": (xs, y[:300])})
@@ -733,7 +760,7 @@ def test_train_head_param_lrs_zero_freezes_that_group():
     head = w2s_clip.LinearHead(8, 3)
     weight, bias = head.fc.weight.detach().clone(), head.fc.bias.detach().clone()
     x, y = torch.randn(40, 8), torch.randint(3, (40,))
-    w2s_clip.train_head(head, w2s_clip.ce_loss, lambda s, t: {}, x, F.one_hot(y, 3).float(), x,
+    w2s_clip.train_head(head, w2s_clip.ce_loss, x, F.one_hot(y, 3).float(), x,
                         F.one_hot(y, 3).float(), epochs=2, batch_size=16, lr=1e-1, seed=0,
                         param_lrs={"fc.weight": 0.0})  # selected on its own training loss
     assert torch.equal(head.fc.weight.detach(), weight)
@@ -746,7 +773,7 @@ def test_train_head_curve_loss_is_the_epoch_mean_over_uneven_batches():
     torch.manual_seed(0)
     head = w2s_clip.LinearHead(8, 3)
     x, targets = torch.randn(20, 8), torch.randn(20, 3)
-    fit = w2s_clip.train_head(head, w2s_clip.kd_loss, lambda s, t: {"T": 2.0}, x, targets, x,
+    fit = w2s_clip.train_head(head, functools.partial(w2s_clip.kd_loss, T=2.0), x, targets, x,
                               targets, epochs=2, batch_size=7, lr=1e-1, seed=0,
                               param_lrs={"fc.": 0.0})
     whole = w2s_clip.kd_loss(head(x), targets, T=2.0).item()
@@ -764,7 +791,7 @@ def test_train_head_clipping_and_schedule_match_torch_reference(max_grad_norm):
     ref = w2s_clip.LinearHead(8, 3)
     ref.load_state_dict(head.state_dict())
     x, targets = 20 * torch.randn(32, 8), 3 * torch.randn(32, 3)
-    fit = w2s_clip.train_head(head, w2s_clip.kd_loss, lambda s, t: {"T": 1.0}, x, targets, x,
+    fit = w2s_clip.train_head(head, functools.partial(w2s_clip.kd_loss, T=1.0), x, targets, x,
                               targets, epochs=6, batch_size=32, lr=0.05, warmup_ratio=0.0, seed=0,
                               max_grad_norm=max_grad_norm)
     opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.0)
@@ -781,7 +808,7 @@ def test_train_head_clipping_and_schedule_match_torch_reference(max_grad_norm):
         losses.append(loss.item())
     assert min(norms) > 2.0  # clipping to 1 changes every step
     assert [row["loss"] for row in fit["curves"][1:]] == pytest.approx(losses, rel=1e-4)
-    other = w2s_clip.train_head(w2s_clip.LinearHead(8, 3), w2s_clip.kd_loss, lambda s, t: {"T": 1.0},
+    other = w2s_clip.train_head(w2s_clip.LinearHead(8, 3), functools.partial(w2s_clip.kd_loss, T=1.0),
                                 x, targets, x, targets, epochs=6, batch_size=32, lr=0.05,
                                 warmup_ratio=0.0, seed=0, max_grad_norm=1.0 - max_grad_norm)
     assert [row["loss"] for row in other["curves"][1:]] != pytest.approx(losses, rel=1e-4)
@@ -798,14 +825,14 @@ def test_selection_by_loss_keeps_epoch_0_when_training_only_hurts(planted_data):
     noise = 5.0 * F.one_hot(torch.randint(p["k"], (300,), generator=torch.Generator().manual_seed(4)),
                             p["k"]).float()
     head = w2s_clip.PrototypeHead(means)
-    fit = w2s_clip.train_head(head, w2s_clip.cpl_loss, lambda s, t: {"tau": 1.0}, x[:300], noise,
+    fit = w2s_clip.train_head(head, functools.partial(w2s_clip.cpl_loss, tau=1.0), x[:300], noise,
                               x[va], 5.0 * F.one_hot(y[va], p["k"]).float(), epochs=5,
                               batch_size=64, lr=1e-2, seed=0, start_candidate=True)
     losses = [r["val_loss"] for r in fit["curves"]]
     assert fit["best_epoch"] == 0 and fit["val_loss"] == losses[0] < min(losses[1:])
     assert torch.equal(head.prototypes.detach(), means)
-    trainer = w2s_clip.train_head(w2s_clip.PrototypeHead(means), w2s_clip.cpl_loss,
-                                  lambda s, t: {"tau": 1.0}, x[:300], noise, x[va],
+    trainer = w2s_clip.train_head(w2s_clip.PrototypeHead(means),
+                                  functools.partial(w2s_clip.cpl_loss, tau=1.0), x[:300], noise, x[va],
                                   5.0 * F.one_hot(y[va], p["k"]).float(), epochs=5, batch_size=64,
                                   lr=1e-2, seed=0)
     assert trainer["best_epoch"] == 1 + losses[1:].index(min(losses[1:]))
@@ -879,7 +906,7 @@ def test_train_head_selection_schedule_and_clipping_equal_transformers_trainer(t
     with torch.no_grad():  # else hold-val's optimum lies halfway between the start and training's
         val_targets = start(x_val) if case == "start-is-best" else 0.5 * (x_val @ A + start(x_val))
     ours, theirs = copy.deepcopy(start), copy.deepcopy(start)
-    fit = w2s_clip.train_head(ours, w2s_clip.kd_loss, lambda s, t: {"T": 2.0}, x, targets, x_val,
+    fit = w2s_clip.train_head(ours, functools.partial(w2s_clip.kd_loss, T=2.0), x, targets, x_val,
                               val_targets, epochs=epochs, batch_size=batch_size, lr=lr, seed=0)
     best_epoch, losses = trainer_fit(tmp_path, theirs, x, targets, x_val, val_targets, epochs,
                                      batch_size, lr, T=2.0, eval_on_start=case == "start-is-best")
@@ -894,7 +921,7 @@ def test_train_head_selection_schedule_and_clipping_equal_transformers_trainer(t
         assert fit["curves"][0]["val_loss"] == pytest.approx(0.0, abs=1e-12)
         assert best_epoch >= 1 and fit["start_would_win"]
         again = copy.deepcopy(start)
-        old = w2s_clip.train_head(again, w2s_clip.kd_loss, lambda s, t: {"T": 2.0}, x, targets,
+        old = w2s_clip.train_head(again, functools.partial(w2s_clip.kd_loss, T=2.0), x, targets,
                                   x_val, val_targets, epochs=epochs, batch_size=batch_size, lr=lr,
                                   seed=0, start_candidate=True)
         assert old["best_epoch"] == 0
@@ -951,7 +978,7 @@ def test_tuning_picks_what_a_brute_force_loop_picks_without_true_labels(planted_
     for tau in (0.02, 0.1, 1.0):
         torch.manual_seed(0)
         ref = w2s_clip.PrototypeHead(3.0 * p["t"])
-        w2s_clip.train_head(ref, w2s_clip.cpl_loss, lambda s, t, tau=tau: {"tau": tau},
+        w2s_clip.train_head(ref, functools.partial(w2s_clip.cpl_loss, tau=tau),
                             p["x"][ht], weak_logits[ht], p["x"][hv], weak_logits[hv], epochs=4,
                             batch_size=128, lr=1e-2, seed=0)
         val = w2s_clip.predict(ref, p["x"][hv])
@@ -995,7 +1022,8 @@ def test_huge_lr_no_trained_head_returns_the_start_unless_asked(planted_data):
         torch.manual_seed(0)
         head = heads[name]()
         first = copy.deepcopy(head.state_dict())
-        fit = w2s_clip.train_head(head, w2s_clip.LOSSES[loss], lambda s, t: hyper, x[tr], wl[tr],
+        fit = w2s_clip.train_head(head, functools.partial(w2s_clip.LOSSES[loss][0], **hyper),
+                                  x[tr], wl[tr],
                                   x[va], wl[va], epochs=3, batch_size=64, lr=1000.0, seed=0,
                                   start_candidate=start_candidate)
         assert fit["start_would_win"], (name, loss)
@@ -1049,30 +1077,30 @@ def test_cached_computes_once_then_loads_and_leaves_no_temporary_files(tmp_path)
         return {"feats": torch.arange(6.0).view(2, 3), "n": torch.tensor(len(calls))}
 
     path = tmp_path / "sub" / "feats.pt"
-    first = w2s_clip.cached(path, compute)
-    second = w2s_clip.cached(path, compute)
+    first = store_w2s_clip.cached(path, compute)
+    second = store_w2s_clip.cached(path, compute)
     assert len(calls) == 1
     assert torch.equal(second["feats"], first["feats"]) and second["n"].item() == 1
-    assert w2s_clip.cached(path, compute, force=True)["n"].item() == 2 and len(calls) == 2
+    assert store_w2s_clip.cached(path, compute, force=True)["n"].item() == 2 and len(calls) == 2
     assert sorted(os.listdir(path.parent)) == [".feats.pt.lock", "feats.pt"]  # no .tmp left behind
 
 
 def test_atomic_save_json_and_overwrite(tmp_path):
     path = tmp_path / "r.json"
-    w2s_clip.atomic_save({"a": 1, "p": Path("x")}, path)
-    w2s_clip.atomic_save({"a": 2, "p": Path("y")}, path)
+    store_w2s_clip.atomic_save({"a": 1, "p": Path("x")}, path)
+    store_w2s_clip.atomic_save({"a": 2, "p": Path("y")}, path)
     assert json.loads(path.read_text()) == {"a": 2, "p": "y"}
     assert os.listdir(tmp_path) == ["r.json"]
 
 
 def test_cache_key_changes_with_every_part():
     base = dict(model="resnet18", seed=0, lr=1e-3, root="/data", pretrained=True, splits="abc")
-    key = w2s_clip.cache_key(**base)
-    assert key == w2s_clip.cache_key(**dict(reversed(list(base.items()))))  # order-free
+    key = store_w2s_clip.cache_key(**base)
+    assert key == store_w2s_clip.cache_key(**dict(reversed(list(base.items()))))  # order-free
     changed = dict(model="resnet50", seed=1, lr=1e-4, root="/data2", pretrained=False, splits="abd")
     for name, value in changed.items():
-        assert w2s_clip.cache_key(**{**base, name: value}) != key, name
-    assert w2s_clip.cache_key(**base, extra=None) != key
+        assert store_w2s_clip.cache_key(**{**base, name: value}) != key, name
+    assert store_w2s_clip.cache_key(**base, extra=None) != key
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1248,8 +1276,9 @@ def test_folder_images_are_checked_once_per_data_folder(demo, tmp_path, monkeypa
     command opens every image's header once, a second command not at all."""
     root = folder_copy(demo, tmp_path)
     calls = []
-    real = w2s_clip.check_images
-    monkeypatch.setattr(w2s_clip, "check_images", lambda r, p, **kw: calls.append(len(p)) or real(r, p, **kw))
+    real = checks_w2s_clip.check_images
+    monkeypatch.setattr(store_w2s_clip, "check_images",  # as check_images_once calls it
+                        lambda r, p, **kw: calls.append(len(p)) or real(r, p, **kw))
     for seed in ("0", "1"):
         w2s_clip.main([str(a) for a in cli_args(demo, root, tmp_path / "out", tmp_path / "cache",
                                                  **{"--dataset": "folder", "--method": "weak",
@@ -1301,7 +1330,7 @@ def test_tables_of_another_data_set_show_no_paper_numbers(demo, officehome, tmp_
     proc = run_cli(cli_args(demo, officehome, out, tmp_path / "cache", **{
         "--dataset": "officehome", "--domain": "Real_World", "--method": ["weak", "cpl"]}))
     assert proc.returncode == 0, proc.stderr
-    w2s_clip.build_tables(out, tmp_path / "tables")
+    report_w2s_clip.build_tables(out, tmp_path / "tables")
     table2 = (tmp_path / "tables" / "table2.md").read_text()
     assert "Real_World" in table2 and "[" not in table2.split("Worst-10")[0]  # no [paper] cells
     gap = (tmp_path / "tables" / "paper_gap.md").read_text()
@@ -1322,11 +1351,11 @@ def planted_templates(seed=0, k=10, d=32, n=2000, noise=1.5, template_noise=0.3,
 
 def test_cpe_drops_a_template_naming_the_wrong_class_and_beats_the_uniform_ensemble():
     x, y, emb = planted_templates()
-    weights, worst = w2s_clip.cpe_weights(emb, x)
+    weights, worst = cpe_w2s_clip.cpe_weights(emb, x)
     assert weights[-1] == 0 and worst.argmin() == 3 and torch.isclose(weights.sum(), torch.tensor(1.0))
     acc = lambda p: ((F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T).argmax(1) == y).float().mean()
-    uniform = w2s_clip.weighted_prototypes(emb, torch.full((4,), 0.25), normalize=True)
-    assert acc(w2s_clip.weighted_prototypes(emb, weights, normalize=True)) > acc(uniform) + 0.02
+    uniform = cpe_w2s_clip.weighted_prototypes(emb, torch.full((4,), 0.25), normalize=True)
+    assert acc(cpe_w2s_clip.weighted_prototypes(emb, weights, normalize=True)) > acc(uniform) + 0.02
 
 
 def test_cpe_weights_closed_form_and_weighted_prototypes_with_descriptions():
@@ -1344,11 +1373,11 @@ def test_cpe_weights_closed_form_and_weighted_prototypes_with_descriptions():
         per_class = [margin[pseudo == c].mean() for c in range(k) if (pseudo == c).any()]
         m.append(torch.stack(sorted(per_class))[:3].mean())
     m = torch.stack(m)
-    weights, worst = w2s_clip.cpe_weights(emb, x, k_worst=3)
+    weights, worst = cpe_w2s_clip.cpe_weights(emb, x, k_worst=3)
     torch.testing.assert_close(worst, m)
     torch.testing.assert_close(weights, (m - m.min()) / (m - m.min()).sum())
     extra = torch.randn(2, emb.shape[2])
-    protos = w2s_clip.weighted_prototypes(emb, weights, descriptions={4: extra})
+    protos = cpe_w2s_clip.weighted_prototypes(emb, weights, descriptions={4: extra})
     torch.testing.assert_close(protos[4], ((weights[:, None] * emb[4]).sum(0) + extra.sum(0) / T) / (1 + 2 / T))
     torch.testing.assert_close(protos[3], (weights[:, None] * emb[3]).sum(0))
 
@@ -1356,12 +1385,12 @@ def test_cpe_weights_closed_form_and_weighted_prototypes_with_descriptions():
 @pytest.mark.parametrize("norm", ["raw", "unit"])
 def test_cpe_with_one_template_equals_the_single_template_prototypes(clip, norm):
     model, tokenizer = clip
-    emb = w2s_clip.prompt_embeddings(model, tokenizer, PROMPT_NAMES, ["a photo of a {}"])
-    weights, _ = w2s_clip.cpe_weights(emb, torch.randn(50, emb.shape[-1]))
+    emb = cpe_w2s_clip.prompt_embeddings(model, tokenizer, PROMPT_NAMES, ["a photo of a {}"])
+    weights, _ = cpe_w2s_clip.cpe_weights(emb, torch.randn(50, emb.shape[-1]))
     assert weights.tolist() == [1.0]
     single = w2s_clip.text_prototypes(model, tokenizer, PROMPT_NAMES, ["a photo of a {}"],
                                       normalize=norm == "unit")
-    torch.testing.assert_close(w2s_clip.weighted_prototypes(emb, weights, norm == "unit"), single)
+    torch.testing.assert_close(cpe_w2s_clip.weighted_prototypes(emb, weights, norm == "unit"), single)
 
 
 def test_cli_cpe_weights_use_no_true_label(demo, tmp_path, monkeypatch):
@@ -1373,14 +1402,14 @@ def test_cli_cpe_weights_use_no_true_label(demo, tmp_path, monkeypatch):
     r = json.loads((tmp_path / "a" / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
     assert r["cpe"]["k_worst"] == 2 and len(r["cpe"]["weights"]) == len(open_clip.OPENAI_IMAGENET_TEMPLATES)
     assert r["cpe"]["templates"][0] == open_clip.OPENAI_IMAGENET_TEMPLATES[0]("{}")
-    real = w2s_clip.load_domain
+    real = datasets_w2s_clip.load_domain
 
     def scrambled(*a, **kw):
         data = real(*a, **kw)
         data["test_labels"] = data["test_labels"][torch.randperm(len(data["test_labels"]),
                                                                  generator=torch.Generator().manual_seed(1))]
         return data
-    monkeypatch.setattr(w2s_clip, "load_domain", scrambled)
+    monkeypatch.setattr(datasets_w2s_clip, "load_domain", scrambled)
     w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "b", tmp_path / "c2", **flags)])
     r2 = json.loads((tmp_path / "b" / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
     assert r2["cpe"]["weights"] == r["cpe"]["weights"]
@@ -1395,7 +1424,7 @@ def test_cli_class_descriptions_enrich_the_named_class_only(demo, tmp_path):
     names = [n.replace("_", " ") for n in DEMO_NAMES]
     feats = torch.randn(40, model.visual.output_dim, generator=torch.Generator().manual_seed(0))
     protos = {}
-    for tag, desc in (("plain", None), ("described", w2s_clip.read_class_descriptions(path, names))):
+    for tag, desc in (("plain", None), ("described", cpe_w2s_clip.read_class_descriptions(path, names))):
         strong = {"clip": model, "tokenizer": tokenizer, "hold_features": feats}
         protos[tag] = w2s_clip.zero_shot_prototypes(strong, names, "cpe", descriptions=desc)
     changed = (protos["plain"] - protos["described"]).abs().amax(dim=1) > 0
@@ -1492,11 +1521,11 @@ def test_bootstrap_interval_covers_a_known_difference_about_95_percent():
     for draw in range(200):
         u = [torch.rand(400, generator=g) for _ in range(2)]  # one latent per image: paired
         pairs = {"d": [(x < 0.7, x < 0.6) for x in u]}
-        diff, low, high = w2s_clip.bootstrap_difference(pairs, n_boot=500, seed=draw)
+        diff, low, high = report_w2s_clip.bootstrap_difference(pairs, n_boot=500, seed=draw)
         hits += low <= 10 <= high
     assert 0.88 <= hits / 200 <= 0.99, hits
     same = torch.rand(300, generator=g) < 0.5
-    assert w2s_clip.bootstrap_difference({"d": [(same, same)]}) == (0.0, 0.0, 0.0)
+    assert report_w2s_clip.bootstrap_difference({"d": [(same, same)]}) == (0.0, 0.0, 0.0)
 
 
 def test_tables_group_a_sweep_by_the_setting_that_differs(demo, tmp_path):
@@ -1506,7 +1535,7 @@ def test_tables_group_a_sweep_by_the_setting_that_differs(demo, tmp_path):
         w2s_clip.main([str(a) for a in cli_args(
             demo, demo / "data", tmp_path / "sweep" / tau, tmp_path / "cache",
             **{"--method": ["weak", "cpl"], "--tune": "none", "--tau": tau})])
-    w2s_clip.build_tables(tmp_path / "sweep", tmp_path / "tables")
+    report_w2s_clip.build_tables(tmp_path / "sweep", tmp_path / "tables")
     table2 = (tmp_path / "tables" / "table2.md").read_text()
     labels = [line.split(" | ")[0][2:] for line in table2.split("Worst-10")[0].splitlines()
               if line.startswith("| cpl")]
@@ -1542,8 +1571,8 @@ def test_pixel_cache_holds_each_image_as_decoded_and_resized(tmp_path, short):
     import numpy as np
     from PIL import Image
     paths = varied_images(tmp_path / "img")
-    prepare, out_size = w2s_clip.short_side(short)
-    cache = w2s_clip.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
+    prepare, out_size = store_w2s_clip.short_side(short)
+    cache = store_w2s_clip.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
     assert len(cache) == len(paths)
     for i, rel in enumerate(paths):
         image = Image.open(tmp_path / "img" / rel).convert("RGB")
@@ -1559,37 +1588,37 @@ def test_pixel_cache_holds_each_image_as_decoded_and_resized(tmp_path, short):
 def test_damaged_pixel_cache_is_rebuilt(tmp_path, damage):
     import numpy as np
     paths = varied_images(tmp_path / "img")
-    prepare, out_size = w2s_clip.short_side(10 ** 6)
+    prepare, out_size = store_w2s_clip.short_side(10 ** 6)
     stem = tmp_path / "c" / "px"
-    first = w2s_clip.build_pixel_cache(stem, tmp_path / "img", paths, prepare, out_size)
+    first = store_w2s_clip.build_pixel_cache(stem, tmp_path / "img", paths, prepare, out_size)
     want = [np.asarray(first[i]) for i in range(len(paths))]
     if damage == "truncate":
         os.truncate(f"{stem}.u8", 100)
     elif damage == "no-index":
         os.remove(f"{stem}.idx.pt")
-    assert not w2s_clip.PixelCache(stem).valid(len(paths) + (damage == "other-count"))
+    assert not store_w2s_clip.PixelCache(stem).valid(len(paths) + (damage == "other-count"))
     n = len(paths) - (damage == "other-count")
-    again = w2s_clip.build_pixel_cache(stem, tmp_path / "img", paths[:n], prepare, out_size)
+    again = store_w2s_clip.build_pixel_cache(stem, tmp_path / "img", paths[:n], prepare, out_size)
     assert all(np.array_equal(np.asarray(again[i]), want[i]) for i in range(n))
-    assert w2s_clip.PixelCache(stem).valid(n)
+    assert store_w2s_clip.PixelCache(stem).valid(n)
 
 
 def test_eval_pixel_cache_gives_the_eval_transform_bit_for_bit(demo, tmp_path):
     """timm's eval transform cut at its tensor conversion: the cached crops plus the rest give the
     same tensors as the whole transform on the decoded file; open_clip's preprocessing can be cut
     too; a Hugging Face processor cannot (None)."""
-    data = w2s_clip.load_domain(demo / "data", "sketch")
+    data = datasets_w2s_clip.load_domain(demo / "data", "sketch")
     _, _, eval_tf = w2s_clip.create_weak_model("test_resnet", 4, pretrained=False)
-    pre, post, (h, w) = w2s_clip.eval_pixel_steps(eval_tf)
+    pre, post, (h, w) = store_w2s_clip.eval_pixel_steps(eval_tf)
     paths, labels = data["test_paths"][:12], data["test_labels"][:12]
-    cache = w2s_clip.build_pixel_cache(tmp_path / "px", demo / "data", paths, pre, lambda *_: (w, h))
-    plain = w2s_clip.ImageList(demo / "data", paths, labels, eval_tf)
-    cached = w2s_clip.ImageList(demo / "data", paths, labels, post, pixels=cache)
+    cache = store_w2s_clip.build_pixel_cache(tmp_path / "px", demo / "data", paths, pre, lambda *_: (w, h))
+    plain = datasets_w2s_clip.ImageList(demo / "data", paths, labels, eval_tf)
+    cached = datasets_w2s_clip.ImageList(demo / "data", paths, labels, post, pixels=cache)
     for i in range(len(paths)):
         assert torch.equal(plain[i][0], cached[i][0]) and plain[i][1] == cached[i][1]
     _, preprocess, _ = w2s_clip.load_clip(str(demo / "tiny-clip.json"), None)
-    assert w2s_clip.eval_pixel_steps(preprocess) is not None
-    assert w2s_clip.eval_pixel_steps(w2s_clip.HFEvalTransform(None)) is None
+    assert store_w2s_clip.eval_pixel_steps(preprocess) is not None
+    assert store_w2s_clip.eval_pixel_steps(hf_w2s_clip.HFEvalTransform(None)) is None
 
 
 def test_decodes_per_image_reach_one_with_the_caches(demo, tmp_path, monkeypatch):
@@ -1597,8 +1626,9 @@ def test_decodes_per_image_reach_one_with_the_caches(demo, tmp_path, monkeypatch
     seeds * (epochs * n_train + n_test) images without the caches, n_train + n_test with them
     (each image once); the weak logits are the same tensors."""
     decodes = []
-    real = w2s_clip.decode_image
-    monkeypatch.setattr(w2s_clip, "decode_image", lambda path: decodes.append(path) or real(path))
+    real = datasets_w2s_clip.decode_image
+    for module in (datasets_w2s_clip, store_w2s_clip):  # ImageList's and the pixel cache's
+        monkeypatch.setattr(module, "decode_image", lambda path: decodes.append(path) or real(path))
     n_train, n_test, epochs, seeds = 8 * 4, 20 * 4, 2, 2
     logits = {}
     for name, flags in (("plain", ["--no-eval-image-cache"]),
@@ -1745,19 +1775,19 @@ def test_hf_weak_model_without_transformers_is_one_line_error(monkeypatch, demo)
                                 str(demo / "tiny-clip.json"), "--clip-pretrained", "none"])
     with pytest.raises(w2s_clip.UserError, match="--weak-model hf:microsoft/resnet-18 needs the "
                                                  "transformers package"):
-        w2s_clip.check_models(args)
+        checks_w2s_clip.check_models(args)
 
 
 def test_check_models_accepts_hf_classifier_and_refuses_bad_ids(hf_folder, demo, tmp_path):
     transformers = pytest.importorskip("transformers")
     clip_flags = ["--clip-model", str(demo / "tiny-clip.json"), "--clip-pretrained", "none"]
-    w2s_clip.check_models(w2s_clip.parse_args(["--weak-model", f"hf:{hf_folder}", *clip_flags]))
+    checks_w2s_clip.check_models(w2s_clip.parse_args(["--weak-model", f"hf:{hf_folder}", *clip_flags]))
     transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=8).save_pretrained(tmp_path / "bert")
     for name, fragment in (("hf:no-such-org/no-such-model", "not in the local cache"),  # offline
                            (f"hf:{tmp_path / 'bert'}", "not an image classifier")):
         with pytest.raises(w2s_clip.UserError, match=fragment) as e:
-            w2s_clip.check_models(w2s_clip.parse_args(["--weak-model", name, *clip_flags]))
+            checks_w2s_clip.check_models(w2s_clip.parse_args(["--weak-model", name, *clip_flags]))
         assert str(e.value).startswith(f"--weak-model {name}") and "\n" not in str(e.value)
 
 
@@ -1902,7 +1932,7 @@ def test_run_settings_change_with_what_shapes_a_result(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "data")
     args = lambda *extra: w2s_clip.parse_args(["--data-root", str(tmp_path / "data"),
                                                "--clip-pretrained", "none", *extra])
-    key = lambda a, digest="d1", device="cpu", precision="fp32": w2s_clip.run_settings(
+    key = lambda a, digest="d1", device="cpu", precision="fp32": store_w2s_clip.run_settings(
         a, {"digest": digest}, device, precision)
     base = key(args())
     assert key(args("--seeds", "3", "--method", "kd-lp", "--out-dir", "x")) == base
@@ -1948,11 +1978,11 @@ def write_result(out, domain, method, seed, acc, worst, weak_model="resnet18", i
     curves = [{"epoch": 1, "step": 3, "train_acc": acc - 0.1, "test_acc": acc - 0.05},
               {"epoch": 2, "step": 6, "train_acc": acc, "test_acc": acc}]
     extra = {} if n_classes is None else {"n_predicted_classes": n_classes}
-    w2s_clip.atomic_save({"domain": domain, "method": method, "seed": seed, "test_accuracy": acc,
-                          "worst10_accuracy": worst, "curves": curves, **extra,
-                          "config": {"weak_model": weak_model, "clip_model": "ViT-B-32",
-                                     "prototype_init": init}},
-                         w2s_clip.result_path(out, domain, method, seed))
+    store_w2s_clip.atomic_save({"domain": domain, "method": method, "seed": seed,
+                                "test_accuracy": acc, "worst10_accuracy": worst, "curves": curves,
+                                **extra, "config": {"weak_model": weak_model,
+                                                    "clip_model": "ViT-B-32", "prototype_init": init}},
+                               store_w2s_clip.result_path(out, domain, method, seed))
 
 
 def table_row(text, name):
@@ -1977,7 +2007,7 @@ def test_build_tables_mean_std_avg_delta_pgr_worst10(tmp_path):
                          n_classes=round(10 * acc) + seed)
     write_result(tmp_path / "runs" / "t3", "clipart", "cpl", 0, 0.33, 0.1, weak_model="resnet34")
     write_result(tmp_path / "runs" / "ens", "sketch", "cpl", 0, 0.55, 0.2, init="ensemble")
-    w2s_clip.build_tables(tmp_path / "runs", tmp_path / "tables")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "tables")
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     # columns: clipart, sketch (DomainNet order), Avg., PGR; the paper's value in brackets
     # a cell over fewer seeds than most says so
@@ -2009,14 +2039,14 @@ def test_pgr_column_and_paper_gap_on_the_papers_own_table2(tmp_path):
     """PAPER's Table 2 cells fed in as results: CPL's PGR is (64.74 - 58.47) / (66.54 - 58.47)
     ≈ 0.78 (a mean of per-domain PGRs says 0.83: real's gap is 0.24 points), every bracket equals
     its cell, and paper_gap.md reads 0 up to the paper's own rounding of Avg. and Δ."""
-    paper = w2s_clip.PAPER
+    paper = report_w2s_clip.PAPER
     for (table, row, col), value in paper.items():
-        if table == "table2" and col in w2s_clip.DOMAINS and row != w2s_clip.DELTA:
+        if table == "table2" and col in w2s_clip.DOMAINS and row != report_w2s_clip.DELTA:
             write_result(tmp_path / "runs", col, row, 0, value / 100, worst=0.1)
-    w2s_clip.build_tables(tmp_path / "runs", tmp_path / "tables")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "tables")
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     mean = lambda row: sum(paper[("table2", row, d)] for d in w2s_clip.DOMAINS) / 6
-    for row in [r for r in w2s_clip.TABLE2_ROWS[1:-1] if r != "zero-shot"]:  # the paper has no zero-shot row
+    for row in [r for r in report_w2s_clip.TABLE2_ROWS[1:-1] if r != "zero-shot"]:  # the paper has no zero-shot row
         expected = (mean(row) - mean("weak")) / (mean("ceiling") - mean("weak"))
         assert table_row(t2, row)[7] == f"{expected:.2f}", row
     assert table_row(t2, "cpl")[7] == "0.78" and table_row(t2, "kd-lp")[7] == "0.32"
@@ -2025,7 +2055,7 @@ def test_pgr_column_and_paper_gap_on_the_papers_own_table2(tmp_path):
         assert f"[{ours}]" == ref
     gap = (tmp_path / "tables" / "paper_gap.md").read_text()
     gap2 = gap[gap.index("### Table 2"):gap.index("### Table 3")]
-    for row in [r for r in w2s_clip.TABLE2_ROWS if r != "zero-shot"] + [w2s_clip.DELTA]:
+    for row in [r for r in report_w2s_clip.TABLE2_ROWS if r != "zero-shot"] + [report_w2s_clip.DELTA]:
         cells = table_row(gap2, row)
         assert len(cells) == 7 and all(abs(float(c.split()[0])) <= 0.011 for c in cells if c != "—")
         assert all(c == "+0.00" or c.startswith("+0.00 ± ") for c in cells[:6])
@@ -2039,13 +2069,13 @@ def test_table3_columns_are_the_papers_five_weak_models_when_run(tmp_path):
     out = tmp_path / "runs"
     for method, acc in (("weak", 0.5), ("cpl", 0.7), ("ceiling", 0.8)):
         write_result(out, "clipart", method, 0, acc, worst=0.1)  # Table 2's resnet18
-        for i, w in enumerate(w2s_clip.PAPER_WEAK_MODELS):
+        for i, w in enumerate(report_w2s_clip.PAPER_WEAK_MODELS):
             write_result(out / f"weak-{i}", "clipart", method, 0, acc + i / 100, worst=0.1,
                          weak_model=w)
-    w2s_clip.build_tables(out, tmp_path / "tables")
+    report_w2s_clip.build_tables(out, tmp_path / "tables")
     t3 = (tmp_path / "tables" / "table3.md").read_text()
     header = next(line for line in t3.splitlines() if line.startswith("| method"))
-    assert header.split(" | ")[1:6] == list(w2s_clip.PAPER_WEAK_MODELS)
+    assert header.split(" | ")[1:6] == list(report_w2s_clip.PAPER_WEAK_MODELS)
     assert table_row(t3, "cpl")[:7] == ["70.00 ± 0.00 [72.25]", "71.00 ± 0.00 [71.84]",
                                         "72.00 ± 0.00 [72.06]", "73.00 ± 0.00 [71.91]",
                                         "74.00 ± 0.00 [72.47]", "72.00 [72.11]", "0.67"]
@@ -2055,15 +2085,15 @@ def test_pgr_is_na_when_ceiling_is_not_above_weak_in_box_and_table(tmp_path):
     out = tmp_path / "runs"
     for method, acc in (("weak", 0.60), ("ce-lp", 0.40), ("cpl", 0.55), ("ceiling", 0.50)):
         write_result(out, "sketch", method, 0, acc, worst=0.1)
-    box = w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"])
+    box = report_w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"])
     for method in ("ce-lp", "cpl"):
         line = next(line for line in box.splitlines() if f"| {method} " in line)
         assert line.split()[-2:] == ["n/a", "|"], box
-    w2s_clip.build_tables(out, tmp_path / "tables")
+    report_w2s_clip.build_tables(out, tmp_path / "tables")
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     assert table_row(t2, "ce-lp")[2] == "n/a" and table_row(t2, "cpl")[2] == "n/a"
     write_result(out, "sketch", "ceiling", 0, 0.80, worst=0.1)  # a gap again: numbers again
-    assert "n/a" not in w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"])
+    assert "n/a" not in report_w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"])
 
 
 def test_paper_gap_on_a_hand_made_grid():
@@ -2074,13 +2104,13 @@ def test_paper_gap_on_a_hand_made_grid():
                                ("ce-lp", "sketch", (45, 45)), ("ce-lp", "clipart", (36, 36)))
             for s, a in enumerate(accs)]
     paper = {("t", "cpl", "sketch"): 50.0, ("t", "cpl", "Avg."): 40.0, ("t", "weak", "sketch"): 45.0,
-             ("t", w2s_clip.DELTA, "sketch"): 1.0, ("other", "ce-lp", "sketch"): 1.0}
-    text = w2s_clip.paper_gap("T", "t", ("weak", "ce-lp", "cpl", "ceiling"), ["clipart", "sketch"],
+             ("t", report_w2s_clip.DELTA, "sketch"): 1.0, ("other", "ce-lp", "sketch"): 1.0}
+    text = report_w2s_clip.paper_gap("T", "t", ("weak", "ce-lp", "cpl", "ceiling"), ["clipart", "sketch"],
                               rows, "domain", paper)
     # cpl Avg.: (36 + 52) / 2 = 44; per seed (35 + 50) / 2 = 42.5 and (37 + 54) / 2 = 45.5
     assert table_row(text, "cpl") == ["—", "+2.00 ± 2.83", f"+4.00 ± {math.sqrt(4.5):.2f}"]
     assert table_row(text, "weak") == ["—", "-4.00 ± 1.41", "—"]
-    assert table_row(text, w2s_clip.DELTA) == ["—", "+6.00", "—"]  # (52 - 45) - 1
+    assert table_row(text, report_w2s_clip.DELTA) == ["—", "+6.00", "—"]  # (52 - 45) - 1
     with pytest.raises(AssertionError):  # rows without a published cell are left out
         table_row(text, "ce-lp")
 
@@ -2103,9 +2133,9 @@ def test_demo_tables_small_version_end_to_end(demo, tmp_path):
     proc = run_cli(["--build-tables", "--out-dir", str(runs), "--tables-dir", str(tmp_path / "tables")])
     assert proc.returncode == 0, proc.stderr
     t2 = (tmp_path / "tables" / "table2.md").read_text()
-    for method in w2s_clip.TABLE2_ROWS:
+    for method in report_w2s_clip.TABLE2_ROWS:
         assert "±" in table_row(t2, method)[0], method  # a clipart cell with mean ± std
-    for method in w2s_clip.TABLE2_ROWS[1:-1]:  # a PGR for every weak-to-strong row
+    for method in report_w2s_clip.TABLE2_ROWS[1:-1]:  # a PGR for every weak-to-strong row
         pgr = table_row(t2, method)[2]
         assert pgr == "n/a" or float(pgr) == float(pgr), pgr
     float(table_row(t2, "Δ (CPL − best baseline)")[0].split()[0])
@@ -2136,7 +2166,7 @@ def test_ablation_table_groups_runs_by_the_one_changed_flag(tmp_path, capsys):
     for (variant, method), accs in runs.items():
         for seed, acc in enumerate(accs):
             settings = {**defaults, **changes[variant], "data_root": f"/data/{variant}"}
-            w2s_clip.atomic_save({"domain": "clipart", "method": method, "seed": seed,
+            store_w2s_clip.atomic_save({"domain": "clipart", "method": method, "seed": seed,
                                   "test_accuracy": acc, "worst10_accuracy": acc,
                                   "config": settings, "settings": settings},
                                  tmp_path / variant / "clipart" / method / f"seed{seed}" / "results.json")
@@ -2173,7 +2203,7 @@ def main_error(argv, *fragments):
 
 def tree_state(*folders):
     """{path: bytes digest} of every file under the folders (to show that none changed)."""
-    return {str(p): w2s_clip.file_digest(p) for folder in folders
+    return {str(p): store_w2s_clip.file_digest(p) for folder in folders
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
@@ -2219,7 +2249,7 @@ def test_parse_args_refuses_bad_values_of_the_new_flags_in_one_line(capsys, flag
 
 def test_cache_log_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("W2S_CLIP_CACHE_LOG", str(tmp_path / "no-such-folder" / "log"))
-    assert w2s_clip.cached(tmp_path / "x.pt", lambda: torch.ones(2)).sum() == 2
+    assert store_w2s_clip.cached(tmp_path / "x.pt", lambda: torch.ones(2)).sum() == 2
     assert "warning: W2S_CLIP_CACHE_LOG" in capsys.readouterr().err
 
 
@@ -2246,7 +2276,7 @@ def test_cli_error_clip_checkpoint_not_loadable(demo, tmp_path, kind):
     torch.manual_seed(0)
     good = tmp_path / "good.pt"
     torch.save(open_clip.CLIP(**minidomainnet.TINY_CLIP).state_dict(), good)
-    w2s_clip.check_clip_files(config, str(good))  # the truth that the check is not too strict
+    checks_w2s_clip.check_clip_files(config, str(good))  # the truth that the check is not too strict
     ckpt = tmp_path / f"{kind}.pt"
     if kind == "garbage":
         ckpt.write_bytes(b"these bytes are not a checkpoint" * 8)
@@ -2288,7 +2318,7 @@ def test_split_files_with_a_byte_order_mark_read_like_without(demo, tmp_path):
     for split in ("train", "test"):
         path = data / f"sketch_{split}.txt"
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
-    plain, bom = w2s_clip.load_domain(demo / "data", "sketch"), w2s_clip.load_domain(data, "sketch")
+    plain, bom = datasets_w2s_clip.load_domain(demo / "data", "sketch"), datasets_w2s_clip.load_domain(data, "sketch")
     for key in ("train_paths", "test_paths", "classnames"):
         assert bom[key] == plain[key], key
     assert torch.equal(bom["train_labels"], plain["train_labels"])
@@ -2376,10 +2406,10 @@ def test_atomic_save_removes_its_temporary_file_and_stale_ones(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(w2s_clip.UserError, match=f"no space left on {tmp_path}"):
-        w2s_clip.atomic_save({"x": torch.zeros(3)}, tmp_path / "feats.pt")
+        store_w2s_clip.atomic_save({"x": torch.zeros(3)}, tmp_path / "feats.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
     monkeypatch.undo()
-    w2s_clip.remove_stale_temps(tmp_path)
+    store_w2s_clip.remove_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
 
 
@@ -2418,7 +2448,7 @@ def test_cli_truncated_results_json_is_named_and_redone(demo, tmp_path, capsys):
     w2s_clip.main(args)
     path = tmp_path / "out" / "sketch" / "cpl" / "seed0" / "results.json"
     first = json.loads(path.read_text())
-    assert first["settings"]["tau"] == 1.0 and first["settings_key"] == w2s_clip.settings_key(
+    assert first["settings"]["tau"] == 1.0 and first["settings_key"] == store_w2s_clip.settings_key(
         first["settings"])
     path.write_text(path.read_text()[:200])
     capsys.readouterr()
@@ -2445,24 +2475,121 @@ def test_run_settings_relative_and_absolute_paths_are_one_setting(demo, tmp_path
     args = lambda config, data: w2s_clip.parse_args(["--data-root", data, "--clip-model", config,
                                                      "--clip-pretrained", "none"])
     data = {"digest": "d1"}
-    relative = w2s_clip.run_settings(args("tiny-clip.json", "data"), data, "cpu")
-    absolute = w2s_clip.run_settings(args(str(demo / "tiny-clip.json"), str(demo / "data")), data, "cpu")
+    relative = store_w2s_clip.run_settings(args("tiny-clip.json", "data"), data, "cpu")
+    absolute = store_w2s_clip.run_settings(args(str(demo / "tiny-clip.json"), str(demo / "data")), data, "cpu")
     assert relative == absolute and relative["clip_model"] == os.path.realpath(demo / "tiny-clip.json")
-    assert w2s_clip.settings_key(relative) == w2s_clip.settings_key(json.loads(json.dumps(absolute)))
+    assert store_w2s_clip.settings_key(relative) == store_w2s_clip.settings_key(json.loads(json.dumps(absolute)))
+
+
+def test_tables_list_every_method_found_in_the_results(tmp_path):
+    """A method w2s_clip.py does not know (a loss added in a copy of it) is a row of Table 2 after
+    the paper's rows and before the ceiling; its results are read like any other."""
+    for method, acc in (("weak", 0.4), ("cpl", 0.5), ("skl-lp", 0.55), ("ceiling", 0.7)):
+        write_result(tmp_path / "runs", "sketch", method, 0, acc, acc / 2)
+    w2s_clip.main(["--build-tables", "--out-dir", str(tmp_path / "runs"), "--tables-dir",
+                   str(tmp_path / "t")])
+    text = (tmp_path / "t" / "table2.md").read_text()
+    names = [line.split("|")[1].strip() for line in text.split("\n\n")[1].splitlines()[2:]]
+    assert names.index("cpl") < names.index("skl-lp") < names.index("ceiling")
+    assert table_row(text, "skl-lp")[0].startswith("55.00")
+
+
+def test_a_result_is_stale_only_when_a_setting_it_depends_on_changes():
+    """Another loss's hyperparameter or grid, the text tower's lr outside cpl-text and the head's lr
+    for the weak model leave a result valid; its own ones do not; a flag missing from an older
+    file counts at its default (valid while the new run keeps that default)."""
+    args = w2s_clip.parse_args([])
+    base = json.loads(json.dumps({k: v for k, v in vars(args).items()
+                                  if k not in store_w2s_clip.RUN_FLAGS}, default=str))
+    key = store_w2s_clip.settings_key
+
+    def stale(method, **change):
+        return key(base, method) != key({**base, **change}, method)
+    assert not stale("kd-lp", tau_grid=[0.1]) and stale("cpl", tau_grid=[0.1])
+    assert not stale("cpl", kd_temperature=2.0) and stale("kd-lp", kd_temperature=2.0)
+    assert stale("adaptconf-tp", kd_temperature=2.0) and not stale("auxconf-lp", kd_temperature=2.0)
+    assert stale("auxconf-tp", aux_alpha_grid=[0.5]) and not stale("ce-lp", aux_alpha_grid=[0.5])
+    assert not stale("cpl", text_lr=1e-4) and stale("cpl-text", text_lr=1e-4)
+    assert not stale("cpl", ceiling_data="hold-train") and stale("ceiling", ceiling_data="hold-train")
+    assert not stale("weak", lr=0.5, tau=0.1) and stale("weak", weak_lr=0.5) and stale("cpl", lr=0.5)
+    older = {k: v for k, v in base.items() if k != "cpl_kl"}  # made before --cpl-kl existed
+    assert key(older, "cpl") == key(base, "cpl") != key({**base, "cpl_kl": "printed"}, "cpl")
+    assert "cpl_kl: summand -> printed" == store_w2s_clip.describe_difference(
+        older, {**base, "cpl_kl": "printed"}, method="cpl")
+
+
+def test_copied_functions_run_alone_with_the_papers_defaults(clip):
+    """PrototypeHead, cpl_loss, text_prototypes and train_head copied into a fresh namespace with
+    the definitions they use (at most four more, none of them the packed text path or the CLI's)
+    give CPL's prototypes as open_clip's own encode_text and train exactly as w2s_clip does; their
+    defaults are the command line's."""
+    import ast
+    source = (HERE / "w2s_clip.py").read_text()
+    defs = {n.name if hasattr(n, "name") else n.targets[0].id: ast.get_source_segment(source, n)
+            for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+            or (isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name))}
+    wanted, todo = [], ["PrototypeHead", "cpl_loss", "text_prototypes", "train_head"]
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.append(name)
+            todo += [m for m in re.findall(r"[A-Za-z_]\w*", defs[name]) if m in defs and m != name]
+    extra = sorted(set(wanted) - {"PrototypeHead", "cpl_loss", "text_prototypes", "train_head"})
+    assert len(extra) <= 4 and not {"TextTower", "UserError", "parse_args"} & set(extra), extra
+    space = {}
+    exec("import math, sys\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+         "from tqdm import tqdm\n" + "\n\n".join(
+             ("@torch.no_grad()\n" if name in ("text_prototypes", "predict") else "") + defs[name]
+             for name in extra + ["PrototypeHead", "cpl_loss", "text_prototypes", "train_head"]),
+         space)
+    model, tok = clip
+    protos = space["text_prototypes"](model, tok, PROMPT_NAMES)
+    with torch.no_grad():
+        ref = model.encode_text(tok([f"a photo of a {n}" for n in PROMPT_NAMES]), normalize=False)
+    torch.testing.assert_close(protos, ref)
+    g = torch.Generator().manual_seed(0)
+    x, weak = torch.randn(40, 64, generator=g), 3 * torch.randn(40, len(PROMPT_NAMES), generator=g)
+    heads = []
+    for ns in (space, vars(w2s_clip)):
+        head = ns["PrototypeHead"](protos)
+        ns["train_head"](head, functools.partial(ns["cpl_loss"], tau=0.5), x[:30], weak[:30], x[30:],
+                         weak[30:], epochs=3, batch_size=8)
+        heads.append(head.prototypes.detach())
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], protos)
+    args = w2s_clip.parse_args([])
+    defaults = lambda fn: {k: p.default for k, p in inspect.signature(fn).parameters.items()}  # noqa: E731
+    th = defaults(w2s_clip.train_head)
+    assert (th["epochs"], th["batch_size"], th["lr"], th["warmup_ratio"], th["weight_decay"],
+            th["max_grad_norm"], th["select_by"], th["lr_schedule"]) == (
+        args.strong_epochs, args.batch_size, args.lr, args.warmup_ratio, args.weight_decay,
+        args.max_grad_norm, args.select_by, w2s_clip.SCHEDULES[args.lr_schedule])
+    assert th["start_candidate"] == (args.select_from == "start-and-epochs")
+    assert defaults(w2s_clip.cpl_loss) == {"strong_logits": inspect.Parameter.empty,
+                                           "weak_logits": inspect.Parameter.empty,
+                                           "tau": args.tau, "direction": args.cpl_kl}
+    tp = defaults(w2s_clip.text_prototypes)
+    assert tp["templates"] == (args.prompt_template,) and tp["normalize"] == (args.prototype_norm == "unit")
+    for head in (w2s_clip.PrototypeHead, w2s_clip.TextEncoderHead):
+        assert defaults(head.__init__)["logit_scale"] == args.cpl_logit_scale
+    assert defaults(w2s_clip.TextEncoderHead.__init__)["template"] == args.prompt_template
+    for loss, (fn, kwargs) in w2s_clip.LOSSES.items():
+        for keyword, hyper in kwargs.items():
+            assert defaults(fn)[keyword] == getattr(args, hyper), (loss, keyword)
 
 
 def write_result_with_settings(out, domain, method, seed, acc, settings):
     write_result(out, domain, method, seed, acc, acc / 2)
     path = Path(out) / domain / method / f"seed{seed}" / "results.json"
-    w2s_clip.atomic_save({**json.loads(path.read_text()), "settings": settings}, path)
+    store_w2s_clip.atomic_save({**json.loads(path.read_text()), "settings": settings}, path)
 
 
 def test_summary_box_and_tables_use_only_runs_with_matching_settings(tmp_path, capsys):
     """A folder with runs of two settings: the box and each table cell use only those that
     match (the most common, for the tables) and say how many were left out and which settings
-    differ; a different domain or weak model is a table axis, not a different setting."""
+    differ; a different domain or weak model is a table axis, not a different setting, and a
+    setting the run does not depend on (CPL's tau for ce-lp) is no difference at all."""
     a = {"tau": 1.0, "lr": 0.01, "domain": "sketch", "weak_model": "resnet18", "splits": "s1"}
-    b = {**a, "tau": 0.5}
+    b = {**a, "lr": 0.02}
     out = tmp_path / "runs"
     for seed in (0, 1):
         write_result_with_settings(out, "sketch", "weak", seed, 0.40, a)
@@ -2472,33 +2599,36 @@ def test_summary_box_and_tables_use_only_runs_with_matching_settings(tmp_path, c
                                    {**a, "domain": "clipart", "splits": "s2"})
     write_result_with_settings(out, "sketch", "cpl", 2, 0.99, b)
     write_result_with_settings(out, "sketch", "ce-lp", 0, 0.45, b)
-    box = w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"], a)
+    write_result_with_settings(out, "sketch", "ce-lp", 1, 0.55, {**a, "tau": 0.5})
+    box = report_w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"], a)
     assert "ce-lp" not in box.split("left out")[0] and "cpl" in box and "weak" in box
-    assert "left out of the box" in box and "ce-lp (tau: 0.5 -> 1.0)" in box
+    assert "left out of the box" in box and "ce-lp (lr: 0.02 -> 0.01)" in box
+    box = report_w2s_clip.summary_box(out, "sketch", 1, ["ce-lp", "cpl"], a)
+    assert "| ce-lp            55.00" in box and "left out" not in box
     capsys.readouterr()
-    w2s_clip.build_tables(out, tmp_path / "tables")
+    report_w2s_clip.build_tables(out, tmp_path / "tables")
     note = capsys.readouterr().out
-    assert "2 runs made with other settings" in note and "without a label have tau=1" in note
+    assert "2 runs made with other settings" in note and "without a label have lr=0.01" in note
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     cells = [c.split(" [")[0] for c in table_row(t2, "cpl")[:2]]  # without the paper's value
     assert cells == ["30.00 ± 0.00", "50.00 ± 0.00"]  # not 0.99: that run is a row of its own
-    assert [c.split(" [")[0] for c in table_row(t2, "ce-lp")[:2]] == ["—", "—"]
-    assert table_row(t2, "cpl (tau=0.5)")[:2] == ["—", "99.00 ± 0.00 (n=1)"]
-    assert table_row(t2, "ce-lp (tau=0.5)")[:2] == ["—", "45.00 ± 0.00 (n=1)"]
+    assert [c.split(" [")[0] for c in table_row(t2, "ce-lp")[:2]] == ["—", "55.00 ± 0.00 (n=1)"]
+    assert table_row(t2, "cpl (lr=0.02)")[:2] == ["—", "99.00 ± 0.00 (n=1)"]
+    assert table_row(t2, "ce-lp (lr=0.02)")[:2] == ["—", "45.00 ± 0.00 (n=1)"]
 
 
 def test_image_stats_digest_notices_replaced_images(demo, tmp_path):
     """The data key moves when an image is rewritten (size) or touched (mtime), not otherwise."""
     data = corrupt_copy(demo, tmp_path)
-    paths = w2s_clip.read_split_file(data / "sketch_test.txt")[0]
-    base = w2s_clip.image_stats_digest(data, paths)
-    assert w2s_clip.image_stats_digest(data, paths) == base
+    paths = datasets_w2s_clip.read_split_file(data / "sketch_test.txt")[0]
+    base = store_w2s_clip.image_stats_digest(data, paths)
+    assert store_w2s_clip.image_stats_digest(data, paths) == base
     image = data / paths[3]
     image.write_bytes(image.read_bytes() + b"\0")
-    grown = w2s_clip.image_stats_digest(data, paths)
+    grown = store_w2s_clip.image_stats_digest(data, paths)
     st = image.stat()
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-    assert len({base, grown, w2s_clip.image_stats_digest(data, paths)}) == 3
+    assert len({base, grown, store_w2s_clip.image_stats_digest(data, paths)}) == 3
 
 
 def test_make_clean_keeps_caches_runs_results_data_and_tables_installs_nothing():
@@ -2557,7 +2687,7 @@ def test_train_head_stops_on_a_non_finite_loss():
     x, targets = torch.randn(16, 4), torch.randn(16, 3)
     targets[3, 1] = float("nan")
     with pytest.raises(FloatingPointError, match="epoch 1, step 1"):
-        w2s_clip.train_head(w2s_clip.LinearHead(4, 3), w2s_clip.kd_loss, lambda s, t: {"T": 1.0},
+        w2s_clip.train_head(w2s_clip.LinearHead(4, 3), functools.partial(w2s_clip.kd_loss, T=1.0),
                             x, targets, x, torch.randn(16, 3), epochs=2, batch_size=16, lr=0.1)
 
 
@@ -2568,11 +2698,11 @@ def test_train_head_warns_when_no_step_had_a_positive_learning_rate():
     x, targets = torch.randn(16, 4), torch.randn(16, 3)
     head = w2s_clip.LinearHead(4, 3)
     start = copy.deepcopy(head.state_dict())
-    fit = w2s_clip.train_head(head, w2s_clip.kd_loss, lambda s, t: {"T": 1.0}, x, targets, x,
+    fit = w2s_clip.train_head(head, functools.partial(w2s_clip.kd_loss, T=1.0), x, targets, x,
                               targets, epochs=1, batch_size=16, lr=0.1, warmup_ratio=1.0)
     assert len(fit["warnings"]) == 1 and "positive learning rate" in fit["warnings"][0]
     assert all(torch.equal(v, head.state_dict()[n]) for n, v in start.items())
-    fit = w2s_clip.train_head(w2s_clip.LinearHead(4, 3), w2s_clip.kd_loss, lambda s, t: {"T": 1.0},
+    fit = w2s_clip.train_head(w2s_clip.LinearHead(4, 3), functools.partial(w2s_clip.kd_loss, T=1.0),
                               x, targets, x, targets, epochs=2, batch_size=16, lr=0.1,
                               warmup_ratio=0.5)
     assert fit["warnings"] == []
@@ -2673,7 +2803,7 @@ def test_a_result_written_meanwhile_with_other_settings_is_kept(demo, tmp_path, 
     def concurrent(method, *a, **k):
         result = real(method, *a, **k)
         if method == "cpl":
-            w2s_clip.atomic_save(foreign, path)
+            store_w2s_clip.atomic_save(foreign, path)
         return result
     monkeypatch.setattr(w2s_clip, "run_method", concurrent)
     main_error(cli_args(demo, demo / "data", out, cache, **{"--tune": "none"}),
@@ -2692,20 +2822,20 @@ def test_tables_are_written_as_a_set_or_not_at_all(tmp_path, monkeypatch):
     (tables / "mine.md").write_text("a user's file")
     before = tree_state(tables)
     write_result(out, "sketch", "kd-lp", 0, 0.25, 0.1)
-    real, calls = w2s_clip.atomic_save, []
+    real, calls = store_w2s_clip.atomic_save, []
 
     def fail_third(obj, path):
         calls.append(path)
         if len(calls) == 3:
             raise w2s_clip.UserError(f"no space left on {tables}")
         return real(obj, path)
-    monkeypatch.setattr(w2s_clip, "atomic_save", fail_third)
+    monkeypatch.setattr(report_w2s_clip, "atomic_save", fail_third)  # as save_together calls it
     main_error(["--build-tables", "--out-dir", out, "--tables-dir", tables], "no space left")
     assert tree_state(tables) == before and not temp_files(tables)
     monkeypatch.undo()
     for path in out.rglob("results.json"):  # results without curves: no Figure 2
         r = json.loads(path.read_text())
-        w2s_clip.atomic_save({**r, "curves": []}, path)
+        store_w2s_clip.atomic_save({**r, "curves": []}, path)
     w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tables)])
     assert "kd-lp" in (tables / "table2.md").read_text()
     assert not (tables / "figure2.csv").exists() and not (tables / "figure2.png").exists()
@@ -2722,12 +2852,12 @@ def good_result(method="cpl", seed=0, acc=0.5, domain="sketch", **settings):
          "data_root": "/data", **settings}
     return {"domain": domain, "method": method, "seed": seed, "test_accuracy": acc,
             "worst10_accuracy": acc / 2, "curves": [], "config": s, "settings": s,
-            "settings_key": w2s_clip.settings_key(s)}
+            "settings_key": store_w2s_clip.settings_key(s)}
 
 
 def put(out, r, sub=""):
-    path = w2s_clip.result_path(Path(out) / sub, r["domain"], r["method"], r["seed"])
-    w2s_clip.atomic_save(r, path)
+    path = store_w2s_clip.result_path(Path(out) / sub, r["domain"], r["method"], r["seed"])
+    store_w2s_clip.atomic_save(r, path)
     return path
 
 
@@ -2742,7 +2872,7 @@ def test_weak_runs_of_other_weak_models_and_cpe_runs_are_table_axes_not_variants
             put(out, good_result("cpl", seed, acc + 0.1, domain="clipart", weak_model=weak_model), sub)
         put(out, good_result("cpl", seed, 0.8, domain="clipart", prototype_init="cpe", cpe_k=10),
             "cpe-init")
-    w2s_clip.build_tables(out, tmp_path / "t")
+    report_w2s_clip.build_tables(out, tmp_path / "t")
     printed = capsys.readouterr().out
     assert "rows of their own" not in printed and "counted once" not in printed
     t3 = (tmp_path / "t" / "table3.md").read_text()
@@ -2752,7 +2882,7 @@ def test_weak_runs_of_other_weak_models_and_cpe_runs_are_table_axes_not_variants
 
 @pytest.mark.parametrize("edit", [
     {"test_accuracy": "0.5"}, {"test_accuracy": None}, {"test_accuracy": 50.0},
-    {"test_accuracy": float("nan")}, {"seed": "0"}, {"seed": -1}, {"method": "mystery"},
+    {"test_accuracy": float("nan")}, {"seed": "0"}, {"seed": -1}, {"method": ""}, {"method": 3},
     {"domain": ""}, {"curves": {"epoch": 1}}, {"curves": [1, 2]}, {"curves": [{"epoch": 1}]},
     {"curves": None}, {"config": "flags"}, {"settings": 3}, {"n_predicted_classes": "ten"},
     {"worst10_accuracy": True}, {"agreement_with_weak": 2.0}, {"predictions": "0 1"},
@@ -2763,13 +2893,13 @@ def test_a_hand_edited_results_json_is_named_and_skipped_by_tables_and_box(tmp_p
     out = tmp_path / "runs"
     put(out, good_result("weak", acc=0.4))
     put(out, good_result("ceiling", acc=0.8))
-    bad = w2s_clip.result_path(out, "sketch", "cpl", 0)  # where the box looks for it
-    w2s_clip.atomic_save({**good_result("cpl"), **edit}, bad)
+    bad = store_w2s_clip.result_path(out, "sketch", "cpl", 0)  # where the box looks for it
+    store_w2s_clip.atomic_save({**good_result("cpl"), **edit}, bad)
     w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     err = capsys.readouterr().err
     assert f"warning: {bad} cannot be read as a results file" in err, err
     assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "— [64.01]"
-    box = w2s_clip.summary_box(out, "sketch", 0, ["cpl"])
+    box = report_w2s_clip.summary_box(out, "sketch", 0, ["cpl"])
     assert "cpl" not in box.split("PGR", 1)[1] and "weak" in box and str(bad) in capsys.readouterr().err
 
 
@@ -2777,16 +2907,16 @@ def test_a_hand_edited_results_json_is_named_and_skipped_by_tables_and_box(tmp_p
 def test_unreadable_results_files_are_skipped(tmp_path, capsys, content):
     out = tmp_path / "runs"
     put(out, good_result("weak", acc=0.4))
-    bad = w2s_clip.result_path(out, "sketch", "cpl", 0)
+    bad = store_w2s_clip.result_path(out, "sketch", "cpl", 0)
     bad.parent.mkdir(parents=True)
     bad.write_bytes(content)
-    rows = w2s_clip.load_results(out)
+    rows = report_w2s_clip.load_results(out)
     assert [r["method"] for r in rows] == ["weak"] and str(bad) in capsys.readouterr().err
 
 
 def test_results_with_extra_keys_are_read():
     r = {**good_result(), "a_key_of_a_later_version": [1, 2, 3]}
-    assert w2s_clip.result_problems(r) == []
+    assert store_w2s_clip.result_problems(r) == []
 
 
 def test_split_files_changed_between_seeds_are_not_averaged_in_one_cell(tmp_path, capsys):
@@ -2794,7 +2924,7 @@ def test_split_files_changed_between_seeds_are_not_averaged_in_one_cell(tmp_path
     for seed in (0, 1):
         put(out, good_result("cpl", seed, 0.5 + seed / 10))
     put(out, good_result("cpl", 2, 0.9, splits="edited"))
-    w2s_clip.build_tables(out, tmp_path / "t")
+    report_w2s_clip.build_tables(out, tmp_path / "t")
     printed = capsys.readouterr().out
     assert "left out 1 runs of sketch made with other split files" in printed, printed
     assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "55.00 ± 7.07 [64.01]"
@@ -2808,9 +2938,9 @@ def test_one_clip_config_typed_two_ways_is_one_setting_to_the_tables(tmp_path):
         r = good_result("cpl", seed, 0.5 + seed / 10, clip_model=real)
         r["config"] = {**r["config"], "clip_model": typed}
         put(out, r)
-    rows = w2s_clip.load_results(out)
+    rows = report_w2s_clip.load_results(out)
     assert {r["clip_model"] for r in rows} == {real}
-    w2s_clip.build_tables(out, tmp_path / "t")
+    report_w2s_clip.build_tables(out, tmp_path / "t")
     text = (tmp_path / "t" / "table2.md").read_text()
     assert table_row(text, "cpl")[0] == "55.00 ± 7.07 [64.01]" and "tiny.json with weak model" in text
     assert str(tmp_path) not in text.splitlines()[0]  # the title names the file, not the path
@@ -2825,7 +2955,7 @@ def test_runs_left_out_of_the_tables_are_named_with_what_differs(tmp_path, capsy
     for seed in (0, 1):
         put(out, good_result("cpl", seed))
     put(out, good_result("kd-lp", 0, **other), "other")
-    w2s_clip.build_tables(out, tmp_path / "t")
+    report_w2s_clip.build_tables(out, tmp_path / "t")
     assert note in capsys.readouterr().out
 
 
@@ -2888,7 +3018,7 @@ def test_cli_error_output_folder_is_a_file(demo, tmp_path, flag):
 
 def test_cli_error_build_tables_paths_that_are_files(tmp_path):
     f = tmp_path / "results.json"
-    w2s_clip.atomic_save(good_result(), f)
+    store_w2s_clip.atomic_save(good_result(), f)
     main_error(["--build-tables", "--out-dir", f, "--tables-dir", tmp_path / "t"],
                "--out-dir", "is a file, not a folder")
     put(tmp_path / "runs", good_result())
@@ -2904,13 +3034,13 @@ def test_stale_temporary_table_files_of_a_killed_build_are_removed(tmp_path):
     tables.mkdir()
     stale = tables / ".table2.md.999999999.tmp"  # no such process
     stale.write_text("half")
-    w2s_clip.build_tables(tmp_path / "runs", tables)
+    report_w2s_clip.build_tables(tmp_path / "runs", tables)
     assert not stale.exists() and (tables / "table2.md").exists()
 
 
 def test_tables_of_weak_runs_only(tmp_path):
     put(tmp_path / "runs", good_result("weak", acc=0.3))
-    w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
     t2 = (tmp_path / "t" / "table2.md").read_text()
     assert table_row(t2, "weak")[0] == "30.00 ± 0.00 [52.26]" and table_row(t2, "cpl")[0] == "— [64.01]"
 
@@ -2927,12 +3057,12 @@ def test_parse_args_refuses_bad_grids_and_choices_in_one_line(argv, capsys):
 
 def test_a_leftover_lock_file_does_not_block_a_rerun(demo, tmp_path):
     out, cache = tmp_path / "runs", tmp_path / "cache"
-    lock = w2s_clip.result_path(out, "sketch", "weak", 0).with_name(".results.json.lock")
+    lock = store_w2s_clip.result_path(out, "sketch", "weak", 0).with_name(".results.json.lock")
     lock.parent.mkdir(parents=True)
     lock.write_text("")
     proc = run_cli(cli_args(demo, demo / "data", out, cache, **{"--method": "weak"}))
     assert proc.returncode == 0, proc.stderr
-    assert w2s_clip.result_path(out, "sketch", "weak", 0).exists()
+    assert store_w2s_clip.result_path(out, "sketch", "weak", 0).exists()
     tables = run_cli(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     assert tables.returncode == 0 and "weak" in (tmp_path / "t" / "table2.md").read_text()
 
@@ -2945,13 +3075,13 @@ def test_a_leftover_lock_file_does_not_block_a_rerun(demo, tmp_path):
     ("auto", "cuda", (9, 0), "bf16"), ("auto", "cuda", (7, 0), "fp16"), ("auto", "cuda", (7, 5), "fp16"),
     ("fp32", "cuda", (8, 0), "fp32"), ("bf16", "cuda", (7, 0), "bf16")])
 def test_resolve_precision(requested, device, capability, expected):
-    assert w2s_clip.resolve_precision(requested, device, capability) == expected
+    assert checks_w2s_clip.resolve_precision(requested, device, capability) == expected
 
 
 @pytest.mark.parametrize("requested", ["bf16", "fp16"])
 def test_half_precision_on_the_cpu_is_a_user_error(requested):
     with pytest.raises(w2s_clip.UserError, match=f"--precision {requested} needs a CUDA device"):
-        w2s_clip.resolve_precision(requested, "cpu")
+        checks_w2s_clip.resolve_precision(requested, "cpu")
 
 
 CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
@@ -2963,7 +3093,7 @@ CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
     ((12, 1), CU130, True), ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80"], True),
     ((9, 0), ["sm_80", "compute_80"], True), ((9, 0), ["sm_80", "sm_86"], False), ((8, 0), [], False)])
 def test_gpu_build_problem_against_the_arch_list(capability, arch_list, runs):
-    problem = w2s_clip.gpu_build_problem(capability, arch_list, version="2.14.1+cu130")
+    problem = checks_w2s_clip.gpu_build_problem(capability, arch_list, version="2.14.1+cu130")
     assert (problem is None) == runs, problem
     if not runs:
         assert f"sm_{10 * capability[0] + capability[1]}" in problem and "2.14.1+cu130" in problem
@@ -2972,15 +3102,15 @@ def test_gpu_build_problem_against_the_arch_list(capability, arch_list, runs):
 def test_device_line_names_device_gpu_capability_and_precision():
     gpu = {"device": "cuda:0", "name": "NVIDIA A100-SXM4-40GB", "capability": "sm_80",
            "precision": "bf16"}
-    assert w2s_clip.device_line(gpu) == "device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16"
-    cpu = w2s_clip.hardware_report("cpu", "fp32")
-    assert w2s_clip.device_line(cpu) == "device: cpu, fp32"
+    assert checks_w2s_clip.device_line(gpu) == "device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16"
+    cpu = checks_w2s_clip.hardware_report("cpu", "fp32")
+    assert checks_w2s_clip.device_line(cpu) == "device: cpu, fp32"
     assert cpu["torch"] == torch.__version__ and cpu["threads"] == torch.get_num_threads()
 
 
 def test_cpu_cost_warning_only_for_a_large_domain():
-    assert w2s_clip.cpu_cost_warning(320, 800, 2, 5) is None
-    warning = w2s_clip.cpu_cost_warning(48212, 20916, 5, 3)  # sketch, Table 1
+    assert checks_w2s_clip.cpu_cost_warning(320, 800, 2, 5) is None
+    warning = checks_w2s_clip.cpu_cost_warning(48212, 20916, 5, 3)  # sketch, Table 1
     assert warning.startswith("warning: no usable GPU") and " h for 69128 images and 5 seeds" in warning
 
 
@@ -3013,10 +3143,10 @@ def test_image_list_augmentation_is_seeded_per_sample_and_epoch(demo):
     another epoch gives another draw; the global RNGs are left as they were."""
     import random
     import timm
-    paths, labels = w2s_clip.read_split_file(demo / "data" / "sketch_train.txt")
+    paths, labels = datasets_w2s_clip.read_split_file(demo / "data" / "sketch_train.txt")
     model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
     tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=True)
-    ds = w2s_clip.ImageList(demo / "data", paths, labels, tf, seed=7)
+    ds = datasets_w2s_clip.ImageList(demo / "data", paths, labels, tf, seed=7)
     n = len(ds)
     first = ds[3][0]
     torch.manual_seed(123)
@@ -3025,7 +3155,7 @@ def test_image_list_augmentation_is_seeded_per_sample_and_epoch(demo):
     assert torch.equal(ds[3][0], first)  # after other draws
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
     assert not torch.equal(ds[n + 3][0], first)  # epoch 1 of image 3
-    sampler = w2s_clip.EpochSampler(n, seed=0)
+    sampler = datasets_w2s_clip.EpochSampler(n, seed=0)
     e0, e1 = list(sampler), list(sampler)
     assert sorted(e0) == list(range(n)) and sorted(e1) == list(range(n, 2 * n)) and e0 != [i - n for i in e1]
 
@@ -3044,7 +3174,7 @@ def test_tables_name_runs_made_on_different_hardware(tmp_path, capsys):
     for seed, name in ((0, "NVIDIA A100-SXM4-40GB"), (1, "Tesla V100-SXM2-32GB")):
         put(out, {**good_result("cpl", seed), "hardware": {"name": name, "capability": "sm_80",
                                                            "precision": "bf16"}})
-    w2s_clip.build_tables(out, tmp_path / "t")
+    report_w2s_clip.build_tables(out, tmp_path / "t")
     printed = capsys.readouterr().out
     assert "combine runs made on different hardware" in printed and "V100" in printed
 
@@ -3069,8 +3199,8 @@ def test_file_lock_on_a_file_system_without_flock_warns_and_goes_on(tmp_path, mo
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(fcntl, "flock", no_flock)
     path = tmp_path / "runs" / "results.json"
-    with w2s_clip.file_lock(path):
-        w2s_clip.atomic_save({"a": 1}, path)
+    with store_w2s_clip.file_lock(path):
+        store_w2s_clip.atomic_save({"a": 1}, path)
     assert json.loads(path.read_text()) == {"a": 1}
     assert "cannot lock" in capsys.readouterr().err
 
@@ -3082,7 +3212,7 @@ def test_older_results_without_settings_for_one_run_are_refused(tmp_path):
         del r["settings"], r["settings_key"]
         put(tmp_path / "runs", r, sub)
     with pytest.raises(w2s_clip.UserError, match="record no settings"):
-        w2s_clip.load_results(tmp_path / "runs")
+        report_w2s_clip.load_results(tmp_path / "runs")
 
 
 def test_weak_micro_batches_give_the_whole_batch_step():
@@ -3109,3 +3239,17 @@ def test_weak_micro_batches_give_the_whole_batch_step():
     for ra, rb in zip(fits[None][1], fits[5][1]):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-10)
         assert ra["train_accuracy"] == rb["train_accuracy"]
+
+
+def test_the_method_file_imports_no_companion_and_every_module_is_packaged():
+    """`import w2s_clip` loads none of the files beside it (they import it, it imports them only
+    inside the branch that needs them), and pyproject.toml packages every module of the project."""
+    import tomllib
+    modules = sorted(p.stem for p in HERE.glob("*.py") if not p.name.startswith("test_"))
+    code = ("import sys, w2s_clip; print(' '.join(sorted(m for m in sys.modules if m in "
+            f"{modules!r} and m != 'w2s_clip')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == []
+    packaged = tomllib.loads((HERE / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(packaged) == modules
