@@ -76,7 +76,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: venv ## run the unit tests (CPU, no download)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_w2s_clip.py test_minidomainnet.py
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_*.py
 
 demo: venv ## the miniature on the CPU, no download: data, a tiny CLIP pretrained on the spot, runs, tables (2 min)
 	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN) --test-per-class $(DEMO_TEST)

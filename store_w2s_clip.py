@@ -320,25 +320,19 @@ def short_side(size):
 # ------------------------------------------------------------------------------------------------
 # The cached stages of the protocol: the weak model and its logits (steps 1-2), CLIP's features
 # ------------------------------------------------------------------------------------------------
-def weak_stage(args, data, seed, device, precision="fp32"):
+def weak_stage(args, data, seed, device, precision, settings):
     """Steps 1-2: the weak model fine-tuned on D_train, then its logits on all of D_test, [n, k].
 
-    Both are cached; the model under a key of its data (split files, image sizes and times),
-    settings, seed, device type and precision (not the worker count: augmentation is seeded per
-    sample). A cache file that cannot be loaded is recomputed.
+    Both are cached under a key of the run's weak-stage settings (`method_settings("weak",
+    settings)`: model, training flags, data, device type, precision; not the worker count, as
+    augmentation is seeded per sample), the seed and each image's size and time. A cache file
+    that cannot be loaded is recomputed.
     Returns:
         (logits [n, k], history: the weak training's per-epoch rows, or None when the model came
         from a cache without them).
     """
     k, root = len(data["classnames"]), os.path.realpath(args.data_root)
-    key = cache_key(model=args.weak_model, pretrained=args.weak_pretrained, k=k, seed=seed,
-                    epochs=args.weak_epochs, lr=args.weak_lr, batch=args.batch_size,
-                    warmup=args.warmup_ratio, wd=args.weight_decay, domain=args.domain,
-                    schedule=args.lr_schedule, clip=args.max_grad_norm,
-                    root=root, splits=data["digest"], images=data.get("images"),
-                    device=torch.device(device).type, precision=precision,
-                    **({"micro": args.weak_micro_batch} if args.weak_micro_batch else {}),
-                    **({"pixels": args.train_image_cache} if args.train_image_cache else {}))
+    key = cache_key(**method_settings("weak", settings), k=k, seed=seed, images=data.get("images"))
     safe_name = args.weak_model.replace(":", "-").replace("/", "-")  # hf:<org>/<name> in one file name
     cache_dir = Path(args.cache_dir)
     stem = cache_dir / f"weak-{args.domain}-{safe_name}-seed{seed}-{key}"
@@ -408,18 +402,15 @@ def clip_identity(model_name, pretrained):
     return model_id, file_digest(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
 
 
-def feature_stage(args, data, device, precision="fp32"):
+def feature_stage(args, data, device, precision, settings):
     """{"clip": the CLIP model, "tokenizer", "feats": its image features of all of D_test [n, d] on
-    `device`} (the features cached under a key of model, weights, transform, data, device type and
-    precision)."""
+    `device`}; the features are cached under a key of the run's CLIP settings (CLIP_SETTINGS: model
+    and weights by content, data, device type, precision), the transform and the images."""
     pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
     clip_model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
-    model_id, weights = clip_identity(args.clip_model, args.clip_pretrained)
     root = os.path.realpath(args.data_root)
-    key = cache_key(model=model_id, pretrained=weights, transform=repr(preprocess),
-                    domain=args.domain, root=root, splits=data["digest"],
-                    images=data.get("images"),
-                    device=torch.device(device).type, precision=precision)
+    key = cache_key(**{k: settings[k] for k in CLIP_SETTINGS}, transform=repr(preprocess),
+                    images=data.get("images"))
     path = Path(args.cache_dir) / f"clip-{args.domain}-{Path(args.clip_model).stem}-{key}.pt"
     loader = make_loader(ImageList(root, data["test_paths"], data["test_labels"], preprocess),
                          args.batch_size, device, args.workers)
@@ -463,6 +454,7 @@ def run_settings(args, data, device, precision="fp32"):
     return json.loads(json.dumps(flags, default=str))  # as results.json holds it
 
 
+CLIP_SETTINGS = ("clip", "data_root", "splits", "domain", "device", "precision")  # CLIP's features
 WEAK_SETTINGS = ("weak_model", "weak_pretrained", "weak_epochs", "weak_lr", "batch_size",
                  "warmup_ratio", "weight_decay", "lr_schedule", "max_grad_norm", "weak_micro_batch",
                  "train_image_cache", "data_root", "splits", "domain", "dataset", "split_share",

@@ -1017,12 +1017,12 @@ def run_experiment(args):
     for seed in (seed for seed, todo_methods in todo.items() if todo_methods):
         splits = protocol_splits(len(data["test_labels"]), seed)
         try:
-            weak = weak_stage(args, data, seed, device, precision)  # (logits, training history)
+            weak = weak_stage(args, data, seed, device, precision, run["settings"])  # (logits, history)
         except FloatingPointError as e:
             raise UserError(f"{args.domain} seed {seed} weak: {e}; lower --weak-lr (now "
                             f"{args.weak_lr:g})") from None
         if strong is None and set(todo[seed]) - {"weak"}:
-            strong = {**feature_stage(args, data, device, precision),
+            strong = {**feature_stage(args, data, device, precision, run["settings"]),
                       "descriptions": run["descriptions"]}
         if strong is not None and args.prototype_init == "cpe":  # CPE weighs this seed's hold-train
             strong.pop("prototypes", None)
