@@ -311,7 +311,7 @@ def choose_device(requested, precision):
 
 def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):
     """A `warning:` line for a large domain about to run on the CPU, with its rough cost from the
-    CPU rates of the README's bench (13.8 CLIP images/s, 9.4 weak training images/s, strong heads
+    CPU rates of docs/speed.md's bench (13.8 CLIP images/s, 9.4 weak training images/s, strong heads
     with tuning about 11 CLIP passes per seed); None for a small one."""
     if n_train + n_test < 20000:
         return None

@@ -40,7 +40,7 @@ def pretrained(tmp_path_factory):
     """The demo's tiny CLIP pretrained for 300 steps of 64 images, through the cache."""
     folder = tmp_path_factory.mktemp("pretrained")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny operations: one thread is the fastest (README, "Threads")
+    torch.set_num_threads(1)  # tiny operations: one thread is the fastest (docs/miniature.md)
     try:
         return M.pretrained_checkpoint(folder, 300, batch_size=64, log_every=0)
     finally:
