@@ -22,6 +22,7 @@ import checks_w2s_clip
 import datasets_w2s_clip
 import minidomainnet
 import report_w2s_clip
+import store_w2s_clip
 import w2s_clip as W
 
 
@@ -154,8 +155,9 @@ def text_steps(clip_model, tokenizer, names, device, batch=512, repeats=3):
 
 def decode_counts(folder, seeds=5, epochs=3, short=256):
     """Images decoded by weak training, weak logits and CLIP features for `seeds` seeds, counted in
-    process (w2s_clip.decode_image patched, no workers) on a small generated domain with tiny
-    models: the paper's defaults, then with the pixel caches (--train-image-cache `short`).
+    process (decode_image patched where ImageList and the pixel caches call it, no workers) on a
+    small generated domain with tiny models: the paper's defaults, then with the pixel caches
+    (--train-image-cache `short`).
     Returns:
         {setting: decodes per image}, and the counts (n_train, n_test)."""
     root = Path(folder) / "decodes"
@@ -165,7 +167,8 @@ def decode_counts(folder, seeds=5, epochs=3, short=256):
     data = datasets_w2s_clip.load_domain(root / "data", "sketch")
     n_train, n_test = len(data["train_paths"]), len(data["test_paths"])
     count, real = [0], datasets_w2s_clip.decode_image
-    datasets_w2s_clip.decode_image = lambda path: count.__setitem__(0, count[0] + 1) or real(path)
+    counted = lambda path: count.__setitem__(0, count[0] + 1) or real(path)  # noqa: E731
+    datasets_w2s_clip.decode_image = store_w2s_clip.decode_image = counted
     per_image = {}
     try:
         for name, flags in (("paper defaults, no pixel cache", ["--no-eval-image-cache"]),
@@ -181,7 +184,7 @@ def decode_counts(folder, seeds=5, epochs=3, short=256):
                     "--out-dir", str(root / f"runs-{len(per_image)}"), "--force", *flags])
             per_image[name] = count[0] / (n_train + n_test)
     finally:
-        datasets_w2s_clip.decode_image = real
+        datasets_w2s_clip.decode_image = store_w2s_clip.decode_image = real
     return per_image, (n_train, n_test)
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from checks_w2s_clip import check_writable
-from store_w2s_clip import (WEAK_SETTINGS, atomic_save, cache_key, describe_difference,
-                            filled_settings, method_settings, read_result, remove_stale_temps, result_path,
-                            settings_key)
+from store_w2s_clip import (atomic_save, cache_key, describe_difference,
+                            filled_settings, method_settings, read_result, remove_stale_temps,
+                            result_path, same_settings, settings_key)
 from w2s_clip import DOMAINS, LOSS_NAMES, METHOD_HEAD_LOSS, UserError, pgr
 
 
@@ -169,7 +169,8 @@ def comparable_runs(rows, vary=TABLE_AXES):
         on rows left out and on the unchecked rows.
     """
     def relevant(r, settings=None):  # what the run's result depends on, of `settings` or its own
-        return {k: v for k, v in method_settings(r["method"], settings or r["settings"]).items()
+        method = r["method"].split(" (")[0]  # `cpl (ensemble init)` depends on what cpl does
+        return {k: v for k, v in method_settings(method, settings or r["settings"]).items()
                 if k not in vary}
 
     checked = [r for r in rows if isinstance(r.get("settings"), dict)]
@@ -184,10 +185,10 @@ def comparable_runs(rows, vary=TABLE_AXES):
     for r in rows:
         weak = r["method"] == "weak"
         has = isinstance(r.get("settings"), dict)
-        same = (r["seed"], cache_key(**{n: v for n, v in r["settings"].items() if n in WEAK_SETTINGS})
-                ) if weak and has else None  # the whole weak run, table axes included
+        same = (r["domain"], r["weak_model"], r["method"], r["seed"], cache_key(**method_settings(
+            r["method"].split(" (")[0], r["settings"]))) if has else None  # axes included
         if same is not None and same in seen:
-            merged += 1  # the same weak run, copied into each folder of a sweep
+            merged += 1  # the same run in each folder of a sweep that does not touch it
             continue
         seen.add(same)
         if has and relevant(r) != relevant(r, ref[weak]):  # a sweep, or other settings: a row
@@ -204,8 +205,8 @@ def comparable_runs(rows, vary=TABLE_AXES):
                      f"{len(kept) - len(other)} are rows of their own, named by what differs "
                      f"(the rows without a label have {plain}), e.g. {other[0]['path']}")
     if merged:
-        notes.append(f"{merged} weak runs repeat another with the same weak-model settings (a "
-                     f"sweep's folders each hold one): counted once")
+        notes.append(f"{merged} runs repeat another with all the settings they depend on (a sweep's "
+                     f"folders each hold one): counted once")
     for domain in sorted({r["domain"] for r in kept}):  # a domain's split files are one per table
         mine = [r for r in kept if r["domain"] == domain and isinstance(r.get("settings"), dict)]
         digests = [r["settings"].get("splits") for r in mine]
@@ -523,7 +524,7 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
                                     key=lambda d: (d.lower() not in DOMAINS, d))
     table4_rows = ("zero-shot", "zero-shot (ensemble init)", "zero-shot (cpe init)", "cpl",
                    "cpl (ensemble init)", "cpl (cpe init)", "cpl-text")
-    extra = sorted({r["method"] for r in rows if not r.get("variant_of")} - {*table_rows, *table4_rows})
+    extra = sorted({r["method"] for r in rows if " (" not in r["method"]} - {*table_rows, *table4_rows})
     table_rows = tuple(table_rows[:-1]) + tuple(extra) + tuple(table_rows[-1:])  # ceiling last
     variants = {(r["variant_of"], r["method"]) for r in rows if r.get("variant_of")}
     with_variants = lambda names: [v for n in names for v in  # noqa: E731
@@ -724,8 +725,8 @@ def summary_box(out_dir, domain, seed, methods, settings=None, results=None):
         path = result_path(out_dir, domain, m, seed)
         r = (results or {}).get(m) or (read_result(path, "left out of the box") if path.exists()
                                        else None)
-        if r is not None and settings is not None and (settings_key(r.get("settings"), m)
-                                                       != settings_key(settings, m)):
+        if r is not None and settings is not None and not same_settings(r.get("settings"),
+                                                                        settings, m):
             left_out.append(f"{m} ({describe_difference(r.get('settings'), settings, method=m)})")
         elif r is not None:
             acc[m] = r["test_accuracy"]

@@ -506,6 +506,16 @@ def method_settings(method, settings):
     return {k: v for k, v in filled.items() if k not in unused}
 
 
+def same_settings(old, new, method):
+    """Whether a result made with settings `old` is valid under `new` (both run_settings' dicts)
+    for `method`: the settings it depends on agree. An older file's `old` is only a hash of all
+    its settings, compared with the hash of all of `new`."""
+    if isinstance(old, str):
+        return old == settings_key(new)
+    key = settings_key(old, method)
+    return key is not None and key == settings_key(new, method)
+
+
 def settings_key(settings, method=None):
     """The hash of a run's settings (run_settings' dict, as results.json holds it), of the part
     `method`'s result depends on if given (`method_settings`); an older results.json holds only
@@ -609,7 +619,7 @@ def pending_runs(args, methods, settings):
             path = result_path(args.out_dir, args.domain, m, seed)
             old = read_result(path, "the run is redone") if path.exists() and not args.force else None
             if old is not None:
-                if settings_key(old.get("settings"), m) != settings_key(settings, m):
+                if not same_settings(old.get("settings"), settings, m):
                     raise UserError(f"{path} was made with other settings "
                                     f"({describe_difference(old.get('settings'), settings, method=m)}); "
                                     f"pass --force to replace it or use another --out-dir")
@@ -643,8 +653,7 @@ def save_run(path, result, head, settings, force=False):
     with file_lock(path):
         other = read_result(path, "replaced") if path.exists() else None
         if (other is not None and not force
-                and settings_key(other.get("settings"), result["method"])
-                != settings_key(settings, result["method"])):
+                and not same_settings(other.get("settings"), settings, result["method"])):
             log_path.unlink(missing_ok=True)
             raise UserError(f"{path} was written by another command meanwhile, with other settings "
                             f"({describe_difference(other.get('settings'), settings, method=result['method'])}"

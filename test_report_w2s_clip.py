@@ -526,13 +526,33 @@ def test_make_tables_over_a_folder_that_holds_the_ablations(tmp_path, capsys):
         put(out, good_result("kd-lp", seed, 0.4))
         put(out, good_result("cpl", seed, 0.5), "ablations/paper")
         put(out, good_result("cpl", seed, 0.9, cpl_kl="printed"), "ablations/cpl-kl=printed")
+        put(out, good_result("kd-lp", seed, 0.4, cpl_kl="printed"), "ablations/cpl-kl=printed")
     w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     printed = capsys.readouterr().out
-    assert printed.count("(same settings); counted once") == 2
+    assert printed.count("(same settings); counted once") == 2  # the paper folder: the same files
+    assert "2 runs repeat another with all the settings they depend on" in printed  # kd-lp
     assert "2 runs made with other settings" in printed and "cpl_kl=summand" in printed
     t2 = (tmp_path / "t" / "table2.md").read_text()
     assert table_row(t2, "cpl")[0] == "50.00 ± 0.00 [64.01]"
+    assert table_row(t2, "kd-lp")[0] == "40.00 ± 0.00 [59.88]"  # each seed once, not twice
     assert table_row(t2, "cpl (cpl_kl=printed)")[0] == "90.00 ± 0.00"
+
+
+def test_prototype_init_rows_keep_cpls_settings_apart_and_stay_out_of_table_2(tmp_path):
+    """`cpl (ensemble init)` depends on tau as cpl does: a run of another tau is a row of its own;
+    the ceiling of an init is no row of Table 2 (nor one it does not know)."""
+    out = tmp_path / "runs"
+    for seed in (0, 1):
+        put(out, good_result("cpl", seed, 0.5))
+        put(out, good_result("ceiling", seed, 0.8))
+        put(out, good_result("cpl", seed, 0.6, prototype_init="ensemble"), "ensemble-init")
+        put(out, good_result("ceiling", seed, 0.8, prototype_init="ensemble"), "ensemble-init")
+    put(out, good_result("cpl", 0, 0.9, prototype_init="ensemble", tau=0.1), "sweep")
+    report_w2s_clip.build_tables(out, tmp_path / "t")
+    t4 = (tmp_path / "t" / "table4.md").read_text()
+    assert table_row(t4, "cpl (ensemble init)")[0].startswith("60.00 ± 0.00")
+    assert table_row(t4, "cpl (ensemble init) (tau=0.1)")[0].startswith("90.00")
+    assert "ceiling (ensemble init)" not in (tmp_path / "t" / "table2.md").read_text()
 
 
 def test_ablation_reference_other_than_the_papers_defaults_is_said(tmp_path):
