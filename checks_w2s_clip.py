@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from hf_w2s_clip import check_hf_weak_model, import_transformers
-from w2s_clip import UserError
+from w2s_clip import UserError, resolve_precision
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,18 +223,6 @@ def check_images(root, paths, workers=16):
 # ------------------------------------------------------------------------------------------------
 # The device and its precision
 # ------------------------------------------------------------------------------------------------
-def resolve_precision(requested, device_type, capability=None):
-    """The autocast precision of weak training and CLIP encoding: "auto" is bf16 on CUDA sm_80 and
-    newer (native bf16), fp16 below (a V100 emulates bf16, slowly), fp32 on the CPU; an explicit
-    choice is kept. bf16 or fp16 on a CPU is a UserError."""
-    if device_type != "cuda":
-        if requested in ("bf16", "fp16"):
-            raise UserError(f"--precision {requested} needs a CUDA device; pass --precision fp32 "
-                            f"or auto on the {device_type}")
-        return "fp32"
-    if requested == "auto":
-        return "bf16" if capability is not None and tuple(capability) >= (8, 0) else "fp16"
-    return requested
 
 
 def check_device(device):

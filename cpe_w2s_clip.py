@@ -115,17 +115,21 @@ def read_class_descriptions(path, classnames):
 
 
 def cpe_prototypes(clip_model, tokenizer, classnames, features, k_worst=10, descriptions=None,
-                   normalize=False):
+                   normalize=False, cache=None):
     """CPL's starting prototypes [k, d] by CPE: open_clip's 80 ImageNet templates weighted by
     `cpe_weights` on unlabeled `features` [n, d], plus each class's `descriptions` ({class index:
-    sentences}, each sentence a prompt as written). Returns (prototypes, a report of the weights
-    for results.json)."""
+    sentences}, each sentence a prompt as written). `cache`, a dict kept for one CLIP model and
+    class list, holds the prompts' text embeddings, so that each seed's weighting encodes no text.
+    Returns (prototypes, a report of the weights for results.json)."""
     import open_clip
     templates = open_clip.OPENAI_IMAGENET_TEMPLATES
-    emb = prompt_embeddings(clip_model, tokenizer, classnames, templates)
+    cache = {} if cache is None else cache
+    if "cpe_embeddings" not in cache:  # the same for every seed: only the weights depend on it
+        cache["cpe_embeddings"] = prompt_embeddings(clip_model, tokenizer, classnames, templates)
+        cache["cpe_descriptions"] = {i: text_prototypes(clip_model, tokenizer, sentences, ["{}"])
+                                     for i, sentences in (descriptions or {}).items()}  # [m, d]
+    emb, extra = cache["cpe_embeddings"], cache["cpe_descriptions"]
     weights, worst = cpe_weights(emb, features, k_worst)
-    extra = {i: text_prototypes(clip_model, tokenizer, sentences, ["{}"])  # [m, d]
-             for i, sentences in (descriptions or {}).items()}
     report = {"k_worst": k_worst, "templates": [t("{}") for t in templates],
               "weights": weights.tolist(), "worst_k_cmm": worst.tolist(),
               "described_classes": sorted(classnames[i] for i in extra)}

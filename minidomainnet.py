@@ -147,7 +147,7 @@ def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_trai
 
 
 def make_demo(folder, flag="--make-demo", **kwargs):
-    """`--make-demo DIR`: DIR/data (synthetic DomainNet layout) and DIR/tiny-clip.json.
+    """`--make-demo DIR`: DIR/data (synthetic; the `layout` of kwargs) and DIR/tiny-clip.json.
 
     DIR must be new, empty, or a folder this function wrote before (it holds MANIFEST); a rerun
     with the same settings keeps the data. Raises UserError for a folder with other files.

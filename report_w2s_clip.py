@@ -169,7 +169,7 @@ def comparable_runs(rows, vary=TABLE_AXES):
         on rows left out and on the unchecked rows.
     """
     def relevant(r, settings=None):  # what the run's result depends on, of `settings` or its own
-        method = r["method"].split(" (")[0]  # `cpl (ensemble init)` depends on what cpl does
+        method = base_method(r["method"])  # `cpl (ensemble init)` depends on what cpl does
         return {k: v for k, v in method_settings(method, settings or r["settings"]).items()
                 if k not in vary}
 
@@ -186,7 +186,7 @@ def comparable_runs(rows, vary=TABLE_AXES):
         weak = r["method"] == "weak"
         has = isinstance(r.get("settings"), dict)
         same = (r["domain"], r["weak_model"], r["method"], r["seed"], cache_key(**method_settings(
-            r["method"].split(" (")[0], r["settings"]))) if has else None  # axes included
+            base_method(r["method"]), r["settings"]))) if has else None  # axes included
         if same is not None and same in seen:
             merged += 1  # the same run in each folder of a sweep that does not touch it
             continue
@@ -249,9 +249,14 @@ def accuracy_grid(rows, row_key, col_key, metric="test_accuracy", scale=100):
     return grid
 
 
+def base_method(name):
+    """The method of a table row: `cpl` for `cpl (ensemble init)` or `cpl (tau=0.1)`."""
+    return name.split(" (")[0]
+
+
 def is_baseline(method):
     """An LP or TP weak-to-strong row (e.g. `kd-tp`, `kd-tp (tau=0.1)`): what CPL is compared with."""
-    return method.split(" (")[0] in METHOD_HEAD_LOSS and not method.startswith("cpl")
+    return base_method(method) in METHOD_HEAD_LOSS and not method.startswith("cpl")
 
 
 def markdown_table(title, row_names, col_names, grid, table_id, pgr_column=False, delta=True,

@@ -10,10 +10,8 @@ trainable head (LP, TP or CPL) learns from those weak labels only. Manual: READM
     python w2s_clip.py --domain sketch --method all --seeds 0  # every method; caches shared
     python w2s_clip.py --build-tables --out-dir runs --tables-dir results  # Tables 2-4
 
-This file is the method, in the paper's order; beside it, each importing it: datasets_w2s_clip.py
-(split files, image loading), store_w2s_clip.py (caches, results on disk), checks_w2s_clip.py (flag
-and input checks), report_w2s_clip.py (tables, figures), text_w2s_clip.py (the packed text path of
-TP and cpl-text), hf_w2s_clip.py (Hugging Face weak models), cpe_w2s_clip.py (CMM and CPE).
+This file is the method, in the paper's order; the *_w2s_clip.py files beside it (data, caches and
+results, checks, reports, the packed text path, Hugging Face models, CPE) import it (README).
 """
 import argparse
 import copy
@@ -123,13 +121,26 @@ SCHEDULES = {"linear": warmup_linear, "cosine": warmup_cosine}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+def resolve_precision(requested, device_type, capability=None):
+    """The autocast precision of weak training and CLIP encoding: "auto" is bf16 on CUDA sm_80 and
+    newer (native bf16), fp16 below (a V100 emulates bf16, slowly), fp32 on the CPU; an explicit
+    choice is kept. bf16 or fp16 on a CPU is a UserError."""
+    if device_type != "cuda":
+        if requested in ("bf16", "fp16"):
+            raise UserError(f"--precision {requested} needs a CUDA device; pass --precision fp32 "
+                            f"or auto on the {device_type}")
+        return "fp32"
+    if requested == "auto":
+        return "bf16" if capability is not None and tuple(capability) >= (8, 0) else "fp16"
+    return requested
+
+
 def amp_dtype(precision, device):
     """The autocast dtype of `precision` ("auto", "bf16", "fp16", "fp32") on `device`: None (float32)
     off CUDA or for fp32; "auto" as `resolve_precision` picks it for the GPU's compute capability."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return None
-    from checks_w2s_clip import resolve_precision
     return AMP_DTYPES[resolve_precision(precision, "cuda", torch.cuda.get_device_capability(dev))]
 
 
@@ -137,14 +148,11 @@ def train_weak_model(model, loader, epochs=3, lr=1e-3, warmup_ratio=0.1, device=
                      weight_decay=0.0, schedule="linear", max_grad_norm=1.0, precision="auto",
                      history=None, micro_batch=None):
     """Fine-tune all of `model` with cross-entropy on true labels (Section 5, step 1: 3 epochs,
-    lr 1e-3), with the heads' LR schedule (SCHEDULES) and gradient-norm clipping.
-
-    precision: autocast on CUDA (`amp_dtype`; fp16 with a gradient scaler, unscaled before
-    clipping), float32 on the CPU. micro_batch: each batch in parts of this many images, their
-    gradients added up (the same step in less memory, but BatchNorm normalises each part alone).
-    `history`, a list, gets a row per epoch: mean loss, training accuracy (augmented batches),
-    seconds and, on CUDA, the peak allocated memory so far.
-    """
+    lr 1e-3), with the heads' LR schedule (SCHEDULES) and gradient-norm clipping. precision:
+    autocast on CUDA (`amp_dtype`; fp16 with a gradient scaler, unscaled before clipping), fp32 on
+    the CPU. micro_batch: each batch in parts of this many images, gradients added up (less memory;
+    BatchNorm normalises each part alone). `history`, a list, gets a row per epoch: mean loss,
+    training accuracy, seconds and, on CUDA, the peak allocated memory so far."""
     cuda = torch.device(device).type == "cuda"
     dtype = amp_dtype(precision, device)
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
@@ -355,12 +363,9 @@ class PrototypeHead(nn.Module):
 
 
 class TextEncoderHead(nn.Module):
-    """Table 4's alternative to CPL: fixed prompts, a trainable copy of the text tower.
-
-    The token-embedding table stays frozen (prompt embeddings are precomputed); the transformer,
-    positional embedding, final norm and projection train. logits = logit_scale * cos, [n, k].
-    The tokens all prompts share ([SOS] a photo of a) run once, each class's own ones packed.
-    """
+    """Table 4's alternative to CPL: fixed prompts, a trainable copy of the text tower (all but the
+    frozen token-embedding table); logits = logit_scale * cos, [n, k]. The tokens all prompts share
+    ([SOS] a photo of a) run once, each class's own ones packed."""
 
     def __init__(self, clip_model, tokenizer, classnames, template="a photo of a {}",
                  logit_scale=1.0):
@@ -652,10 +657,8 @@ def pgr(weak, strong, ceiling):
 
 
 def agreement_report(logits, weak_logits, labels):
-    """How a student relates to its supervisor on the same images (Burns et al. 2023's
-    student-supervisor agreement): the share of predictions equal to the weak model's, and the
-    accuracy where the weak model is right and where it is wrong (None where that set is empty).
-    weak accuracy * right + (1 - weak accuracy) * wrong = accuracy."""
+    """Burns et al. 2023's student-supervisor agreement: the share of predictions equal to the weak
+    model's, and the accuracy where it is right and where it is wrong (None for an empty set)."""
     pred, weak = logits.argmax(dim=-1), weak_logits.argmax(dim=-1)
     right = weak == labels
     acc = lambda m: (pred[m] == labels[m]).float().mean().item() if m.any() else None  # noqa: E731
@@ -685,7 +688,7 @@ def zero_shot_prototypes(strong, classnames, prototype_init="single", prototype_
         from cpe_w2s_clip import cpe_prototypes
         strong["prototypes"], strong["cpe"] = cpe_prototypes(
             strong["clip"], strong["tokenizer"], classnames, strong["hold_features"], k_worst,
-            descriptions, unit)
+            descriptions, unit, cache=strong)  # text encoded once; the weights once per seed
         return strong["prototypes"]
     templates = [template] if prototype_init == "single" else open_clip.OPENAI_IMAGENET_TEMPLATES
     strong["prototypes"] = text_prototypes(strong["clip"], strong["tokenizer"], classnames,
@@ -980,7 +983,7 @@ def parse_args(argv=None):
                      help="only build Tables 2-4 and Figure 2 from the results under --out-dir")
     out.add_argument("--tables-dir", default="results", help="where --build-tables writes")
     out.add_argument("--make-demo", metavar="DIR",
-                     help="only write a synthetic DomainNet-layout dataset and a tiny CLIP config")
+                     help="only write a synthetic dataset (--dataset folder) and a tiny CLIP config")
     args = p.parse_args(argv)
     if args.dataset == "domainnet" and args.domain not in DOMAINS and not args.build_tables:
         p.error(f"argument --domain: invalid choice: {args.domain!r} (DomainNet has "
