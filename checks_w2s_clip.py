@@ -299,8 +299,9 @@ def choose_device(requested, precision):
 
 def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):
     """A `warning:` line for a large domain about to run on the CPU, with its rough cost from the
-    CPU rates of docs/speed.md's bench (13.8 CLIP images/s, 9.4 weak training images/s, strong heads
-    with tuning about 11 CLIP passes per seed); None for a small one."""
+    slowest 2-core CPU rates `make bench` gave (13.8 CLIP images/s, 9.4 weak training images/s;
+    docs/speed.md's latest run: 17.7 and 16.6) and strong heads with tuning at about 11 CLIP
+    passes per seed (there: 10.68); None for a small one."""
     if n_train + n_test < 20000:
         return None
     hours = (n_test / 13.8 * (1 + 11 * seeds) + seeds * weak_epochs * n_train / 9.4) / 3600
