@@ -31,15 +31,21 @@ DOMAINNET := http://csr.bu.edu/ftp/visda/2019/multi-source
 
 # The demo: a synthetic miniature DomainNet and a tiny CLIP pretrained on it for DEMO_PRETRAIN
 # steps (minidomainnet.py), a tiny random-init weak model, on the CPU with DEMO_THREADS threads.
+# DEMO_REGIME=paper (default): weak and ceiling as far apart per domain as in the paper's Table 2;
+# easy: the first miniature, in $(DEMO)/easy for make demo-tuning.
 DEMO := demo
+DEMO_REGIME ?= paper
 DEMO_PRETRAIN ?= 300
 DEMO_TEST ?= 300
 DEMO_THREADS ?= 1
 DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS)
-DEMO_FLAGS := --dataset folder --data-root $(DEMO)/data --clip-model $(DEMO)/tiny-clip.json \
-	--clip-pretrained $(DEMO)/tiny-clip-$(DEMO_PRETRAIN)steps.pt \
+demo_data = $(DEMO_ENV) $(PY) minidomainnet.py --out $(1) --regime $(2) --test-per-class $(DEMO_TEST) \
+	--pretrain-steps $(3)
+demo_flags = --dataset folder --data-root $(1)/data --clip-model $(1)/tiny-clip.json \
+	--clip-pretrained $(1)/tiny-clip-$(DEMO_PRETRAIN)steps.pt \
 	--weak-model test_resnet --no-weak-pretrained --weak-epochs 5 --strong-epochs 20 \
-	--batch-size 32 --workers 0 --device cpu --cache-dir $(DEMO)/cache
+	--batch-size 32 --workers 0 --device cpu --cache-dir $(1)/cache
+DEMO_FLAGS := $(call demo_flags,$(DEMO))
 DEMO_WEAK_MODELS := test_resnet test_byobnet test_efficientnet test_coatnet test_convnext
 DEMO_SEEDS ?= 0 1
 # The faithfulness ablation: the paper's defaults, then one flag changed at a time (flag=value).
@@ -53,7 +59,7 @@ ablation_flags = $$([ $$a = paper ] || echo "--$${a%%=*} $${a\#*=}")
 DEMO_METHODS := weak zero-shot ceiling kd-lp ce-tp kd-tp cpl
 # The pretraining axis: the same grid with the strong model pretrained for these many steps
 # (demo), or with these ViT-B-32 checkpoints (GPU, DomainNet's DOMAIN).
-DEMO_PRETRAIN_AXIS ?= 0 30 $(DEMO_PRETRAIN)
+DEMO_PRETRAIN_AXIS ?= 0 10 20 30 50 100 $(DEMO_PRETRAIN)
 PT_TAGS ?= datacomp_s_s13m_b4k datacomp_m_s128m_b4k datacomp_xl_s13b_b90k openai
 PT_METHODS := $(T3_METHODS)
 
@@ -79,7 +85,7 @@ test: venv ## run the unit tests (CPU, no download)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_*.py
 
 demo: venv ## the miniature on the CPU, no download: data, a tiny CLIP pretrained on the spot, runs, tables (2 min)
-	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN) --test-per-class $(DEMO_TEST)
+	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
 	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/runs
 	$(DEMO_ENV) $(PY) w2s_clip.py --build-tables --out-dir $(DEMO)/runs --tables-dir $(DEMO)/tables
@@ -127,18 +133,27 @@ jobs: ## print paper-tables' grid as one command per line, to run in any order a
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT
 	$(PY) w2s_clip.py --build-tables --out-dir $(OUT) --tables-dir $(TABLES)
 
-demo-tables: venv demo-pretraining ## the table pipeline on six synthetic domains, and the pretraining table, CPU
-	for d in $(DOMAINS); do \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $$d --method all \
-	    --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs || exit 1; done
-	for w in $(filter-out test_resnet,$(DEMO_WEAK_MODELS)); do \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain clipart --method $(T3_METHODS) \
-	    --seeds $(DEMO_SEEDS) --weak-model $$w --out-dir $(DEMO)/tables-runs/weak-$$w || exit 1; done
-	for d in $(DOMAINS); do for i in ensemble cpe; do \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $$d --method zero-shot cpl \
-	    --prototype-init $$i --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs/$$i-init \
-	    || exit 1; done; done
+# demo-tables runs its one-domain jobs DEMO_JOBS at a time (each on DEMO_THREADS threads): the same
+# runs, files and cells as one after another, in about half the time on 2 cores.
+DEMO_JOBS ?= 2
+demo-tables: venv ## Tables 2-4 and Figure 2 on six synthetic domains, CPU (make demo-pretraining: its table)
+	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
+	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line $(addprefix demo-t2-,$(DOMAINS))
+	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line \
+	  $(addprefix demo-t3-,$(filter-out test_resnet,$(DEMO_WEAK_MODELS))) \
+	  $(foreach i,ensemble cpe,$(addprefix demo-t4-$(i)-,$(DOMAINS)))
 	$(MAKE) tables OUT=$(DEMO)/tables-runs TABLES=$(DEMO)/results
+
+demo-t2-%:  # one domain of demo-tables' Table 2
+	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $* --method all \
+	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs
+demo-t3-%:  # one weak model of demo-tables' Table 3, on clipart
+	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain clipart --method $(T3_METHODS) \
+	  --seeds $(DEMO_SEEDS) --weak-model $* --out-dir $(DEMO)/tables-runs/weak-$*
+demo-t4-%:  # one initialisation-domain pair of demo-tables' Table 4 (ensemble-clipart, ...)
+	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $(lastword $(subst -, ,$*)) \
+	  --method zero-shot cpl --prototype-init $(firstword $(subst -, ,$*)) --seeds $(DEMO_SEEDS) \
+	  --out-dir $(DEMO)/tables-runs/$(firstword $(subst -, ,$*))-init
 
 ablations: venv ## CPL and two baselines under each alternative to the paper's choices (GPU, DomainNet)
 	for d in $(ABLATION_DOMAINS); do for a in $(ABLATIONS); do \
@@ -148,21 +163,27 @@ ablations: venv ## CPL and two baselines under each alternative to the paper's c
 	$(PY) ablations_w2s_clip.py --out-dir $(OUT)/ablations --output $(TABLES)/ablations.md
 
 demo-ablations: venv ## the same ablation on the demo's synthetic sketch domain, CPU, no download
-	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN) --test-per-class $(DEMO_TEST)
+	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	for a in $(ABLATIONS); do \
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(ABLATION_METHODS) \
 	    --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/ablations/$$a $(ablation_flags) || exit 1; done
 	$(PY) ablations_w2s_clip.py --out-dir $(DEMO)/ablations --output $(DEMO)/results/ablations.md
 
-demo-tuning: venv ## every method on the miniature with and without hold-val tuning -> demo/results/tuning.md
-	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN) --test-per-class $(DEMO_TEST)
-	for t in hold-val none; do \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method all --seeds $(DEMO_SEEDS) \
-	    --tune $$t --out-dir $(DEMO)/tuning/$$t || exit 1; done
-	$(PY) ablations_w2s_clip.py --out-dir $(DEMO)/tuning --output $(DEMO)/results/tuning.md
+# Tuning rules judged by regret: the tuned methods with --tune hold-val on every domain of both
+# presets; each run records every rule's hold-val score and every grid point's D'_test accuracy.
+TUNING_METHODS := $(filter-out ce-lp ce-tp,$(shell $(PY) -c "import w2s_clip; print(*w2s_clip.METHOD_HEAD_LOSS)" 2>/dev/null))
+demo-tuning: venv ## every tuned method, both presets, six domains -> demo/results/tuning_regret.md
+	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
+	$(call demo_data,$(DEMO)/easy,easy,$(DEMO_PRETRAIN))
+	for p in paper easy; do dir=$$([ $$p = easy ] && echo $(DEMO)/easy || echo $(DEMO)); \
+	  for d in $(DOMAINS); do \
+	  $(DEMO_ENV) $(PY) w2s_clip.py $(call demo_flags,$$dir) --domain $$d --method $(TUNING_METHODS) \
+	    --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tuning/$$p || exit 1; done; done
+	$(PY) regret_w2s_clip.py --levels paper=$(DEMO)/tuning/paper easy=$(DEMO)/tuning/easy \
+	  --output $(DEMO)/results/tuning_regret.md
 
 demo-pretraining: venv ## the pretraining table on the miniature: DEMO_PRETRAIN_AXIS steps -> demo/results/pretraining.md
-	$(DEMO_ENV) $(PY) minidomainnet.py --out $(DEMO) --pretrain-steps $(DEMO_PRETRAIN_AXIS) --test-per-class $(DEMO_TEST)
+	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN_AXIS))
 	for s in $(DEMO_PRETRAIN_AXIS); do \
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --clip-pretrained $(DEMO)/tiny-clip-$${s}steps.pt \
 	    --domain sketch --method $(PT_METHODS) --seeds $(DEMO_SEEDS) \

@@ -52,6 +52,28 @@ DOMAIN_STYLES = {"clipart": dict(sat=0.9, contrast=0.6, clutter=0.0, noise=0.04,
                  "quickdraw": dict(sat=0.45, contrast=0.8, clutter=0.0, noise=0.03, blur=0, hue=0.0),
                  "real": dict(sat=0.75, contrast=0.4, clutter=0.25, noise=0.08, blur=1, hue=0.01),
                  "sketch": dict(sat=0.55, contrast=0.7, clutter=0.1, noise=0.06, blur=1, hue=-0.01)}
+# The two presets (`--regime`). Each: the domains' styles, with `jitter` the per-image hue noise in
+# units of the gap between classes; `label_noise`, the share of a domain's images that show another
+# class than their label (drawn uniformly), which bounds every model's accuracy there, as label noise
+# and ambiguous images bound it on DomainNet; D_train images per class; the domains of the
+# pretraining stream. "easy" is the first miniature: a strong model far above its weak supervisor.
+REGIMES = {
+    "easy": dict(styles={d: dict(st, jitter=0.5) for d, st in DOMAIN_STYLES.items()},
+                 label_noise=dict.fromkeys(DOMAINS, 0.0), train_per_class=dict.fromkeys(DOMAINS, 30),
+                 pretrain_domains=DOMAINS),
+}
+REGIMES["paper"] = dict(
+    styles={"clipart": dict(DOMAIN_STYLES["clipart"], jitter=0.2),
+            "infograph": dict(DOMAIN_STYLES["infograph"], jitter=0.35),
+            "painting": dict(DOMAIN_STYLES["painting"], jitter=0.25),
+            "quickdraw": dict(DOMAIN_STYLES["quickdraw"], sat=0.25, hue=0.5, jitter=0.4),
+            "real": dict(DOMAIN_STYLES["real"], jitter=0.1),
+            "sketch": dict(DOMAIN_STYLES["sketch"], jitter=0.4)},
+    label_noise={"clipart": 0.22, "infograph": 0.40, "painting": 0.23, "quickdraw": 0.44,
+                 "real": 0.13, "sketch": 0.26},
+    train_per_class={"clipart": 30, "infograph": 24, "painting": 35, "quickdraw": 100, "real": 60,
+                     "sketch": 50},
+    pretrain_domains=tuple(d for d in DOMAINS if d != "quickdraw"))
 # Caption words for the domains: pretraining captions read "a {word} of a {class}".
 DOMAIN_WORDS = {"clipart": "clipart", "infograph": "infographic", "painting": "painting",
                 "quickdraw": "drawing", "real": "photo", "sketch": "sketch"}
@@ -80,19 +102,21 @@ def hsv_to_rgb(h, s, v):
     return v[:, None] * (1 - s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1)))
 
 
-def render(labels, domains, g, num_classes, size=32, hue_jitter=0.5):
+def render(labels, domains, g, num_classes, size=32, styles=None):
     """Images [n, 3, size, size] in [0, 1] of classes `labels` [n] in domain names `domains` (n).
 
     An image is a striped disc (class hue and angle, jittered) at a random place and size over a
     background whose clutter, and whose colour saturation, contrast, noise and blur, come from the
-    domain's style. `hue_jitter` is the per-image hue noise in units of the gap between classes.
+    domain's style in `styles` (default: the paper preset's); its `jitter` is the per-image hue
+    noise in units of the gap between classes.
     """
     n = len(labels)
-    st = {k: torch.tensor([DOMAIN_STYLES[d][k] for d in domains], dtype=torch.float)
-          for k in DOMAIN_STYLES["sketch"]}
+    styles = REGIMES["paper"]["styles"] if styles is None else styles
+    st = {k: torch.tensor([styles[d][k] for d in domains], dtype=torch.float)
+          for k in ("sat", "contrast", "clutter", "noise", "blur", "hue", "jitter")}
     hue, angle = class_codes(num_classes)
     u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
-    h = hue[labels] + st["hue"] + hue_jitter / num_classes * torch.randn(n, generator=g)
+    h = hue[labels] + st["hue"] + st["jitter"] / num_classes * torch.randn(n, generator=g)
     colour = hsv_to_rgb(h % 1, st["sat"] * (0.8 + 0.2 * u(n)), 0.6 + 0.4 * u(n))  # (n, 3)
     a = angle[labels] + 0.15 * torch.randn(n, generator=g)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
@@ -117,21 +141,27 @@ def render(labels, domains, g, num_classes, size=32, hue_jitter=0.5):
 LAYOUTS = ("domainnet", "folder", "officehome")
 
 
-def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_train=30, n_test=60,
-                             size=32, seed=0, layout="domainnet"):
+def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_train=None, n_test=60,
+                             size=32, seed=0, layout="domainnet", regime="paper"):
     """Write a synthetic dataset with labels in `classes` order (not sorted()), in one of three
     layouts (the same images, names and label order in each):
     - domainnet: `root/<domain>/<class>/<file>.jpg` and `root/<domain>_{train,test}.txt`;
     - folder: `root/<domain>/{train,test}/<class>/<file>.jpg` and `root/classnames.txt`;
     - officehome: `root/<domain>/<class>/<file>.jpg`, train and test images together.
 
-    n_train / n_test are images per class; the images come from `render` under `seed`.
+    n_train / n_test are images per class (n_train None: the regime's `train_per_class`); the
+    images come from `render` under `seed` in the styles of REGIMES[regime], a share
+    `label_noise` of each domain's images showing another class than their label.
     """
+    preset = REGIMES[regime]
     g = torch.Generator().manual_seed(seed)
     for domain in domains:
-        for split, n in (("train", n_train), ("test", n_test)):
+        per_class = {"train": preset["train_per_class"][domain] if n_train is None else n_train,
+                     "test": n_test}
+        for split, n in per_class.items():
             labels = torch.arange(len(classes)).repeat_interleave(n)
-            images = render(labels, [domain] * len(labels), g, len(classes), size)
+            shown = shown_classes(labels, preset["label_noise"][domain], len(classes), g)
+            images = render(shown, [domain] * len(labels), g, len(classes), size, preset["styles"])
             arrays = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
             lines = []
             for j, (c, array) in enumerate(zip(labels.tolist(), arrays)):
@@ -144,6 +174,16 @@ def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_trai
                 store_w2s_clip.atomic_save("".join(lines), Path(root) / f"{domain}_{split}.txt")
     if layout == "folder":
         store_w2s_clip.atomic_save("".join(f"{c}\n" for c in classes), Path(root) / "classnames.txt")
+
+
+def shown_classes(labels, share, num_classes, g):
+    """The class each image shows [n]: its label, or for a share `share` of the images (drawn
+    from `g`, and nothing drawn when share is 0) a uniformly drawn other class."""
+    if share == 0:
+        return labels
+    noisy = torch.rand(len(labels), generator=g) < share
+    other = (labels + torch.randint(1, num_classes, (len(labels),), generator=g)) % num_classes
+    return torch.where(noisy, other, labels)
 
 
 def make_demo(folder, flag="--make-demo", **kwargs):
@@ -159,7 +199,8 @@ def make_demo(folder, flag="--make-demo", **kwargs):
     if folder.is_dir() and any(folder.iterdir()) and not manifest.is_file():
         raise UserError(f"{flag} {folder} holds files the demo did not write (no {MANIFEST}); "
                         f"pick a new or empty folder")
-    key = store_w2s_clip.cache_key(version=GENERATOR_VERSION, **kwargs)
+    key = store_w2s_clip.cache_key(version=GENERATOR_VERSION,
+                                   preset=REGIMES[kwargs.get("regime", "paper")], **kwargs)
     try:
         old = json.loads(manifest.read_text()) if manifest.is_file() else {}
     except ValueError:  # a damaged manifest: the folder is still ours, rewrite it
@@ -272,12 +313,14 @@ def normalise(images):
 
 
 @torch.no_grad()
-def zero_shot_accuracy(clip_model, tokenizer, classes, domains=DOMAINS, n=600, seed=10**6, size=32):
-    """Zero-shot accuracy with "a photo of a {class}." on n fresh images (their own seed)."""
+def zero_shot_accuracy(clip_model, tokenizer, classes, domains=DOMAINS, n=600, seed=10**6, size=32,
+                       regime="paper"):
+    """Zero-shot accuracy with "a photo of a {class}." on n fresh images of `domains` (their own
+    seed, the styles of REGIMES[regime], every image showing its label)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(len(classes), (n,), generator=g)
     doms = [domains[i] for i in torch.randint(len(domains), (n,), generator=g).tolist()]
-    images = normalise(render(labels, doms, g, len(classes), size))
+    images = normalise(render(labels, doms, g, len(classes), size, REGIMES[regime]["styles"]))
     protos = w2s_clip.text_prototypes(clip_model.eval(), tokenizer,
                                       [c.replace("_", " ") for c in classes], ["a photo of a {}."],
                                       normalize=True)
@@ -285,17 +328,20 @@ def zero_shot_accuracy(clip_model, tokenizer, classes, domains=DOMAINS, n=600, s
     return w2s_clip.accuracy(logits, labels)
 
 
-def pretrain_clip(config, steps, classes=DEMO_CLASSES, domains=DOMAINS, batch_size=128, lr=2e-3,
-                  warmup_ratio=0.1, caption_noise=(0.2, 0.2), seed=0, log_every=50):
+def pretrain_clip(config, steps, classes=DEMO_CLASSES, domains=None, batch_size=128, lr=2e-3,
+                  warmup_ratio=0.1, caption_noise=(0.2, 0.2), seed=0, log_every=50, regime="paper"):
     """Pretrain an open_clip CLIP built from `config` (a model-config dict) with ClipLoss.
 
-    Every step draws `batch_size` new images (classes and domains uniform, from `render`, seeded by
+    Every step draws `batch_size` new images (classes uniform, domains uniform over `domains`,
+    default the regime's `pretrain_domains`, from `render` in the regime's styles, seeded by
     `seed`) with noisy captions (`captions`, shares `caption_noise` = (wrong, none)); the learning
     rate warms up linearly, then decays along a cosine. Steps 0 returns the seeded random init.
     Returns:
         (state_dict of the model, list of per-step losses)
     """
     import open_clip
+    preset = REGIMES[regime]
+    domains = preset["pretrain_domains"] if domains is None else domains
     torch.manual_seed(seed)
     model = open_clip.CLIP(**config)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
@@ -311,7 +357,7 @@ def pretrain_clip(config, steps, classes=DEMO_CLASSES, domains=DOMAINS, batch_si
         labels = torch.randint(len(classes), (batch_size,), generator=g)
         doms = [domains[i] for i in torch.randint(len(domains), (batch_size,), generator=g).tolist()]
         texts = captions(labels, doms, classes, g, *caption_noise)
-        images = normalise(render(labels, doms, g, len(classes), size))
+        images = normalise(render(labels, doms, g, len(classes), size, preset["styles"]))
         loss = clip_step_loss(model, embed, tokenizer, images, texts, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -334,6 +380,7 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
     path, info_path = Path(folder) / f"tiny-clip-{steps}steps.pt", Path(folder) / f"tiny-clip-{steps}steps.json"
     key = store_w2s_clip.cache_key(config=config, steps=steps, version=GENERATOR_VERSION,
                              torch=torch.__version__, open_clip=open_clip.__version__,
+                             preset=REGIMES[kwargs.get("regime", "paper")],
                              **{k: v for k, v in kwargs.items() if k != "log_every"})
     try:
         info = json.loads(info_path.read_text())
@@ -348,7 +395,7 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
     model.load_state_dict(state)
     names = kwargs.get("classes", DEMO_CLASSES)
     zs = zero_shot_accuracy(model, open_clip.get_tokenizer("ViT-B-32"), names,
-                            kwargs.get("domains", DOMAINS))
+                            regime=kwargs.get("regime", "paper"))
     store_w2s_clip.atomic_save(state, path)
     info = {"key": key, "steps": steps, "seconds": seconds, "zero_shot_accuracy": zs,
             "chance": 1 / len(names), "losses": losses}
@@ -385,7 +432,8 @@ def pretraining_row(label, acc):
 
 
 def pretraining_table(levels, tables_dir):
-    """Write `tables_dir/pretraining.md` from runs made with differently pretrained strong models.
+    """Write `tables_dir/pretraining.md` (and `pretraining.png`, with matplotlib) from runs made
+    with differently pretrained strong models.
 
     Args:
         levels: list of (label, out_dir) of w2s_clip results; one row per label and domain, from
@@ -397,6 +445,7 @@ def pretraining_table(levels, tables_dir):
              "", "Accuracy (%) on D'_test, mean over seeds; PGR on those means (n/a: ceiling <= weak).", "",
              "| pretraining | weak | zero-shot | ceiling | best baseline | CPL | CPL − best | "
              "PGR best | PGR CPL |", "|" + " --- |" * 9]
+    points = []  # (label, domain, rows) for the figure
     for label, out_dir in levels:
         rows = report_w2s_clip.load_results(out_dir)
         if not rows:
@@ -406,12 +455,68 @@ def pretraining_table(levels, tables_dir):
         for note in notes:
             print(f"note: {label}: {note}")
         for domain in sorted({r["domain"] for r in rows}):  # one row per domain, never averaged
-            lines.append(pretraining_row(f"{label} ({domain})",
-                                         seed_means([r for r in rows if r["domain"] == domain])))
+            subset = [r for r in rows if r["domain"] == domain]
+            lines.append(pretraining_row(f"{label} ({domain})", seed_means(subset)))
+            points.append((label, domain, subset))
     text = "\n".join(lines) + "\n"
+    files = {"pretraining.md": text}
+    png = pretraining_figure(points)
+    if png is not None:
+        files["pretraining.png"] = png
     checks_w2s_clip.check_writable(tables_dir, "--tables-dir")
-    store_w2s_clip.atomic_save(text, Path(tables_dir) / "pretraining.md")
+    for name, content in files.items():
+        store_w2s_clip.atomic_save(content, Path(tables_dir) / name)
     return text
+
+
+def pretraining_figure(points):
+    """pretraining.png: against the zero-shot accuracy of each level (x, mean over seeds), every
+    method's D'_test accuracy (mean ± std over seeds, a band), and CPL − best baseline with its
+    95% paired bootstrap interval (report_w2s_clip.differences). One domain: the first in `points`.
+    Returns the PNG bytes, or None without matplotlib or without zero-shot runs."""
+    plt = report_w2s_clip.pyplot()
+    domain = points[0][1] if points else None
+    levels = [(label, rows) for label, d, rows in points if d == domain
+              and any(r["method"] == "zero-shot" for r in rows)]
+    if plt is None or not levels:
+        return None
+    acc = [(label, seed_means(rows), rows) for label, rows in levels]
+    x = [sum(a["zero-shot"].values()) / len(a["zero-shot"]) for _, a, _ in acc]
+    order = sorted(range(len(x)), key=x.__getitem__)
+    methods = [m for m in dict.fromkeys(m for _, a, _ in acc for m in a) if " (" not in m]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in methods:
+        pts = [(x[i], report_w2s_clip.mean_std(list(acc[i][1][m].values()))) for i in order
+               if acc[i][1].get(m)]
+        xs, ys, sd = [p[0] for p in pts], [p[1][0] for p in pts], [p[1][1] for p in pts]
+        style = dict(lw=2.5, color="black") if m == "cpl" else dict(lw=1)
+        line, = left.plot(xs, ys, marker="o", label=m, **style)
+        left.fill_between(xs, [a - b for a, b in zip(ys, sd)], [a + b for a, b in zip(ys, sd)],
+                          color=line.get_color(), alpha=0.12, linewidth=0)
+    left.set(xlabel="zero-shot accuracy on D'_test (%), one point per pretraining level",
+             ylabel="accuracy on D'_test (%), mean ± std", title=f"{domain}: every method")
+    left.legend(fontsize=7, ncol=2)
+    diffs = []
+    for i in order:
+        rows = acc[i][2]
+        baselines = [m for m in acc[i][1] if report_w2s_clip.is_baseline(m) and " (" not in m]
+        d = report_w2s_clip.differences(rows, "domain", [domain], baselines).get(
+            ("best baseline", domain)) if baselines and "cpl" in acc[i][1] else None
+        if d is not None:
+            diffs.append((x[i], acc[i][0], *d[1]))
+    if diffs:
+        xs = [p[0] for p in diffs]
+        right.errorbar(xs, [p[2] for p in diffs], yerr=[[p[2] - p[3] for p in diffs],
+                                                        [p[4] - p[2] for p in diffs]],
+                       marker="o", capsize=3, color="black")
+        for xv, label, d, *_ in diffs:
+            right.annotate(label, (xv, d), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    right.axhline(0, color="gray", lw=1, ls="--")
+    right.set(xlabel="zero-shot accuracy on D'_test (%)", ylabel="points, 95% paired bootstrap",
+              title="CPL − best baseline")
+    for ax in (left, right):
+        ax.title.set_fontsize(9)
+    return report_w2s_clip.png_bytes(fig, plt)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,6 +540,10 @@ def parse_args(argv=None):
     p.add_argument("--layout", choices=LAYOUTS, default="folder",
                    help="how DIR/data is laid out: folder (w2s_clip --dataset folder, the demo: "
                         "its own data set), domainnet (split files) or officehome")
+    p.add_argument("--regime", choices=tuple(REGIMES), default="paper",
+                   help="paper: weak and ceiling as far apart per domain as in the paper's Table 2, "
+                        "QuickDraw unseen in pretraining; easy: the first miniature, a strong model "
+                        "far above its weak supervisor (docs/miniature.md)")
     p.add_argument("--test-per-class", type=checks_w2s_clip.positive(int), default=300,
                    help="D_test images per class and domain (D'_test is a fifth of D_test)")
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
@@ -457,10 +566,11 @@ def main(argv=None):
         elif args.out:
             if any(steps < 0 for steps in args.pretrain_steps):
                 raise UserError(f"--pretrain-steps {min(args.pretrain_steps)}: must be >= 0")
-            make_demo(args.out, flag="--out", layout=args.layout, n_test=args.test_per_class)
+            make_demo(args.out, flag="--out", layout=args.layout, n_test=args.test_per_class,
+                      regime=args.regime)
             for steps in args.pretrain_steps:
                 path, info = pretrained_checkpoint(
-                    args.out, steps, force=args.force, batch_size=args.pretrain_batch,
+                    args.out, steps, force=args.force, regime=args.regime, batch_size=args.pretrain_batch,
                     lr=args.pretrain_lr, caption_noise=tuple(args.caption_noise))
                 print(f"{path}: {steps} pretraining steps in {info['seconds']:.0f} s"
                       f"{' (cached)' if info.get('cached') else ''}, zero-shot "

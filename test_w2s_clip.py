@@ -639,11 +639,12 @@ def test_tuning_score_closed_forms():
     assert w2s_clip.tuning_score(s, w, "weak-kl", temperature=0.5) == pytest.approx(-kl, rel=1e-5)
 
 
-@pytest.mark.parametrize("tune_by", ["agreement", "weak-kl"])
+@pytest.mark.parametrize("tune_by", ["agreement", "weak-kl", "val-loss"])
 def test_tuning_picks_what_a_brute_force_loop_picks_without_true_labels(planted_data, tune_by):
     """fit_tuned's choice equals a plain loop over the same grid (train_head per tau, score each
     on hold-val against the weak logits), and scrambling every true label leaves the choice, the
-    scores and the chosen head unchanged: no true label takes part in tuning."""
+    scores and the chosen head unchanged: no true label takes part in tuning. Each row records
+    every rule's score (the chosen rule's is `score`) and which point is the flags' own."""
     p = planted_data
     weak_logits, strong, splits, args = tuning_setup(planted_data, tune_by)
     ht, hv = splits["hold_train"], splits["hold_val"]
@@ -660,10 +661,15 @@ def test_tuning_picks_what_a_brute_force_loop_picks_without_true_labels(planted_
         w = weak_logits[hv]
         if tune_by == "agreement":
             scores.append((val.argmax(-1) == w.argmax(-1)).float().mean().item())
-        else:
-            pw, ps = F.softmax(w.double(), -1), F.log_softmax(val.double() / tau, -1)
+        else:  # weak-kl: at the head's own tau; val-loss: CPL's loss at the flag's tau, 1
+            t = tau if tune_by == "weak-kl" else 1.0
+            pw, ps = F.softmax(w.double() / (1 if tune_by == "weak-kl" else t), -1), \
+                F.log_softmax(val.double() / t, -1)
             scores.append(-(pw * (pw.clamp_min(1e-300).log() - ps)).sum(-1).mean().item())
     assert [row["score"] for row in tuning] == pytest.approx(scores, rel=1e-5, abs=1e-6)
+    assert [row["scores"][tune_by] for row in tuning] == [row["score"] for row in tuning]
+    assert all(set(row["scores"]) == set(w2s_clip.TUNING_RULES) for row in tuning)
+    assert [row["at_flags"] for row in tuning] == [False, False, True]  # --tau 1.0
     assert len(set(scores)) > 1  # the grid points differ, so the choice is not trivial
     assert tuned == {"tau": (0.02, 0.1, 1.0)[scores.index(max(scores))]}
     scrambled = p["y"][torch.randperm(len(p["y"]), generator=torch.Generator().manual_seed(9))]

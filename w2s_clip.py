@@ -620,19 +620,27 @@ def tuning_grid(kind, loss, grids):
     return points
 
 
+TUNING_RULES = ("agreement", "weak-kl", "val-loss")  # --tune-by; each row of `tuning` records all
+
+
 @torch.no_grad()
-def tuning_score(val_logits, weak_val_logits, criterion="agreement", temperature=1.0):
+def tuning_score(val_logits, weak_val_logits, criterion="agreement", temperature=1.0, loss_fn=None):
     """How well a trained head fits hold-val's weak supervision, higher is better, on one scale for
     every grid point (a loss at temperature T is not comparable with one at another T).
 
     Args:
         val_logits, weak_val_logits: [n_val, k], the head's and the weak model's.
-        criterion: "agreement", the share of rows where the argmaxes agree; or "weak-kl",
+        criterion: "agreement", the share of rows where the argmaxes agree; "weak-kl",
             -KL(softmax(w) || softmax(s / temperature)): the head's own class probabilities
-            (temperature = tau for CPL, whose p^s is Eq. 4's, else 1) against the weak model's.
+            (temperature = tau for CPL, whose p^s is Eq. 4's, else 1) against the weak model's;
+            or "val-loss", minus `loss_fn(val_logits, weak_val_logits)`: the Hugging Face Trainer's
+            lowest eval loss, measured with one loss for every grid point (the method's loss at
+            the flags' values, the point --tune none trains), so that the points are comparable.
     """
     if criterion == "agreement":
         return accuracy(val_logits, weak_val_logits.argmax(dim=-1))
+    if criterion == "val-loss":
+        return -loss_fn(val_logits, weak_val_logits).item()
     return -F.kl_div(F.log_softmax(val_logits / temperature, dim=-1),
                      F.log_softmax(weak_val_logits, dim=-1), reduction="batchmean",
                      log_target=True).item()
@@ -758,18 +766,25 @@ def fit_tuned(kind, loss, weak_logits, strong, labels, splits, classnames, args,
     """
     ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
     tuned = [name for name, (_, grid, *_) in HYPERPARAMETERS.items() if grid] + ["text_lr"]
-    grids = {name: getattr(args, f"{name}_grid") if args.tune == "hold-val" else [getattr(args, name)]
+    flags = {name: getattr(args, name) for name in tuned}
+    grids = {name: getattr(args, f"{name}_grid") if args.tune == "hold-val" else [flags[name]]
              for name in tuned}
+    fixed, ramp = bind_loss(loss, {name: getattr(args, name) for name in HYPERPARAMETERS})
+    yardstick = partial(fixed, **(ramp(1, 1) if ramp else {}))  # val-loss: the loss at the flags
     best, tuning = None, []
     for values in tuning_grid(kind, loss, grids):
         head, fit, test_logits = fit_head(kind, loss, weak_logits[ht], weak_logits[hv], strong,
                                           labels, splits, classnames, args, seed, values=values,
                                           on_epoch=on_epoch)
         temperature = values["tau"] if kind in ("cpl", "cpl-text") else 1.0  # the head's own p^s
-        score = tuning_score(predict(head, strong["feats"][hv]).cpu(), weak_logits[hv],
-                             args.tune_by, temperature)
-        tuning.append({"values": values, "score": score, "val_score": fit["val_score"],
-                       "val_loss": fit["val_loss"], "best_epoch": fit["best_epoch"],
+        val_logits = predict(head, strong["feats"][hv]).cpu()
+        scores = {rule: tuning_score(val_logits, weak_logits[hv], rule, temperature, yardstick)
+                  for rule in TUNING_RULES}  # every rule, so that each can be judged by its regret
+        score = scores[args.tune_by]
+        tuning.append({"values": values, "score": score, "scores": scores,
+                       "at_flags": all(flags[name] == v for name, v in values.items()),
+                       "val_score": fit["val_score"], "val_loss": fit["val_loss"],
+                       "best_epoch": fit["best_epoch"],
                        "test_accuracy": accuracy(test_logits, labels[te])})
         if best is None or score > best[0]:
             best = (score, head, fit, test_logits, values)
@@ -950,9 +965,11 @@ def parse_args(argv=None):
                       help="choose each weak-to-strong method's open hyperparameters from the grids "
                            "below on hold-val with weak labels only (Section 5, step 4), or keep the "
                            "fixed values of the losses' flags and --text-lr")
-    tune.add_argument("--tune-by", choices=("agreement", "weak-kl"), default="agreement",
-                      help="tuning criterion on hold-val: agreement with the weak labels, or the lowest "
-                           "KL(softmax(w) || the head's own p^s); both comparable across temperatures")
+    tune.add_argument("--tune-by", choices=TUNING_RULES, default="agreement",
+                      help="tuning criterion on hold-val, against the weak labels: agreement with them, "
+                           "the lowest KL(softmax(w) || the head's own p^s), or the lowest loss of the "
+                           "method at the flags' values (HF Trainer's eval loss, one loss for every grid "
+                           "point); each comparable across temperatures")
     tune.add_argument("--text-lr-grid", type=positive(float), nargs="+", default=[1e-6, 1e-5, 1e-4],
                       help="cpl-text text-tower learning-rate grid (not stated; a decade either side "
                            "of --text-lr)")
