@@ -51,14 +51,24 @@ def remove_stale_temps(folder, name="*"):
             pass  # another user's process, or not a pid: leave it
 
 
+def refuse_link(path):
+    """A UserError when `path` is a symbolic link: a write renames a new file into place, which
+    would replace the link the user made (its target is never written through either)."""
+    if os.path.islink(path):
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}), which is never "
+                        f"replaced or written through; remove the link or write elsewhere")
+
+
 def atomic_save(obj, path):
     """torch.save (JSON for a .json path; the bytes themselves for str or bytes) to a temporary
     file, then rename it into place.
 
     On a failed write the temporary file is removed; a full disk becomes a UserError naming the
-    folder. Stale temporary files of `path` from dead processes are removed first.
+    folder; a `path` that is a symbolic link is a UserError (`refuse_link`), before anything is
+    written. Stale temporary files of `path` from dead processes are removed first.
     """
     path = Path(path)
+    refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -244,6 +254,7 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
     opt-in, for its training images at a short side of `--train-image-cache` pixels.
     """
     cache = PixelCache(stem)
+    refuse_link(f"{stem}.u8")
     with file_lock(f"{stem}.u8"):
         if cache.valid(len(paths)) and not force:
             return cache
@@ -548,6 +559,8 @@ def result_path(out_dir, domain, method, seed):
 
 
 RESULT_KEYS = ("domain", "method", "seed", "test_accuracy", "worst10_accuracy", "config")
+CURVE_ACCURACIES = ("train_true_acc", "train_agreement", "test_acc",
+                    "train_acc")  # per epoch; train_acc: train_true_acc in files before the rename
 
 
 def result_problems(r):
@@ -577,7 +590,7 @@ def result_problems(r):
     curves = r.get("curves", [])
     if not (isinstance(curves, list) and all(
             isinstance(row, dict) and all(number(row.get(k)) for k in ("epoch", "step"))
-            and all(number(row[k]) for k in ("train_acc", "test_acc") if k in row)
+            and all(number(row[k]) for k in CURVE_ACCURACIES if k in row)
             for row in curves)):
         problems.append("curves is not a list of per-epoch rows")
     if not isinstance(r.get("settings"), (dict, str, type(None))):
@@ -609,6 +622,33 @@ def read_result(path, then="skipped"):
         return None
 
 
+def result_files(out_dir):
+    """Every results.json under `out_dir`, following the symbolic links to folders that the user
+    made (`runs/sketch -> /scratch/...`; a link back to a folder above is not followed again),
+    each file once, under its path through the fewest links, then the nearest `out_dir`, then by
+    name. An unreadable folder is passed over, as os.walk does."""
+    found = {}  # real path -> (links, parts, path)
+    stack = [(Path(out_dir), frozenset(), 0)]
+    while stack:
+        folder, above, links = stack.pop()
+        real = os.path.realpath(folder)
+        if real in above:
+            continue
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            link = links + e.is_symlink()
+            if e.is_dir():
+                stack.append((Path(e.path), above | {real}, link))
+            elif e.name == "results.json":
+                path = Path(e.path)
+                key = (link, len(path.parts), str(path))
+                found[os.path.realpath(path)] = min(found.get(os.path.realpath(path), key), key)
+    return [Path(p) for _, _, p in sorted(found.values(), key=lambda k: (k[1], k[2]))]
+
+
 def pending_runs(args, methods, settings):
     """{seed: the methods of `methods` still to run}: a finished results.json made with the same
     `settings` is kept (resumed); one made with other settings stops the command (unless --force)."""
@@ -624,6 +664,8 @@ def pending_runs(args, methods, settings):
                                     f"({describe_difference(old.get('settings'), settings, method=m)}); "
                                     f"pass --force to replace it or use another --out-dir")
                 continue
+            for name in ("head.pt", "results.json", "epochs.csv"):  # before hours of training
+                refuse_link(path.with_name(name))
             todo[seed].append(m)
     return todo
 
@@ -651,6 +693,12 @@ def save_run(path, result, head, settings, force=False):
     UserError) unless `force`."""
     log_path = path.with_name(f".epochs.csv.{os.getpid()}.tmp")
     with file_lock(path):
+        for name in ("head.pt", "results.json", "epochs.csv"):  # all three or none
+            try:
+                refuse_link(path.with_name(name))
+            except UserError:
+                log_path.unlink(missing_ok=True)
+                raise
         other = read_result(path, "replaced") if path.exists() else None
         if (other is not None and not force
                 and not same_settings(other.get("settings"), settings, result["method"])):

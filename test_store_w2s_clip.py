@@ -285,3 +285,27 @@ def test_file_lock_on_a_file_system_without_flock_warns_and_goes_on(tmp_path, mo
         store_w2s_clip.atomic_save({"a": 1}, path)
     assert json.loads(path.read_text()) == {"a": 1}
     assert "cannot lock" in capsys.readouterr().err
+
+
+def test_atomic_save_never_replaces_a_link(tmp_path):
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("{}")
+    link.symlink_to(target)
+    with pytest.raises(w2s_clip.UserError, match="symbolic link"):
+        store_w2s_clip.atomic_save({"a": 1}, link)
+    assert link.is_symlink() and target.read_text() == "{}" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_run_whose_results_json_is_a_link_is_refused_before_training(demo, tmp_path):
+    """--force over a results.json that is a link to the user's file: one line before any work,
+    the link and its target as they were."""
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"mine": true}')
+    path = store_w2s_clip.result_path(out, "sketch", "weak", 0)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(mine)
+    main_error(cli_args(demo, demo / "data", out, cache, **{"--method": "weak"}) + ["--force"],
+               str(path), "symbolic link")
+    assert path.is_symlink() and mine.read_text() == '{"mine": true}'
+    assert not list(Path(cache).glob("weak-*"))

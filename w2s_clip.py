@@ -739,7 +739,9 @@ def fit_head(kind, loss, targets, val_targets, strong, labels, splits, classname
                      max_grad_norm=args.max_grad_norm, select_by=args.select_by,
                      start_candidate=args.select_from == "start-and-epochs",
                      param_lrs={"text.": v["text_lr"]} if kind == "cpl-text" else None,
-                     probes={"train_acc": (feats[tr], labels[tr]), "test_acc": (feats[te], labels[te])},
+                     probes={"train_true_acc": (feats[tr], labels[tr]),  # its images, true labels
+                             "train_agreement": (feats[tr], targets.argmax(dim=-1).to(feats.device)),
+                             "test_acc": (feats[te], labels[te])},
                      on_epoch=on_epoch and (lambda row: on_epoch({"head": kind, **(values or {}),
                                                                   **row})))
     return head, fit, predict(head, feats[te]).cpu()
@@ -994,7 +996,8 @@ def parse_args(argv=None):
 
 
 EPOCH_FIELDS = ("head", *(name for name, h in HYPERPARAMETERS.items() if h[1]), "text_lr", "epoch",
-                "step", "loss", "val_loss", "val_score", "train_acc", "test_acc")  # epochs.csv
+                "step", "loss", "val_loss", "val_score", "train_true_acc", "train_agreement",
+                "test_acc")  # epochs.csv
 
 
 def run_experiment(args):
