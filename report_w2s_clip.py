@@ -16,7 +16,7 @@ from checks_w2s_clip import check_writable
 from store_w2s_clip import (atomic_save, cache_key, describe_difference,
                             filled_settings, method_settings, read_result, refuse_link,
                             remove_stale_temps, result_files, result_path, same_settings,
-                            settings_key)
+                            settings_key, temp_path)
 from w2s_clip import DOMAINS, LOSS_NAMES, METHOD_HEAD_LOSS, UserError, pgr
 
 
@@ -157,6 +157,28 @@ def setting_label(settings, ref, vary=TABLE_AXES):
                      if name not in vary and settings.get(name) != ref.get(name))
 
 
+WHERE_SETTINGS = ("data_root", "clip_model", "clip_pretrained")  # paths: which files, not what
+
+
+def table_settings(method, settings):
+    """The settings (run_settings' dict) by which the tables tell `method`'s runs apart:
+    `method_settings` but where the files are (a results folder copied from another machine, the
+    same data or CLIP config at another path), as the split files' digest (`splits`) and the CLIP
+    config's and weights' identity (`clip`) say what they are; where a file lacks `clip`, its
+    paths count."""
+    kept = method_settings(method, settings)
+    if "clip" in kept:
+        kept = {k: v for k, v in kept.items() if k not in WHERE_SETTINGS}
+    return kept
+
+
+def clip_group(r):
+    """Which CLIP model a row's run used, as the tables group them: the config's digest or the
+    open_clip name (`settings["clip"][0]`), else the name recorded."""
+    clip = r["settings"].get("clip") if isinstance(r.get("settings"), dict) else None
+    return str(clip[0]) if isinstance(clip, list) and clip else str(r["clip_model"])
+
+
 def comparable_runs(rows, vary=TABLE_AXES):
     """The rows for one set of tables: those made with the most common settings apart from seed,
     method and the settings in `vary` keep their method's name; runs made with other settings (a
@@ -170,7 +192,7 @@ def comparable_runs(rows, vary=TABLE_AXES):
     """
     def relevant(r, settings=None):  # what the run's result depends on, of `settings` or its own
         method = base_method(r["method"])  # `cpl (ensemble init)` depends on what cpl does
-        return {k: v for k, v in method_settings(method, settings or r["settings"]).items()
+        return {k: v for k, v in table_settings(method, settings or r["settings"]).items()
                 if k not in vary}
 
     checked = [r for r in rows if isinstance(r.get("settings"), dict)]
@@ -185,7 +207,7 @@ def comparable_runs(rows, vary=TABLE_AXES):
     for r in rows:
         weak = r["method"] == "weak"
         has = isinstance(r.get("settings"), dict)
-        same = (r["domain"], r["weak_model"], r["method"], r["seed"], cache_key(**method_settings(
+        same = (r["domain"], r["weak_model"], r["method"], r["seed"], cache_key(**table_settings(
             base_method(r["method"]), r["settings"]))) if has else None  # axes included
         if same is not None and same in seen:
             merged += 1  # the same run in each folder of a sweep that does not touch it
@@ -448,9 +470,11 @@ def tables_runs(rows):
     dataset = max(sorted({r["dataset"] for r in rows}), key=lambda d: count("dataset", d))
     other_data = [r for r in rows if r["dataset"] != dataset]
     rows = [r for r in rows if r["dataset"] == dataset]
-    clip_model = max(sorted({r["clip_model"] for r in rows}), key=lambda c: count("clip_model", c))
-    others = [r for r in rows if r["clip_model"] != clip_model]
-    rows = [r for r in rows if r["clip_model"] == clip_model]
+    groups = [clip_group(r) for r in rows]  # one config at two paths is one model
+    group = max(sorted(set(groups)), key=groups.count)
+    others = [r for r, g in zip(rows, groups) if g != group]
+    rows = [r for r, g in zip(rows, groups) if g == group]
+    clip_model = min(str(r["clip_model"]) for r in rows)
     rows, notes = comparable_runs(rows)
     kinds = {}
     for r in rows:
@@ -607,7 +631,7 @@ def save_together(files, folder, owned=()):
     try:
         for name, data in files.items():
             remove_stale_temps(folder, name)  # of a killed build
-            temps[name] = folder / f".{name}.{os.getpid()}.tmp"
+            temps[name] = temp_path(folder / name)
             atomic_save(data, temps[name])
     except BaseException:
         for tmp in temps.values():

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import re
+import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,15 +38,33 @@ def cache_key(**parts):
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def remove_stale_temps(folder, name="*"):
-    """Delete the `.<name>.<pid>.tmp` files that atomic_save left in `folder` (not recursive) when
-    a write failed or its process was killed; a file of a process still running is kept."""
+def temp_path(path):
+    """Where a write of `path` goes first: `.<name>.<pid>@<host>.tmp` beside it, renamed into
+    place when whole. The host tells a process of this machine from one of another machine
+    writing the same shared folder (NFS), whose process ids mean nothing here."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.tmp")
+
+
+def remove_stale_temps(folder, name="*", other_host_age=86400.0):
+    """Delete the temporary files (`temp_path`) that a write left in `folder` (not recursive) when
+    it failed or its process was killed: this machine's of a process that is gone (and older
+    `.<name>.<pid>.tmp` files without a host); another machine's only once untouched for
+    `other_host_age` seconds, as a job there may be writing it now. A file of a process still
+    running is kept."""
     for tmp in Path(folder).glob(f".{name}.*.tmp"):
-        match = re.fullmatch(r"\..+\.(\d+)\.tmp", tmp.name)
-        if not match or int(match[1]) == os.getpid():
+        match = re.fullmatch(r"\.(.+?)\.(\d+)(?:@(.+))?\.tmp", tmp.name)
+        if not match or (int(match[2]) == os.getpid() and match[3] in (None, socket.gethostname())):
+            continue
+        if match[3] is not None and match[3] != socket.gethostname():
+            try:
+                if time.time() - tmp.stat().st_mtime > other_host_age:
+                    tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             continue
         try:
-            os.kill(int(match[1]), 0)  # raises if no such process
+            os.kill(int(match[2]), 0)  # raises if no such process
         except ProcessLookupError:
             tmp.unlink(missing_ok=True)
         except (OSError, OverflowError):
@@ -71,7 +91,7 @@ def atomic_save(obj, path):
     refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         if path.suffix == ".json":
             data = json.dumps(obj, indent=1, default=str).encode()
@@ -271,7 +291,7 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
         index = torch.stack([torch.cumsum(lengths, 0) - lengths, torch.tensor([h for _, h in sizes]),
                              torch.tensor([w for w, _ in sizes])], dim=1)
         Path(f"{stem}.idx.pt").unlink(missing_ok=True)  # no old index beside a new data file
-        tmp = Path(stem).with_name(f".{Path(stem).name}.u8.{os.getpid()}.tmp")
+        tmp = temp_path(f"{stem}.u8")
         remove_stale_temps(tmp.parent, f"{Path(stem).name}.u8")
         loader = DataLoader(PixelSource(root, paths, prepare), batch_size=64, num_workers=workers,
                             collate_fn=list)
@@ -676,7 +696,7 @@ def epochs_log(path):
     rows go to a temporary file, removed if the block fails, renamed by `save_run`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, "epochs.csv")  # the log of a run killed earlier
-    log_path = path.with_name(f".epochs.csv.{os.getpid()}.tmp")
+    log_path = temp_path(path.with_name("epochs.csv"))
     try:
         with open(log_path, "w", newline="") as log:
             writer = csv.DictWriter(log, EPOCH_FIELDS, extrasaction="ignore")
@@ -691,7 +711,7 @@ def save_run(path, result, head, settings, force=False):
     """Write a run's head.pt, results.json and epochs.csv under a lock, so that a concurrent
     command loses nothing: a results.json written meanwhile with other settings is kept (a
     UserError) unless `force`."""
-    log_path = path.with_name(f".epochs.csv.{os.getpid()}.tmp")
+    log_path = temp_path(path.with_name("epochs.csv"))
     with file_lock(path):
         for name in ("head.pt", "results.json", "epochs.csv"):  # all three or none
             try:

@@ -789,3 +789,29 @@ def test_figure2_draws_true_accuracy_and_agreement_and_says_which(tmp_path, monk
     for panel in drawn["levels"]:  # both panels, as the paper draws them
         assert any(t.startswith("weak on D'_test 30.00") for t in panel)
         assert any(t.startswith("ceiling on D'_test 80.00") for t in panel)
+
+
+def test_a_results_folder_copied_from_another_machine_joins_the_local_runs(tmp_path, capsys):
+    """Runs of another machine (its data and its copy of one CLIP config at other paths, the same
+    split files and config digest) are the same cells' seeds, not other CLIP models or a sweep;
+    the same run in both folders counts once."""
+    clip = {"clip": ["d1g3st", None]}
+    here = dict(clip_model="/home/a/tiny-clip.json", **clip)
+    there = dict(clip_model="/home/b/tiny-clip.json", data_root="/scratch/b/data", **clip)
+    for seed in (0, 1):
+        put(tmp_path / "runs", good_result("cpl", seed, 0.5, **here), "mine")
+        put(tmp_path / "runs", good_result("cpl", seed + 2, 0.7, **there), "copied")
+    put(tmp_path / "runs", good_result("cpl", 0, 0.5, **there), "copied-again")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    printed = capsys.readouterr().out
+    assert "other CLIP models" not in printed and "other settings" not in printed
+    assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0].startswith("60.00 ± 11.55")
+    assert "1 runs repeat another" in printed
+
+
+def test_another_clip_config_is_still_another_model(tmp_path, capsys):
+    put(tmp_path / "runs", good_result("cpl", 0, 0.5, clip=["aaa", None]), "a")
+    put(tmp_path / "runs", good_result("cpl", 1, 0.5, clip=["aaa", None]), "a")
+    put(tmp_path / "runs", good_result("cpl", 0, 0.9, clip=["bbb", None]), "b")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    assert "left out 1 runs of other CLIP models" in capsys.readouterr().out

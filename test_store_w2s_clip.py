@@ -309,3 +309,44 @@ def test_a_run_whose_results_json_is_a_link_is_refused_before_training(demo, tmp
                str(path), "symbolic link")
     assert path.is_symlink() and mine.read_text() == '{"mine": true}'
     assert not list(Path(cache).glob("weak-*"))
+
+
+def test_a_temporary_file_of_another_machine_sharing_the_folder_is_kept_until_stale(tmp_path):
+    """Two nodes writing one cache over NFS: node A's `.x.<pid>@nodeA.tmp` is not removed by this
+    machine for want of that pid here (a job is writing it); once a day untouched, it is."""
+    import socket
+    import time
+    fresh = tmp_path / ".clip-x.pt.4242@another-node.example.tmp"
+    stale = tmp_path / ".clip-y.pt.4242@another-node.example.tmp"
+    mine_dead = tmp_path / f".clip-z.pt.999999999@{socket.gethostname()}.tmp"
+    for f in (fresh, stale, mine_dead):
+        f.write_bytes(b"half")
+    day_ago = time.time() - 2 * 86400
+    os.utime(stale, (day_ago, day_ago))
+    store_w2s_clip.remove_stale_temps(tmp_path)
+    assert fresh.exists() and not stale.exists() and not mine_dead.exists()
+    assert store_w2s_clip.temp_path(tmp_path / "a.json").name == \
+        f".a.json.{os.getpid()}@{socket.gethostname()}.tmp"
+
+
+def test_a_job_killed_while_holding_a_cache_lock_leaves_it_free(tmp_path):
+    """kill -9 of a process inside `file_lock`: the system releases the flock, the next process
+    computes the entry, and no temporary file is left."""
+    import signal
+    import time
+    path = tmp_path / "entry.pt"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, store_w2s_clip\n"
+        "with store_w2s_clip.file_lock(sys.argv[1]):\n"
+        "    print('held', flush=True); time.sleep(600)\n"), str(path)],
+        cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        start = time.time()
+        got = store_w2s_clip.cached(path, lambda: torch.arange(3))
+        assert torch.equal(got, torch.arange(3)) and time.time() - start < 10
+        assert not list(tmp_path.glob("*.tmp"))
+    finally:
+        holder.kill()
