@@ -217,7 +217,8 @@ def check_images(root, paths, workers=16):
                                 f"limit, 2 x Image.MAX_IMAGE_PIXELS); shrink it or remove it from "
                                 f"the split files")
             what = "missing" if not os.path.exists(path) else "unreadable"
-            raise UserError(f"image {path} is {what}; re-download the domain with `make data`")
+            raise UserError(f"image {path} is {what}; replace it or remove it (DomainNet: "
+                            f"re-download the domain with `make data`)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def decode_image(path):
         raise UserError(f"image {path} is refused by PIL as a decompression bomb ({e}); "
                         f"shrink it or remove it from the split files")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({e}); re-download with `make data`")
+        raise UserError(f"cannot read image {path} ({e}); replace or remove it (DomainNet: "
+                        f"re-download with `make data`)")
 
 
 class ImageList(Dataset):
@@ -330,13 +331,23 @@ def domain_folder(root, domain, dataset, found):
 
 
 def officehome_lists(root, domain, share=0.8, seed=0):
-    """Office-Home: every image of `<root>/<domain>/<class>/`, split per class by `share`."""
+    """Office-Home: every image of `<root>/<domain>/<class>/`, split per class by `share`; every
+    domain folder under `root` must hold the same class folders (one label order for all)."""
     found = sorted(p.name.replace(" ", "_") for p in root.iterdir()
                    if p.is_dir() and not p.name.startswith("."))
     folder = domain_folder(root, domain, "officehome", found)
     skipped = []
     classes = class_images(folder, skipped)
     check_classes(classes, folder)
+    for other in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and p != folder):  # the domains share one class list, one label order
+        theirs = {c.name for c in other.iterdir() if c.is_dir() and not c.name.startswith(".")}
+        differ = sorted(theirs ^ set(classes))
+        if differ:
+            has, lacks = (other, folder) if differ[0] in theirs else (folder, other)
+            raise UserError(f"class folder {differ[0]} is in {has} but not in {lacks} ({len(differ)} "
+                            f"classes differ): Office-Home's domains share one class list and label "
+                            f"order; restore it, or keep only the classes every domain has")
     train, test = stratified_split(classes, share, seed)
     names = list(classes)
     rel = lambda f, y: (f"{folder.name}/{names[y]}/{f}", y)

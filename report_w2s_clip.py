@@ -698,6 +698,8 @@ def figure2(rows, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-
                 if None not in values:  # an older file has no train_agreement: left empty
                     row[name], row[name.replace("_acc", "") + "_std"] = mean_std(values)
             series.append(row)
+    if not series:  # none of `methods` has curves here: no empty figure
+        return {}
     fields = ["domain", "method", "epoch", "step", "seeds"] + [
         f for name in FIGURE2_SERIES for f in (name, name.replace("_acc", "") + "_std")]
     files = {"figure2.csv": csv_text(series, fields)}

@@ -314,6 +314,10 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
                 raise UserError(f"no space left on {tmp.parent} (writing {Path(stem).name}.u8); "
                                 f"free some space, point --cache-dir elsewhere or pass "
                                 f"--no-eval-image-cache") from None
+            if isinstance(e, OSError) and e.filename is None:  # a write (EFBIG: ulimit -f, quota)
+                raise UserError(f"cannot write {Path(stem).name}.u8 in {tmp.parent} "
+                                f"({e.strerror or e}); point --cache-dir elsewhere or pass "
+                                f"--no-eval-image-cache") from None
             raise
         atomic_save(index, f"{stem}.idx.pt")  # written last: its presence means a whole file
         log_computed(f"{stem}.u8")
@@ -701,7 +705,15 @@ def epochs_log(path):
         with open(log_path, "w", newline="") as log:
             writer = csv.DictWriter(log, EPOCH_FIELDS, extrasaction="ignore")
             writer.writeheader()
-            yield lambda row: (writer.writerow(row), log.flush())
+
+            def write(row):
+                try:
+                    writer.writerow(row)
+                    log.flush()
+                except OSError as e:  # a full disk while training: name the log
+                    raise UserError(f"cannot write {path.with_name('epochs.csv')} ({e.strerror}); "
+                                    f"free some space or point --out-dir elsewhere") from None
+            yield write
     except BaseException:  # no log without its results.json
         log_path.unlink(missing_ok=True)
         raise
@@ -726,7 +738,11 @@ def save_run(path, result, head, settings, force=False):
             raise UserError(f"{path} was written by another command meanwhile, with other settings "
                             f"({describe_difference(other.get('settings'), settings, method=result['method'])}"
                             f"); kept it: rerun with another --out-dir")
-        if head is not None:  # before results.json: a finished run has its head
-            atomic_save(head, path.with_name("head.pt"))
-        atomic_save(result, path)
+        try:
+            if head is not None:  # before results.json: a finished run has its head
+                atomic_save(head, path.with_name("head.pt"))
+            atomic_save(result, path)
+        except BaseException:  # a full disk: no log without its results.json
+            log_path.unlink(missing_ok=True)
+            raise
         os.replace(log_path, path.with_name("epochs.csv"))  # the log of this result

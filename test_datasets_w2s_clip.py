@@ -301,3 +301,27 @@ def test_a_layout_with_two_folders_of_one_class_is_one_line_naming_them(demo, of
                             **{"--dataset": layout, "--domain": domain, "--method": "weak"}))
     assert_user_error(proc, tmp_path / "out", "class folders 'Zebra' and 'zebra' both name")
     assert not (tmp_path / "out" / "splits").exists() and tree_digest(root) == before
+
+
+@pytest.mark.parametrize("side", ["missing-here", "missing-there"])
+def test_officehome_domains_with_other_class_folders_are_one_line(officehome, tmp_path, side):
+    """A class folder missing in one domain (an incomplete copy) would shift every later label:
+    one line names the class and both domain folders, whichever domain is run."""
+    root = tmp_path / "oh"
+    shutil.copytree(officehome / "Real World", root / "Real World")
+    shutil.copytree(officehome / "Real World", root / "Art")
+    shutil.rmtree(root / ("Real World" if side == "missing-here" else "Art") / "zebra")
+    with pytest.raises(w2s_clip.UserError, match="class folder zebra is in") as info:
+        datasets_w2s_clip.officehome_lists(root, "Real_World")
+    assert "Art" in str(info.value) and "Real World" in str(info.value)
+
+
+def test_an_unreadable_image_of_ones_own_folder_is_named_with_what_to_do(demo, tmp_path):
+    """Not `make data` alone (which fetches DomainNet): replace or remove the file."""
+    from checks_w2s_clip import check_images
+    root = folder_copy(demo, tmp_path)
+    bad = next((root / "sketch" / "train" / "zebra").iterdir())
+    bad.write_bytes(b"")
+    with pytest.raises(w2s_clip.UserError, match="replace it or remove it") as info:
+        check_images(str(root), [str(bad.relative_to(root))])
+    assert str(bad) in str(info.value)

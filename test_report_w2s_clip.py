@@ -815,3 +815,11 @@ def test_another_clip_config_is_still_another_model(tmp_path, capsys):
     put(tmp_path / "runs", good_result("cpl", 0, 0.9, clip=["bbb", None]), "b")
     report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
     assert "left out 1 runs of other CLIP models" in capsys.readouterr().out
+
+
+def test_tables_without_figure_2s_methods_make_no_empty_figure_and_no_warning(tmp_path, recwarn, capsys):
+    for m in ("weak", "zero-shot"):
+        put(tmp_path / "runs", {**good_result(m), "curves": [{"epoch": 0, "step": 0, "test_acc": 0.5}]})
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    assert not (tmp_path / "t" / "figure2.png").exists() and not (tmp_path / "t" / "figure2.csv").exists()
+    assert not [w for w in recwarn if "legend" in str(w.message)] and capsys.readouterr().err == ""

@@ -350,3 +350,85 @@ def test_a_job_killed_while_holding_a_cache_lock_leaves_it_free(tmp_path):
         assert not list(tmp_path.glob("*.tmp"))
     finally:
         holder.kill()
+
+
+def test_a_file_size_limit_during_the_pixel_cache_is_one_line_and_leaves_no_temporary_file(
+        tmp_path, monkeypatch):
+    """EFBIG (`ulimit -f`, a quota) half-way through the pixel cache's data file."""
+    import builtins
+    import errno
+    paths = varied_images(tmp_path / "img")
+    prepare, out_size = store_w2s_clip.short_side(10 ** 6)
+
+    class Limited:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 4000:
+                raise OSError(errno.EFBIG, "File too large")
+            return self.f.write(b)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    def limited_open(p, mode="r", **kwargs):  # the data file's writes only
+        f = builtins.open(p, mode, **kwargs)
+        return Limited(f) if str(p).endswith(".tmp") and ".u8." in str(p) else f
+    monkeypatch.setattr(store_w2s_clip, "open", limited_open, raising=False)
+    with pytest.raises(w2s_clip.UserError, match="File too large") as info:
+        store_w2s_clip.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
+    assert "px.u8" in str(info.value) and "--cache-dir" in str(info.value)
+    assert not list((tmp_path / "c").glob("*.tmp")) and not (tmp_path / "c" / "px.u8").exists()
+
+
+def test_a_full_disk_when_saving_a_run_leaves_neither_its_log_nor_a_temporary_file(tmp_path, monkeypatch):
+    """head.pt cannot be written: no results.json, no epochs.csv, no `.epochs.csv.*.tmp`."""
+    path = store_w2s_clip.result_path(tmp_path, "sketch", "cpl", 0)
+    with store_w2s_clip.epochs_log(path) as on_epoch:
+        on_epoch({"epoch": 0, "step": 0, "loss": 1.0})
+    real = store_w2s_clip.atomic_save
+
+    def full(obj, p):
+        if Path(p).name == "head.pt":
+            raise w2s_clip.UserError(f"no space left on {Path(p).parent} (writing head.pt)")
+        return real(obj, p)
+    monkeypatch.setattr(store_w2s_clip, "atomic_save", full)
+    with pytest.raises(w2s_clip.UserError, match="no space left"):
+        store_w2s_clip.save_run(path, good_result(), {"w": torch.zeros(1)}, {})
+    assert sorted(p.name for p in path.parent.iterdir()) == [".results.json.lock"]
+
+
+def test_a_full_disk_while_the_epochs_log_is_written_names_the_log(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    path = store_w2s_clip.result_path(tmp_path, "sketch", "cpl", 0)
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.rows = f, 0
+
+        def write(self, text):
+            self.rows += 1
+            if self.rows > 2:  # the header and one row fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(store_w2s_clip, "open", lambda p, mode="r", **k: Full(builtins.open(p, mode, **k)),
+                        raising=False)
+    with pytest.raises(w2s_clip.UserError, match="epochs.csv") as info:
+        with store_w2s_clip.epochs_log(path) as on_epoch:
+            on_epoch({"epoch": 0})
+            on_epoch({"epoch": 1})
+    assert "No space left" in str(info.value) and not list(path.parent.glob("*.tmp"))

@@ -1090,11 +1090,13 @@ def main(argv=None):
         print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
         sys.exit(130)
     except OSError as e:  # a full disk outside atomic_save (a table, a stamp file)
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         where = e.filename or (args.tables_dir if args.build_tables else args.make_demo
                                or f"{args.out_dir} or {args.cache_dir}")
-        sys.exit(f"error: no space left on {where}; free some space and run the command again")
+        what = ("a file-size limit (ulimit -f, a quota) stopped a write on" if e.errno == errno.EFBIG
+                else "no space left on")
+        sys.exit(f"error: {what} {where}; free some space and run the command again")
 
 
 if __name__ == "__main__":

@@ -198,5 +198,16 @@ def main(argv=None):
     return 1 if failed else 0
 
 
+def run(argv=None):
+    """`main`, with Ctrl-C (or a job's time limit) as one line: each library keeps what it has
+    fetched, whole files in its cache and a partial one as its own resumable download."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again: the weights fetched are kept and the rest "
+              "is fetched then", file=sys.stderr, flush=True)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
