@@ -79,7 +79,8 @@ def variant_of(settings, reference, ignore=NOT_VARIANTS, defaults=None):
     `settings` differs from `reference`, or "" when none does; a setting either lacks counts at
     its value in `defaults` (a file older than the flag, or one the settings leave out)."""
     get = lambda s, k: s.get(k, (defaults or {}).get(k))  # noqa: E731
-    return ", ".join(flag_text(k, get(settings, k)) for k in sorted(settings.keys() | reference.keys())
+    names = sorted(settings.keys() | reference.keys())
+    return ", ".join(flag_text(k, get(settings, k)) for k in names
                      if k not in ignore and get(settings, k) != get(reference, k))
 
 

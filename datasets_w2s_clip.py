@@ -23,6 +23,7 @@ import hashlib
 import os
 import posixpath
 import random
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -156,9 +157,10 @@ def read_split_file(path):
         raise UserError(f"{path} is empty; re-download it with `make data`")
     first = repeated(paths)
     if first is not None:
+        repeats = len(paths) - len(set(paths))
         raise UserError(f"{path}:{lines[first[1]]} lists {paths[first[1]]} again (first at line "
-                        f"{lines[first[0]]}; {len(paths) - len(set(paths))} repeated lines in all); "
-                        f"each image must appear once: re-download the split file")
+                        f"{lines[first[0]]}; {repeats} repeated lines in all); each image must "
+                        f"appear once: re-download the split file")
     return paths, torch.tensor(labels)
 
 
@@ -345,9 +347,10 @@ def officehome_lists(root, domain, share=0.8, seed=0):
         differ = sorted(theirs ^ set(classes))
         if differ:
             has, lacks = (other, folder) if differ[0] in theirs else (folder, other)
-            raise UserError(f"class folder {differ[0]} is in {has} but not in {lacks} ({len(differ)} "
-                            f"classes differ): Office-Home's domains share one class list and label "
-                            f"order; restore it, or keep only the classes every domain has")
+            raise UserError(f"class folder {differ[0]} is in {has} but not in {lacks} "
+                            f"({len(differ)} classes differ): Office-Home's domains share one "
+                            f"class list and label order; restore it, or keep only the classes "
+                            f"every domain has")
     train, test = stratified_split(classes, share, seed)
     names = list(classes)
     rel = lambda f, y: (f"{folder.name}/{names[y]}/{f}", y)
@@ -392,6 +395,10 @@ def class_order(root, folders):
     if twice or extra or missing:
         what = (f"lists {twice[0]} twice" if twice else f"lists {extra[0]}, which has no folder"
                 if extra else f"lacks the class folder {missing[0]}")
+        nfc = lambda names: {unicodedata.normalize("NFC", n) for n in names}  # noqa: E731
+        if not twice and nfc(extra) & nfc(missing):  # a copy from macOS writes names as NFD
+            what += (" (a folder of that name differs only in its Unicode normalisation, NFC "
+                     "or NFD: write both the same way)")
         raise UserError(f"{path} {what}; it must name each class folder once, in label order")
     return lines
 

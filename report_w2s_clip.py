@@ -110,8 +110,9 @@ def result_row(r, path):
 
 def load_results(out_dir):
     """Every readable results.json under out_dir (`result_files`: symbolic links to folders
-    followed, each file once) as a flat row (`result_row`); unreadable ones are named and skipped. Two files of one run (same domain, method, seed and settings, e.g. a copied
-    folder) count once: the one nearest out_dir is kept and a note names the other. Runs of other
+    followed, each file once) as a flat row (`result_row`); unreadable ones are named and
+    skipped. Two files of one run (same domain, method, seed and settings, e.g. a copied folder)
+    count once: the one nearest out_dir is kept and a note names the other. Runs of other
     settings are all kept: `comparable_runs` decides which ones a table combines."""
     rows, seen = [], {}
     for path in result_files(out_dir):  # symbolic links to folders followed

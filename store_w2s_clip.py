@@ -498,8 +498,10 @@ WEAK_SETTINGS = ("weak_model", "weak_pretrained", "weak_epochs", "weak_lr", "bat
 
 def unused_flags(method):
     """The flags of run_settings that `method`'s result does not depend on: the hyperparameters
-    (and grids) of the losses it does not use, the text tower's lr outside cpl-text and the
-    ceiling's data outside the ceiling."""
+    (and grids) of the losses it does not use, the text tower's lr outside cpl-text, the
+    ceiling's data outside the ceiling, the tuning flags for zero-shot and the ceiling (nothing
+    tuned), and for zero-shot (the head before any step) the head's training flags that the weak
+    model does not share."""
     if method in METHOD_HEAD_LOSS:
         kinds, losses = [METHOD_HEAD_LOSS[method][0]], [METHOD_HEAD_LOSS[method][1]]
     else:  # weak: none; zero-shot: CPL's head and loss (its hold-val loss); ceiling: CE
@@ -512,6 +514,10 @@ def unused_flags(method):
         unused |= {"text_lr", "text_lr_grid"}
     if method != "ceiling":
         unused.add("ceiling_data")
+    if method in ("zero-shot", "ceiling"):  # nothing tuned: no grid, no tuning criterion
+        unused |= {f"{h}_grid" for h in HYPERPARAMETERS} | {"text_lr_grid", "tune", "tune_by"}
+    if method == "zero-shot":  # CPL's head before any step: no step size, epoch or choice
+        unused |= {"lr", "strong_epochs", "select_by", "select_from"}
     return unused
 
 

@@ -325,3 +325,13 @@ def test_an_unreadable_image_of_ones_own_folder_is_named_with_what_to_do(demo, t
     with pytest.raises(w2s_clip.UserError, match="replace it or remove it") as info:
         check_images(str(root), [str(bad.relative_to(root))])
     assert str(bad) in str(info.value)
+
+
+def test_classnames_txt_and_folders_in_other_unicode_normalisations_are_named(tmp_path):
+    """classnames.txt in NFC, the folder in NFD (a copy from macOS): they look the same, the line
+    says they differ in normalisation."""
+    import unicodedata
+    folders = [unicodedata.normalize("NFD", "café_crème"), "zebra"]
+    (tmp_path / "classnames.txt").write_text("café_crème\nzebra\n", encoding="utf-8")
+    with pytest.raises(w2s_clip.UserError, match="Unicode normalisation"):
+        datasets_w2s_clip.class_order(tmp_path, folders)

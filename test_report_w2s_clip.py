@@ -823,3 +823,18 @@ def test_tables_without_figure_2s_methods_make_no_empty_figure_and_no_warning(tm
     report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
     assert not (tmp_path / "t" / "figure2.png").exists() and not (tmp_path / "t" / "figure2.csv").exists()
     assert not [w for w in recwarn if "legend" in str(w.message)] and capsys.readouterr().err == ""
+
+
+def test_a_sweep_over_tune_by_is_a_row_per_criterion_in_tables_and_ablation(tmp_path):
+    import ablations_w2s_clip as ablations
+    for seed in (0, 1):
+        put(tmp_path / "runs", good_result("cpl", seed, 0.5), "agreement")
+        put(tmp_path / "runs", good_result("cpl", seed, 0.6, tune_by="weak-kl"), "weak-kl")
+        put(tmp_path / "runs", good_result("kd-lp", seed, 0.4), "agreement")
+        put(tmp_path / "runs", good_result("kd-lp", seed, 0.4, tune_by="weak-kl"), "weak-kl")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    t2 = (tmp_path / "t" / "table2.md").read_text()
+    assert table_row(t2, "cpl")[0].startswith("50.00") and table_row(t2, "cpl (tune_by=weak-kl)")[0].startswith("60.00")
+    text = ablations.ablation_table(tmp_path / "runs")
+    assert table_row(text, "paper defaults") == ["40.00 ± 0.00", "50.00 ± 0.00"]
+    assert table_row(text, "--tune-by weak-kl") == ["40.00 ± 0.00 (+0.00)", "60.00 ± 0.00 (+10.00)"]

@@ -432,3 +432,35 @@ def test_a_full_disk_while_the_epochs_log_is_written_names_the_log(tmp_path, mon
             on_epoch({"epoch": 0})
             on_epoch({"epoch": 1})
     assert "No space left" in str(info.value) and not list(path.parent.glob("*.tmp"))
+
+
+def test_two_data_sets_in_one_out_dir_are_one_line_naming_the_difference(demo, tmp_path):
+    """A folder data set's run of domain sketch, then DomainNet's sketch into the same --out-dir:
+    the finished run is kept and the line names the data set and what to do."""
+    out = tmp_path / "runs"
+    root = folder_copy(demo, tmp_path)
+    mine = {**good_result("weak"), "settings": {**good_result("weak")["settings"], "dataset": "folder",
+                                                 "data_root": str(root)}}
+    path = store_w2s_clip.result_path(out, "sketch", "weak", 0)
+    store_w2s_clip.atomic_save(mine, path)
+    before = path.read_bytes()
+    main_error(cli_args(demo, demo / "data", out, tmp_path / "cache", **{"--method": "weak"}),
+               str(path), "other settings", "dataset: folder -> domainnet", "--out-dir")
+    assert path.read_bytes() == before
+
+
+def test_zero_shot_and_the_ceiling_are_not_stale_for_flags_they_do_not_use():
+    """zero-shot is CPL's head before any step: --lr, --strong-epochs, --select-by, the grids and
+    the tuning criterion leave it as it is; the ceiling tunes nothing; both still follow the
+    prompt and the weak model's flags (weak_test_accuracy is part of every result)."""
+    base = json.loads(json.dumps({k: v for k, v in vars(w2s_clip.parse_args([])).items()
+                                  if k not in store_w2s_clip.RUN_FLAGS}, default=str))
+    key = store_w2s_clip.settings_key
+
+    def stale(method, **change):
+        return key(base, method) != key({**base, **change}, method)
+    for change in ({"lr": 0.3}, {"strong_epochs": 3}, {"tune_by": "weak-kl"}, {"tau_grid": [0.1]},
+                   {"select_by": "agreement"}, {"tune": "none"}):
+        assert not stale("zero-shot", **change) and stale("cpl", **change), change
+    assert stale("zero-shot", prompt_template="a {}") and stale("zero-shot", weak_lr=0.5)
+    assert not stale("ceiling", tune_by="weak-kl") and stale("ceiling", lr=0.3)

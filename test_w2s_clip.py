@@ -1495,3 +1495,19 @@ def test_fit_head_probes_hold_train_against_true_labels_and_against_its_training
     assert row["train_true_acc"] == pytest.approx((pred == p["y"][ht]).float().mean().item())
     assert row["train_agreement"] == pytest.approx((pred == p["weak"][ht]).float().mean().item())
     assert abs(row["train_agreement"] - row["train_true_acc"]) > 0.05
+
+
+@pytest.mark.parametrize("typed, domain", [("sketch/", "sketch"), ("./sketch", "sketch"),
+                                           ("./sketch/", "sketch")])
+def test_domain_typed_with_a_slash_or_dot_is_the_domain(typed, domain):
+    assert w2s_clip.parse_args(["--domain", typed]).domain == domain
+
+
+@pytest.mark.parametrize("typed", ["../data/sketch", "sketch/train", ".", ".."])
+def test_domain_that_is_a_path_is_refused_in_one_line(typed, capsys):
+    """Never results outside --out-dir (out-dir/../data/...) or cache files under `pixels-..`."""
+    with pytest.raises(SystemExit) as e:
+        w2s_clip.parse_args(["--dataset", "folder", "--domain", typed])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: argument --domain") and "\n" not in err
+    assert "one folder name under --data-root" in err

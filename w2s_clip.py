@@ -987,6 +987,10 @@ def parse_args(argv=None):
     out.add_argument("--make-demo", metavar="DIR",
                      help="only write a synthetic dataset (--dataset folder) and a tiny CLIP config")
     args = p.parse_args(argv)
+    args.domain = args.domain.rstrip("/").removeprefix("./")  # `sketch/` from tab completion
+    if "/" in args.domain or args.domain in ("", ".", ".."):  # a name: paths go to --data-root
+        p.error(f"argument --domain: {args.domain!r} is a path; a domain is one folder name under "
+                f"--data-root")
     if args.dataset == "domainnet" and args.domain not in DOMAINS and not args.build_tables:
         p.error(f"argument --domain: invalid choice: {args.domain!r} (DomainNet has "
                 f"{', '.join(DOMAINS)}; another data set needs --dataset officehome or folder)")
