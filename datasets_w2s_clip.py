@@ -225,8 +225,8 @@ def classnames_from_splits(paths, labels, source="split files"):
             a, b = sorted(folders[y])[:2]
             raise UserError(f"{source}: label {y} is used for both '{class_name(a)}' and "
                             f"'{class_name(b)}'")
-    k = len(folders)
-    bad = sorted(y for y in folders if not 0 <= y < k)
+    k = len({f for fs in folders.values() for f in fs})  # class folders: a folder of 2 labels
+    bad = sorted(y for y in folders if not 0 <= y < k)  # has one beyond k - 1
     if bad:
         raise UserError(f"{source}: label {bad[0]} is outside 0..{k - 1} ({k} class folders)")
     return [class_name(next(iter(folders[y]))) for y in range(k)]
