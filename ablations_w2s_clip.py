@@ -44,29 +44,52 @@ def flag_text(name, value):
     return f"--{name.replace('_', '-')} {shown}"
 
 
-def reference_settings(settings_list):
-    """Per setting, the value most runs have: with one flag changed per variant, the common
-    reference every variant departs from (the paper's defaults in `make ablations`)."""
-    names = sorted({k for s in settings_list for k in s})
+def reference_settings(settings_list, defaults=None):
+    """The settings every variant is named against. Among the settings in which the runs differ
+    (not NOT_VARIANTS), a run at the paper's values (`defaults`; a setting a file lacks counts at
+    its default) is the reference whenever one exists. Only when every run differs from them is
+    it, per setting, the value most runs have (a tie goes to the default, then to the first value
+    in sorted order).
+
+    Args:
+        settings_list: one dict per run (run_settings' dict, or an older file's config).
+        defaults: the paper's defaults, JSON-like (vars(w2s_clip.parse_args([])) through JSON).
+    """
+    defaults = defaults or {}
+    text = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731
+    names = sorted({k for s in settings_list for k in s} - set(NOT_VARIANTS))
+    value = lambda s, name: s.get(name, defaults.get(name))  # noqa: E731
+    varying = [n for n in names if len({text(value(s, n)) for s in settings_list}) > 1]
+    at_paper = [s for s in settings_list if all(text(value(s, n)) == text(defaults.get(n))
+                                                for n in varying if n in defaults)]
+    if at_paper and any(n in defaults for n in varying):
+        return {n: value(at_paper[0], n) for n in names}
     reference = {}
     for name in names:
-        values = [json.dumps(s.get(name), sort_keys=True) for s in settings_list]
-        reference[name] = json.loads(max(sorted(set(values)), key=values.count))
+        values = [text(value(s, name)) for s in settings_list]
+        top = max(map(values.count, values))
+        tied = sorted(v for v in set(values) if values.count(v) == top)
+        reference[name] = json.loads(text(defaults.get(name)) if text(defaults.get(name)) in tied
+                                     else tied[0])
     return reference
 
 
-def variant_of(settings, reference, ignore=NOT_VARIANTS):
+def variant_of(settings, reference, ignore=NOT_VARIANTS, defaults=None):
     """The label of a run's variant: the `--flag value` of every setting (any flag) in which
-    `settings` differs from `reference`, or "" when none does."""
-    return ", ".join(flag_text(k, settings.get(k)) for k in sorted(settings.keys() | reference.keys())
-                     if k not in ignore and settings.get(k) != reference.get(k))
+    `settings` differs from `reference`, or "" when none does; a setting either lacks counts at
+    its value in `defaults` (a file older than the flag, or one the settings leave out)."""
+    get = lambda s, k: s.get(k, (defaults or {}).get(k))  # noqa: E731
+    names = sorted(settings.keys() | reference.keys())
+    return ", ".join(flag_text(k, get(settings, k)) for k in names
+                     if k not in ignore and get(settings, k) != get(reference, k))
 
 
 def ablation_table(out_dir, defaults=None):
     """Markdown: per domain, rows = variants (the reference first), columns = methods; each cell
     is the D'_test accuracy (%) mean ± std over seeds and, for a variant, its difference from the
     reference cell. Runs are read with w2s_clip's results reader (bad files are named and skipped);
-    a variant is whatever differs from the settings most runs share (any flag).
+    the reference is the run at the paper's defaults where one exists (`reference_settings`), and
+    every other run is a row of its own, named by each flag in which it differs (any flag).
 
     Args:
         out_dir: folder searched for results.json files (any depth).
@@ -76,19 +99,20 @@ def ablation_table(out_dir, defaults=None):
     Returns:
         the markdown text (str); raises w2s_clip.UserError when there is no result.
     """
-    defaults = defaults or vars(w2s_clip.parse_args([]))
+    defaults = json.loads(json.dumps(defaults or vars(w2s_clip.parse_args([])), default=str))
+    defaults.pop("precision", None)  # "auto" is resolved in each file: never "at the default"
     rows = report_w2s_clip.load_results(out_dir)
     if not rows:
         raise w2s_clip.UserError(f"no readable results.json under {out_dir}; run `make ablations` "
                                  f"first")
     settings = [r["settings"] if isinstance(r["settings"], dict) else r["config"] for r in rows]
-    reference = reference_settings(settings)
-    shared = [k for k in defaults if k in reference and k != "precision"]  # "auto": resolved
+    reference = reference_settings(settings, defaults)
+    shared = [k for k in defaults if k in reference]
     off_paper = variant_of({k: reference[k] for k in shared}, {k: defaults[k] for k in shared})
     ref_name = "reference" if off_paper else "paper defaults"
     acc = {}  # (domain, variant, method) -> [accuracy in % per seed]
     for r, s in zip(rows, settings):
-        key = (r["domain"], variant_of(s, reference) or ref_name, r["method"])
+        key = (r["domain"], variant_of(s, reference, defaults=defaults) or ref_name, r["method"])
         acc.setdefault(key, []).append(100 * r["test_accuracy"])
     stats = {key: report_w2s_clip.mean_std(v) for key, v in acc.items()}
     order = [ref_name] + [flag_text(f, v) for f, v in ALTERNATIVES.items()]

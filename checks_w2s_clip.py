@@ -217,7 +217,8 @@ def check_images(root, paths, workers=16):
                                 f"limit, 2 x Image.MAX_IMAGE_PIXELS); shrink it or remove it from "
                                 f"the split files")
             what = "missing" if not os.path.exists(path) else "unreadable"
-            raise UserError(f"image {path} is {what}; re-download the domain with `make data`")
+            raise UserError(f"image {path} is {what}; replace it or remove it (DomainNet: "
+                            f"re-download the domain with `make data`)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,6 +340,18 @@ def check_writable(folder, flag):
         raise UserError(f"{flag} {folder} is not writable ({e.strerror}); pick another folder")
 
 
+def check_split_flags(args):
+    """Office-Home's split flags: a share that leaves a split empty, or either flag given for a
+    data set with a split of its own (where it would be ignored), is a UserError."""
+    if args.dataset == "officehome" and not 0 < args.split_share < 1:
+        raise UserError(f"--split-share {args.split_share:g} leaves no image of a class in one "
+                        f"split; pick a share strictly between 0 and 1 (DomainBed's 0.8)")
+    if args.dataset != "officehome" and (args.split_share != 0.8 or args.split_seed != 0):
+        flag = "--split-share" if args.split_share != 0.8 else "--split-seed"
+        raise UserError(f"{flag} applies to --dataset officehome only; {args.dataset} has its own "
+                        f"train and test split: leave it out")
+
+
 def preflight(args):
     """Everything a run of one domain checks and prints before any work: the device line, the
     data (split files written first for another --dataset), notes on its size, the models, the
@@ -351,6 +364,7 @@ def preflight(args):
     from store_w2s_clip import check_images_once, remove_stale_temps
     from datasets_w2s_clip import load_domain
     from w2s_clip import protocol_splits
+    check_split_flags(args)
     device, precision, hardware = choose_device(args.device, args.precision)
     print(device_line(hardware), flush=True)
     split_root = None

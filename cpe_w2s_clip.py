@@ -90,22 +90,31 @@ def weighted_prototypes(embeddings, weights, normalize=False, descriptions=None)
     return unit(protos)
 
 
+class KeyPairs(list):
+    """A JSON object as the (key, value) pairs it was written with, a repeated key kept."""
+
+
 def read_class_descriptions(path, classnames):
     """{class index: sentences} from a JSON file {class name: [sentences]} (names as the run
-    prints them, or with `_` for spaces); one line naming the problem otherwise."""
+    prints them, or with `_` for spaces); one line naming the problem otherwise, also for a class
+    named by two keys (`a_b` and `a b`, or a key written twice), whose sentences JSON would drop."""
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=KeyPairs)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"--class-descriptions {path}: cannot read it as JSON ({one_line(e)})")
-    if not isinstance(obj, dict):
+    if not isinstance(obj, KeyPairs):
         raise UserError(f"--class-descriptions {path}: expected an object {{class name: [sentences]}}")
     index = {n: i for i, n in enumerate(classnames)}
-    out = {}
-    for name, sentences in obj.items():
+    out, keys = {}, {}
+    for name, sentences in obj:
         i = index.get(name, index.get(str(name).replace("_", " ")))
         if i is None:
             raise UserError(f"--class-descriptions {path}: {name!r} is not a class of this domain "
                             f"(e.g. {', '.join(repr(n) for n in classnames[:3])})")
+        if i in keys:  # `a_b` and `a b`, or one key twice: JSON keeps only the last
+            raise UserError(f"--class-descriptions {path}: {keys[i]!r} and {name!r} both name the "
+                            f"class {classnames[i]!r}; merge their sentences into one list")
+        keys[i] = name
         if not (isinstance(sentences, list) and sentences
                 and all(isinstance(t, str) and t.strip() for t in sentences)):
             raise UserError(f"--class-descriptions {path}: {name!r} needs a non-empty list of "

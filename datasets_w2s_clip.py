@@ -21,7 +21,9 @@ order, added to LAYOUTS.
 """
 import hashlib
 import os
+import posixpath
 import random
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -48,7 +50,8 @@ def decode_image(path):
         raise UserError(f"image {path} is refused by PIL as a decompression bomb ({e}); "
                         f"shrink it or remove it from the split files")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({e}); re-download with `make data`")
+        raise UserError(f"cannot read image {path} ({e}); replace or remove it (DomainNet: "
+                        f"re-download with `make data`)")
 
 
 class ImageList(Dataset):
@@ -115,7 +118,9 @@ def make_loader(dataset, batch_size, device, workers, shuffle=False, seed=0):
 def read_split_file(path):
     """Parse an official DomainNet split file, one `<domain>/<class>/<file>.jpg <label>` per line.
 
-    The file must be UTF-8 (a leading byte-order mark is accepted) and list each image once.
+    The file must be UTF-8 (a leading byte-order mark is accepted) and list each image once. Each
+    path is normalised as written (`posixpath.normpath`: `./`, `..` and doubled slashes go), so that
+    `./clipart/x.jpg` and `clipart/x.jpg` are one image and the class folder is the one named.
     Returns:
         (paths, labels): relative image paths (list of n str) and labels (LongTensor [n]).
     """
@@ -128,14 +133,15 @@ def read_split_file(path):
         lineno = raw[:e.start].count(b"\n") + 1
         raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save it as UTF-8 or "
                         f"re-download it")
-    paths, labels = [], []
+    paths, labels, lines = [], [], []
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             parts = line.rsplit(None, 1)
+            image = posixpath.normpath(parts[0]) if len(parts) == 2 else ""
             try:
-                label = int(parts[1]) if len(parts) == 2 and parts[0].count("/") >= 2 else None
+                label = int(parts[1]) if image.lstrip("/").count("/") >= 2 else None
             except ValueError:
                 label = None
             if label is not None and not -2 ** 63 <= label < 2 ** 63:  # beyond torch's int64
@@ -144,43 +150,92 @@ def read_split_file(path):
             if label is None:
                 raise UserError(f"{path}:{lineno}: expected '<domain>/<class>/<file> <label>', "
                                 f"got {line.strip()!r}; re-download the split file")
-            paths.append(parts[0])
+            paths.append(image)
             labels.append(label)
+            lines.append(lineno)
     if not paths:
         raise UserError(f"{path} is empty; re-download it with `make data`")
-    repeats = len(paths) - len(set(paths))
-    if repeats:
-        counts = {}
-        for p in paths:
-            counts[p] = counts.get(p, 0) + 1
-        first = next(p for p in paths if counts[p] > 1)  # in file order
-        raise UserError(f"{path} lists {first} more than once ({repeats} repeated lines in all); "
-                        f"each image must appear once: re-download the split file")
+    first = repeated(paths)
+    if first is not None:
+        repeats = len(paths) - len(set(paths))
+        raise UserError(f"{path}:{lines[first[1]]} lists {paths[first[1]]} again (first at line "
+                        f"{lines[first[0]]}; {repeats} repeated lines in all); each image must "
+                        f"appear once: re-download the split file")
     return paths, torch.tensor(labels)
+
+
+def repeated(keys):
+    """(index of the first occurrence, index of the second) of the earliest key in `keys` that
+    occurs more than once, or None."""
+    where = {}
+    for i, key in enumerate(keys):
+        where.setdefault(key, []).append(i)
+    twice = [at for at in where.values() if len(at) > 1]
+    return tuple(min(twice)[:2]) if twice else None
+
+
+def image_identities(root, paths):
+    """What identifies each image file `root/paths[i]`: its real path (symbolic links resolved,
+    `..` and `.` gone; case kept, so two spellings are one image only where they are one file
+    name). Each folder is resolved once (a domain has few), then the file itself if it is a link.
+    Returns a list of n str."""
+    folders, out = {}, []
+    for rel in paths:
+        folder, name = os.path.split(os.path.join(root, rel))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        full = os.path.join(folders[folder], name)
+        out.append(os.path.realpath(full) if os.path.islink(full) else full)
+    return out
+
+
+def class_name(folder):
+    """The class name of a class folder: `_` -> space, as DomainNet's names are written."""
+    return folder.replace("_", " ")
+
+
+def same_name_folders(folders, where):
+    """A UserError when two of the class folders `folders` name one class, naming both (the first
+    such pair in sorted order): their `class_name`s are equal up to case, and CLIP's tokenizer
+    lowercases, so their prompts are one (`t_shirt` and `t shirt`, `T-shirt` and `t-shirt`)."""
+    by_name = {}
+    for folder in sorted(folders):
+        by_name.setdefault(class_name(folder).casefold(), []).append(folder)
+    twins = sorted(names for names in by_name.values() if len(names) > 1)
+    if twins:
+        a, b = twins[0][:2]
+        raise UserError(f"{where}: class folders {a!r} and {b!r} both name the class "
+                        f"{class_name(a)!r} (`_` is a space, case is ignored as CLIP's tokenizer "
+                        f"ignores it); rename or merge one of them")
 
 
 def classnames_from_splits(paths, labels, source="split files"):
     """Class names in label order, from the class folder of each file (`_` -> space).
 
     DomainNet's label order is not `sorted(folders)`, so names must come from the split files.
-    Returns a list of k names; raises UserError on a label outside 0..k-1 or a folder with 2 labels.
+    Returns a list of k names; raises UserError (the same one whatever the file order) on two
+    class folders that name one class, a label used for two classes, or a label outside 0..k-1.
     """
-    names = {}
+    folders = {}  # label -> its class folders
     for p, y in zip(paths, labels.tolist()):
-        name = p.split("/")[-2].replace("_", " ")
-        if names.setdefault(y, name) != name:
-            raise UserError(f"{source}: label {y} is used for both '{names[y]}' and '{name}'")
-    k = len(set(names.values()))
-    bad = sorted(y for y in names if not 0 <= y < k)
+        folders.setdefault(y, set()).add(p.split("/")[-2])
+    same_name_folders({f for fs in folders.values() for f in fs}, source)
+    for y in sorted(folders):
+        if len(folders[y]) > 1:
+            a, b = sorted(folders[y])[:2]
+            raise UserError(f"{source}: label {y} is used for both '{class_name(a)}' and "
+                            f"'{class_name(b)}'")
+    k = len({f for fs in folders.values() for f in fs})  # class folders: a folder of 2 labels
+    bad = sorted(y for y in folders if not 0 <= y < k)  # has one beyond k - 1
     if bad:
         raise UserError(f"{source}: label {bad[0]} is outside 0..{k - 1} ({k} class folders)")
-    return [names[y] for y in range(k)]
+    return [class_name(next(iter(folders[y]))) for y in range(k)]
 
 
 def load_domain(data_root, domain, split_root=None):
     """Read `<domain>_train.txt` and `<domain>_test.txt` (in `split_root`, default `data_root`;
     image paths relative to `data_root`); return a dict with paths, labels, names."""
-    get = f"`make data DOMAIN={domain} DATA={data_root}`"
+    get, image_root = f"`make data DOMAIN={domain} DATA={data_root}`", data_root
     if split_root is not None:
         data_root = split_root  # written by datasets_w2s_clip from the images under data_root
     if os.path.exists(data_root) and not os.path.isdir(data_root):
@@ -195,12 +250,20 @@ def load_domain(data_root, domain, split_root=None):
     splits = {s: read_split_file(os.path.join(data_root, f"{domain}_{s}.txt"))
               for s in ("train", "test")}
     (tr_paths, tr_labels), (te_paths, te_labels) = splits["train"], splits["test"]
-    both = set(tr_paths).intersection(te_paths)
+    ids = {s: image_identities(image_root, paths) for s, (paths, _) in splits.items()}
+    for s, (paths, _) in splits.items():  # one file under two spellings (a link, `..`)
+        first = repeated(ids[s])
+        if first is not None:
+            raise UserError(f"{domain}_{s}.txt under {data_root} lists one image as both "
+                            f"{paths[first[0]]} and {paths[first[1]]}; each image must appear "
+                            f"once: remove one of the lines")
+    train_ids = dict(zip(ids["train"], tr_paths))
+    both = [(train_ids[i], p) for i, p in zip(ids["test"], te_paths) if i in train_ids]
     if both:  # the weak model would be trained on images it then labels
-        first = next(p for p in te_paths if p in both)
+        spelled = "" if both[0][0] == both[0][1] else f" (as {both[0][0]} in {domain}_train.txt)"
         raise UserError(f"{len(both)} images are listed in both {domain}_train.txt and "
-                        f"{domain}_test.txt under {data_root}, first {first}; the splits must "
-                        f"be disjoint: re-download them")
+                        f"{domain}_test.txt under {data_root}, first {both[0][1]}{spelled}; the "
+                        f"splits must be disjoint: re-download them")
     names = classnames_from_splits(tr_paths + te_paths, torch.cat([tr_labels, te_labels]),
                                    source=f"{domain}_train.txt + {domain}_test.txt")
     return {"train_paths": tr_paths, "train_labels": tr_labels, "test_paths": te_paths,
@@ -231,13 +294,15 @@ def class_images(folder, skipped):
 
 
 def check_classes(classes, where):
-    """A UserError for no class folder, or a class folder without an image."""
+    """A UserError for no class folder, a class folder without an image, or two class folders
+    that name one class (`same_name_folders`)."""
     if not classes:
         raise UserError(f"{where} holds no class folders; expected {where}/<class>/<image>")
     empty = [c for c, files in classes.items() if not files]
     if empty:
         raise UserError(f"{where}/{empty[0]} holds no images ({len(empty)} empty class folders); "
                         f"remove it or add images")
+    same_name_folders(classes, where)
 
 
 def stratified_split(classes, share, seed):
@@ -268,13 +333,24 @@ def domain_folder(root, domain, dataset, found):
 
 
 def officehome_lists(root, domain, share=0.8, seed=0):
-    """Office-Home: every image of `<root>/<domain>/<class>/`, split per class by `share`."""
+    """Office-Home: every image of `<root>/<domain>/<class>/`, split per class by `share`; every
+    domain folder under `root` must hold the same class folders (one label order for all)."""
     found = sorted(p.name.replace(" ", "_") for p in root.iterdir()
                    if p.is_dir() and not p.name.startswith("."))
     folder = domain_folder(root, domain, "officehome", found)
     skipped = []
     classes = class_images(folder, skipped)
     check_classes(classes, folder)
+    for other in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and p != folder):  # the domains share one class list, one label order
+        theirs = {c.name for c in other.iterdir() if c.is_dir() and not c.name.startswith(".")}
+        differ = sorted(theirs ^ set(classes))
+        if differ:
+            has, lacks = (other, folder) if differ[0] in theirs else (folder, other)
+            raise UserError(f"class folder {differ[0]} is in {has} but not in {lacks} "
+                            f"({len(differ)} classes differ): Office-Home's domains share one "
+                            f"class list and label order; restore it, or keep only the classes "
+                            f"every domain has")
     train, test = stratified_split(classes, share, seed)
     names = list(classes)
     rel = lambda f, y: (f"{folder.name}/{names[y]}/{f}", y)
@@ -319,6 +395,10 @@ def class_order(root, folders):
     if twice or extra or missing:
         what = (f"lists {twice[0]} twice" if twice else f"lists {extra[0]}, which has no folder"
                 if extra else f"lacks the class folder {missing[0]}")
+        nfc = lambda names: {unicodedata.normalize("NFC", n) for n in names}  # noqa: E731
+        if not twice and nfc(extra) & nfc(missing):  # a copy from macOS writes names as NFD
+            what += (" (a folder of that name differs only in its Unicode normalisation, NFC "
+                     "or NFD: write both the same way)")
         raise UserError(f"{path} {what}; it must name each class folder once, in label order")
     return lines
 

@@ -14,8 +14,9 @@ import torch
 
 from checks_w2s_clip import check_writable
 from store_w2s_clip import (atomic_save, cache_key, describe_difference,
-                            filled_settings, method_settings, read_result, remove_stale_temps,
-                            result_path, same_settings, settings_key)
+                            filled_settings, method_settings, read_result, refuse_link,
+                            remove_stale_temps, result_files, result_path, same_settings,
+                            settings_key, temp_path)
 from w2s_clip import DOMAINS, LOSS_NAMES, METHOD_HEAD_LOSS, UserError, pgr
 
 
@@ -108,13 +109,13 @@ def result_row(r, path):
 
 
 def load_results(out_dir):
-    """Every readable results.json under out_dir as a flat row (`result_row`); unreadable ones are
-    named and skipped. Two files of one run (same domain, method, seed and settings, e.g. a copied
-    folder) count once: the one nearest out_dir is kept and a note names the other. Runs of other
+    """Every readable results.json under out_dir (`result_files`: symbolic links to folders
+    followed, each file once) as a flat row (`result_row`); unreadable ones are named and
+    skipped. Two files of one run (same domain, method, seed and settings, e.g. a copied folder)
+    count once: the one nearest out_dir is kept and a note names the other. Runs of other
     settings are all kept: `comparable_runs` decides which ones a table combines."""
     rows, seen = [], {}
-    paths = sorted(Path(out_dir).rglob("results.json"), key=lambda p: (len(p.parts), str(p)))
-    for path in paths:
+    for path in result_files(out_dir):  # symbolic links to folders followed
         r = read_result(path)
         if r is None:
             continue
@@ -157,6 +158,28 @@ def setting_label(settings, ref, vary=TABLE_AXES):
                      if name not in vary and settings.get(name) != ref.get(name))
 
 
+WHERE_SETTINGS = ("data_root", "clip_model", "clip_pretrained")  # paths: which files, not what
+
+
+def table_settings(method, settings):
+    """The settings (run_settings' dict) by which the tables tell `method`'s runs apart:
+    `method_settings` but where the files are (a results folder copied from another machine, the
+    same data or CLIP config at another path), as the split files' digest (`splits`) and the CLIP
+    config's and weights' identity (`clip`) say what they are; where a file lacks `clip`, its
+    paths count."""
+    kept = method_settings(method, settings)
+    if "clip" in kept:
+        kept = {k: v for k, v in kept.items() if k not in WHERE_SETTINGS}
+    return kept
+
+
+def clip_group(r):
+    """Which CLIP model a row's run used, as the tables group them: the config's digest or the
+    open_clip name (`settings["clip"][0]`), else the name recorded."""
+    clip = r["settings"].get("clip") if isinstance(r.get("settings"), dict) else None
+    return str(clip[0]) if isinstance(clip, list) and clip else str(r["clip_model"])
+
+
 def comparable_runs(rows, vary=TABLE_AXES):
     """The rows for one set of tables: those made with the most common settings apart from seed,
     method and the settings in `vary` keep their method's name; runs made with other settings (a
@@ -170,7 +193,7 @@ def comparable_runs(rows, vary=TABLE_AXES):
     """
     def relevant(r, settings=None):  # what the run's result depends on, of `settings` or its own
         method = base_method(r["method"])  # `cpl (ensemble init)` depends on what cpl does
-        return {k: v for k, v in method_settings(method, settings or r["settings"]).items()
+        return {k: v for k, v in table_settings(method, settings or r["settings"]).items()
                 if k not in vary}
 
     checked = [r for r in rows if isinstance(r.get("settings"), dict)]
@@ -185,7 +208,7 @@ def comparable_runs(rows, vary=TABLE_AXES):
     for r in rows:
         weak = r["method"] == "weak"
         has = isinstance(r.get("settings"), dict)
-        same = (r["domain"], r["weak_model"], r["method"], r["seed"], cache_key(**method_settings(
+        same = (r["domain"], r["weak_model"], r["method"], r["seed"], cache_key(**table_settings(
             base_method(r["method"]), r["settings"]))) if has else None  # axes included
         if same is not None and same in seen:
             merged += 1  # the same run in each folder of a sweep that does not touch it
@@ -448,9 +471,11 @@ def tables_runs(rows):
     dataset = max(sorted({r["dataset"] for r in rows}), key=lambda d: count("dataset", d))
     other_data = [r for r in rows if r["dataset"] != dataset]
     rows = [r for r in rows if r["dataset"] == dataset]
-    clip_model = max(sorted({r["clip_model"] for r in rows}), key=lambda c: count("clip_model", c))
-    others = [r for r in rows if r["clip_model"] != clip_model]
-    rows = [r for r in rows if r["clip_model"] == clip_model]
+    groups = [clip_group(r) for r in rows]  # one config at two paths is one model
+    group = max(sorted(set(groups)), key=groups.count)
+    others = [r for r, g in zip(rows, groups) if g != group]
+    rows = [r for r, g in zip(rows, groups) if g == group]
+    clip_model = min(str(r["clip_model"]) for r in rows)
     rows, notes = comparable_runs(rows)
     kinds = {}
     for r in rows:
@@ -601,11 +626,13 @@ def save_together(files, folder, owned=()):
     then all renamed into place, so a failure replaces none of them; then remove the files of
     `owned` this set does not hold (left by an earlier build, they would be stale)."""
     folder = Path(folder)
+    for name in files:  # a link the user made in the tables folder: refused before any write
+        refuse_link(folder / name)
     temps = {}
     try:
         for name, data in files.items():
             remove_stale_temps(folder, name)  # of a killed build
-            temps[name] = folder / f".{name}.{os.getpid()}.tmp"
+            temps[name] = temp_path(folder / name)
             atomic_save(data, temps[name])
     except BaseException:
         for tmp in temps.values():
@@ -614,7 +641,8 @@ def save_together(files, folder, owned=()):
     for name, tmp in temps.items():
         os.replace(tmp, folder / name)
     for name in set(owned) - set(files):
-        (folder / name).unlink(missing_ok=True)
+        if not (folder / name).is_symlink():  # a link is the user's, not an earlier build's
+            (folder / name).unlink(missing_ok=True)
 
 
 def pyplot():
@@ -636,11 +664,24 @@ def png_bytes(fig, plt):
     return png.getvalue()
 
 
+FIGURE2_SERIES = ("train_true_acc", "train_agreement", "test_acc")  # figure2.csv's, per epoch
+
+
+def curve_value(point, name):
+    """A curves row's `name`, in %: `train_true_acc` is `train_acc` in files written before it was
+    named for what it measures (the same quantity); None where a file lacks it."""
+    value = point.get(name, point.get("train_acc") if name == "train_true_acc" else None)
+    return None if value is None else 100 * value
+
+
 def figure2(rows, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-lp"), paper=None):
-    """Figure 2: train/test accuracy per epoch of three methods (mean over seeds, ± std band),
-    weak and ceiling levels, on the first of `domains` that has curves (clipart for the full
-    grid); the paper's levels (`paper[("figure2", level, domain)]`) in brackets beside ours. Train
-    accuracy is against each run's own training labels (weak labels; true ones for a ceiling).
+    """Figure 2: per epoch of three methods (mean over seeds, ± std band), on the first of
+    `domains` that has curves (clipart for the full grid), beside the weak and ceiling levels
+    (their D'_test accuracies, true labels, on both panels as in the paper; the paper's levels
+    `paper[("figure2", level, domain)]` in brackets beside ours). Left: the head's own training
+    images (hold-train for these methods), accuracy against their true labels (solid) and
+    agreement with the labels it trains on, the weak model's argmax (dotted: imitation). Right:
+    accuracy on D'_test, true labels.
     Returns {"figure2.csv": text, "figure2.png": bytes} ({} without curves; no png without
     matplotlib)."""
     domain = next((d for d in domains if any(r["domain"] == d and r["curves"] for r in rows)), None)
@@ -653,36 +694,48 @@ def figure2(rows, grid, domains=DOMAINS, methods=("auxconf-tp", "cpl", "auxconf-
             pts = [c[epoch] for c in curves]
             row = {"domain": domain, "method": m, "epoch": pts[0]["epoch"], "step": pts[0]["step"],
                    "seeds": len(pts)}
-            for split in ("train_acc", "test_acc"):
-                row[split], row[split.replace("acc", "std")] = mean_std([100 * p[split] for p in pts])
+            for name in FIGURE2_SERIES:
+                values = [curve_value(p, name) for p in pts]
+                if None not in values:  # an older file has no train_agreement: left empty
+                    row[name], row[name.replace("_acc", "") + "_std"] = mean_std(values)
             series.append(row)
-    files = {"figure2.csv": csv_text(series, ["domain", "method", "epoch", "step", "seeds",
-                                              "train_acc", "train_std", "test_acc", "test_std"])}
+    if not series:  # none of `methods` has curves here: no empty figure
+        return {}
+    fields = ["domain", "method", "epoch", "step", "seeds"] + [
+        f for name in FIGURE2_SERIES for f in (name, name.replace("_acc", "") + "_std")]
+    files = {"figure2.csv": csv_text(series, fields)}
     plt = pyplot()
     if plt is None:
         return files
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, split in zip(axes, ("train_acc", "test_acc")):
-        for m in dict.fromkeys(s["method"] for s in series):  # only methods with curves
-            pts = [s for s in series if s["method"] == m]
-            x, y = [s["step"] for s in pts], [s[split] for s in pts]
-            sd = [s[split.replace("acc", "std")] for s in pts]
-            line, = ax.plot(x, y, marker="o", label=f"{m} (n={pts[0]['seeds']})")
-            ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+    panels = ((("train_true_acc", "-"), ("train_agreement", ":")), (("test_acc", "-"),))
+    for ax, panel in zip(axes, panels):
+        for i, m in enumerate(dict.fromkeys(s["method"] for s in series)):  # methods with curves
+            for name, style in panel:
+                pts = [s for s in series if s["method"] == m and name in s]
+                if not pts:
+                    continue
+                x, y = [s["step"] for s in pts], [s[name] for s in pts]
+                sd = [s[name.replace("_acc", "") + "_std"] for s in pts]
+                what = {"train_agreement": " agreement with its weak labels"}.get(name, "")
+                ax.plot(x, y, ls=style, marker="o", color=f"C{i}", markersize=3 if what else 5,
+                        label=f"{m}{what} (n={pts[0]['seeds']})")
+                ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
+                                color=f"C{i}", alpha=0.15, linewidth=0)
         for level in ("weak", "ceiling"):
             if (level, domain) in grid:
                 ours = mean_std(grid[(level, domain)])[0]
                 ref = (paper or {}).get(("figure2", level, domain))
                 ax.axhline(ours, ls="--", color="gray", lw=1)
-                ax.annotate(f"{level} {ours:.2f}" + (f" [{ref:.2f}]" if ref is not None else ""),
+                ax.annotate(f"{level} on D'_test {ours:.2f}" + (f" [{ref:.2f}]" if ref is not None
+                                                                 else ""),
                             (0.99, ours), xycoords=("axes fraction", "data"), ha="right",
                             va="bottom", color="gray", fontsize=8)
-        what = ("train accuracy (against its training labels: weak)" if split == "train_acc"
-                else "test accuracy (D'_test, true labels)")
-        ax.set(title=f"{domain}: {what}", xlabel="step", ylabel="accuracy (%), mean ± std")
-        ax.title.set_fontsize(9)
-    axes[0].legend(fontsize=8)
+        what = ("hold-train accuracy (true labels, solid) and agreement with its training labels "
+                "(dotted)" if panel[0][0] == "train_true_acc" else "D'_test accuracy (true labels)")
+        ax.set(title=f"{domain}: {what}", xlabel="step", ylabel="%, mean ± std over seeds")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
     return {**files, "figure2.png": png_bytes(fig, plt)}
 
 

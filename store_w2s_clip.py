@@ -13,7 +13,9 @@ import json
 import math
 import os
 import re
+import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,19 +38,45 @@ def cache_key(**parts):
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def remove_stale_temps(folder, name="*"):
-    """Delete the `.<name>.<pid>.tmp` files that atomic_save left in `folder` (not recursive) when
-    a write failed or its process was killed; a file of a process still running is kept."""
+def temp_path(path):
+    """Where a write of `path` goes first: `.<name>.<pid>@<host>.tmp` beside it, renamed into
+    place when whole. The host tells a process of this machine from one of another machine
+    writing the same shared folder (NFS), whose process ids mean nothing here."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.tmp")
+
+
+def remove_stale_temps(folder, name="*", other_host_age=86400.0):
+    """Delete the temporary files (`temp_path`) that a write left in `folder` (not recursive) when
+    it failed or its process was killed: this machine's of a process that is gone (and older
+    `.<name>.<pid>.tmp` files without a host); another machine's only once untouched for
+    `other_host_age` seconds, as a job there may be writing it now. A file of a process still
+    running is kept."""
     for tmp in Path(folder).glob(f".{name}.*.tmp"):
-        match = re.fullmatch(r"\..+\.(\d+)\.tmp", tmp.name)
-        if not match or int(match[1]) == os.getpid():
+        match = re.fullmatch(r"\.(.+?)\.(\d+)(?:@(.+))?\.tmp", tmp.name)
+        if not match or (int(match[2]) == os.getpid() and match[3] in (None, socket.gethostname())):
+            continue
+        if match[3] is not None and match[3] != socket.gethostname():
+            try:
+                if time.time() - tmp.stat().st_mtime > other_host_age:
+                    tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             continue
         try:
-            os.kill(int(match[1]), 0)  # raises if no such process
+            os.kill(int(match[2]), 0)  # raises if no such process
         except ProcessLookupError:
             tmp.unlink(missing_ok=True)
         except (OSError, OverflowError):
             pass  # another user's process, or not a pid: leave it
+
+
+def refuse_link(path):
+    """A UserError when `path` is a symbolic link: a write renames a new file into place, which
+    would replace the link the user made (its target is never written through either)."""
+    if os.path.islink(path):
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}), which is never "
+                        f"replaced or written through; remove the link or write elsewhere")
 
 
 def atomic_save(obj, path):
@@ -56,12 +84,14 @@ def atomic_save(obj, path):
     file, then rename it into place.
 
     On a failed write the temporary file is removed; a full disk becomes a UserError naming the
-    folder. Stale temporary files of `path` from dead processes are removed first.
+    folder; a `path` that is a symbolic link is a UserError (`refuse_link`), before anything is
+    written. Stale temporary files of `path` from dead processes are removed first.
     """
     path = Path(path)
+    refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         if path.suffix == ".json":
             data = json.dumps(obj, indent=1, default=str).encode()
@@ -244,6 +274,7 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
     opt-in, for its training images at a short side of `--train-image-cache` pixels.
     """
     cache = PixelCache(stem)
+    refuse_link(f"{stem}.u8")
     with file_lock(f"{stem}.u8"):
         if cache.valid(len(paths)) and not force:
             return cache
@@ -260,7 +291,7 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
         index = torch.stack([torch.cumsum(lengths, 0) - lengths, torch.tensor([h for _, h in sizes]),
                              torch.tensor([w for w, _ in sizes])], dim=1)
         Path(f"{stem}.idx.pt").unlink(missing_ok=True)  # no old index beside a new data file
-        tmp = Path(stem).with_name(f".{Path(stem).name}.u8.{os.getpid()}.tmp")
+        tmp = temp_path(f"{stem}.u8")
         remove_stale_temps(tmp.parent, f"{Path(stem).name}.u8")
         loader = DataLoader(PixelSource(root, paths, prepare), batch_size=64, num_workers=workers,
                             collate_fn=list)
@@ -282,6 +313,10 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise UserError(f"no space left on {tmp.parent} (writing {Path(stem).name}.u8); "
                                 f"free some space, point --cache-dir elsewhere or pass "
+                                f"--no-eval-image-cache") from None
+            if isinstance(e, OSError) and e.filename is None:  # a write (EFBIG: ulimit -f, quota)
+                raise UserError(f"cannot write {Path(stem).name}.u8 in {tmp.parent} "
+                                f"({e.strerror or e}); point --cache-dir elsewhere or pass "
                                 f"--no-eval-image-cache") from None
             raise
         atomic_save(index, f"{stem}.idx.pt")  # written last: its presence means a whole file
@@ -463,8 +498,10 @@ WEAK_SETTINGS = ("weak_model", "weak_pretrained", "weak_epochs", "weak_lr", "bat
 
 def unused_flags(method):
     """The flags of run_settings that `method`'s result does not depend on: the hyperparameters
-    (and grids) of the losses it does not use, the text tower's lr outside cpl-text and the
-    ceiling's data outside the ceiling."""
+    (and grids) of the losses it does not use, the text tower's lr outside cpl-text, the
+    ceiling's data outside the ceiling, the tuning flags for zero-shot and the ceiling (nothing
+    tuned), and for zero-shot (the head before any step) the head's training flags that the weak
+    model does not share."""
     if method in METHOD_HEAD_LOSS:
         kinds, losses = [METHOD_HEAD_LOSS[method][0]], [METHOD_HEAD_LOSS[method][1]]
     else:  # weak: none; zero-shot: CPL's head and loss (its hold-val loss); ceiling: CE
@@ -477,6 +514,10 @@ def unused_flags(method):
         unused |= {"text_lr", "text_lr_grid"}
     if method != "ceiling":
         unused.add("ceiling_data")
+    if method in ("zero-shot", "ceiling"):  # nothing tuned: no grid, no tuning criterion
+        unused |= {f"{h}_grid" for h in HYPERPARAMETERS} | {"text_lr_grid", "tune", "tune_by"}
+    if method == "zero-shot":  # CPL's head before any step: no step size, epoch or choice
+        unused |= {"lr", "strong_epochs", "select_by", "select_from"}
     return unused
 
 
@@ -548,6 +589,8 @@ def result_path(out_dir, domain, method, seed):
 
 
 RESULT_KEYS = ("domain", "method", "seed", "test_accuracy", "worst10_accuracy", "config")
+CURVE_ACCURACIES = ("train_true_acc", "train_agreement", "test_acc",
+                    "train_acc")  # per epoch; train_acc: train_true_acc in files before the rename
 
 
 def result_problems(r):
@@ -577,7 +620,7 @@ def result_problems(r):
     curves = r.get("curves", [])
     if not (isinstance(curves, list) and all(
             isinstance(row, dict) and all(number(row.get(k)) for k in ("epoch", "step"))
-            and all(number(row[k]) for k in ("train_acc", "test_acc") if k in row)
+            and all(number(row[k]) for k in CURVE_ACCURACIES if k in row)
             for row in curves)):
         problems.append("curves is not a list of per-epoch rows")
     if not isinstance(r.get("settings"), (dict, str, type(None))):
@@ -609,6 +652,33 @@ def read_result(path, then="skipped"):
         return None
 
 
+def result_files(out_dir):
+    """Every results.json under `out_dir`, following the symbolic links to folders that the user
+    made (`runs/sketch -> /scratch/...`; a link back to a folder above is not followed again),
+    each file once, under its path through the fewest links, then the nearest `out_dir`, then by
+    name. An unreadable folder is passed over, as os.walk does."""
+    found = {}  # real path -> (links, parts, path)
+    stack = [(Path(out_dir), frozenset(), 0)]
+    while stack:
+        folder, above, links = stack.pop()
+        real = os.path.realpath(folder)
+        if real in above:
+            continue
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            link = links + e.is_symlink()
+            if e.is_dir():
+                stack.append((Path(e.path), above | {real}, link))
+            elif e.name == "results.json":
+                path = Path(e.path)
+                key = (link, len(path.parts), str(path))
+                found[os.path.realpath(path)] = min(found.get(os.path.realpath(path), key), key)
+    return [Path(p) for _, _, p in sorted(found.values(), key=lambda k: (k[1], k[2]))]
+
+
 def pending_runs(args, methods, settings):
     """{seed: the methods of `methods` still to run}: a finished results.json made with the same
     `settings` is kept (resumed); one made with other settings stops the command (unless --force)."""
@@ -624,6 +694,8 @@ def pending_runs(args, methods, settings):
                                     f"({describe_difference(old.get('settings'), settings, method=m)}); "
                                     f"pass --force to replace it or use another --out-dir")
                 continue
+            for name in ("head.pt", "results.json", "epochs.csv"):  # before hours of training
+                refuse_link(path.with_name(name))
             todo[seed].append(m)
     return todo
 
@@ -634,12 +706,20 @@ def epochs_log(path):
     rows go to a temporary file, removed if the block fails, renamed by `save_run`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, "epochs.csv")  # the log of a run killed earlier
-    log_path = path.with_name(f".epochs.csv.{os.getpid()}.tmp")
+    log_path = temp_path(path.with_name("epochs.csv"))
     try:
         with open(log_path, "w", newline="") as log:
             writer = csv.DictWriter(log, EPOCH_FIELDS, extrasaction="ignore")
             writer.writeheader()
-            yield lambda row: (writer.writerow(row), log.flush())
+
+            def write(row):
+                try:
+                    writer.writerow(row)
+                    log.flush()
+                except OSError as e:  # a full disk while training: name the log
+                    raise UserError(f"cannot write {path.with_name('epochs.csv')} ({e.strerror}); "
+                                    f"free some space or point --out-dir elsewhere") from None
+            yield write
     except BaseException:  # no log without its results.json
         log_path.unlink(missing_ok=True)
         raise
@@ -649,8 +729,14 @@ def save_run(path, result, head, settings, force=False):
     """Write a run's head.pt, results.json and epochs.csv under a lock, so that a concurrent
     command loses nothing: a results.json written meanwhile with other settings is kept (a
     UserError) unless `force`."""
-    log_path = path.with_name(f".epochs.csv.{os.getpid()}.tmp")
+    log_path = temp_path(path.with_name("epochs.csv"))
     with file_lock(path):
+        for name in ("head.pt", "results.json", "epochs.csv"):  # all three or none
+            try:
+                refuse_link(path.with_name(name))
+            except UserError:
+                log_path.unlink(missing_ok=True)
+                raise
         other = read_result(path, "replaced") if path.exists() else None
         if (other is not None and not force
                 and not same_settings(other.get("settings"), settings, result["method"])):
@@ -658,7 +744,11 @@ def save_run(path, result, head, settings, force=False):
             raise UserError(f"{path} was written by another command meanwhile, with other settings "
                             f"({describe_difference(other.get('settings'), settings, method=result['method'])}"
                             f"); kept it: rerun with another --out-dir")
-        if head is not None:  # before results.json: a finished run has its head
-            atomic_save(head, path.with_name("head.pt"))
-        atomic_save(result, path)
+        try:
+            if head is not None:  # before results.json: a finished run has its head
+                atomic_save(head, path.with_name("head.pt"))
+            atomic_save(result, path)
+        except BaseException:  # a full disk: no log without its results.json
+            log_path.unlink(missing_ok=True)
+            raise
         os.replace(log_path, path.with_name("epochs.csv"))  # the log of this result

@@ -77,3 +77,16 @@ def test_cpu_cost_warning_only_for_a_large_domain():
     assert checks_w2s_clip.cpu_cost_warning(320, 800, 2, 5) is None
     warning = checks_w2s_clip.cpu_cost_warning(48212, 20916, 5, 3)  # sketch, Table 1
     assert warning.startswith("warning: no usable GPU") and " h for 69128 images and 5 seeds" in warning
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--dataset", "officehome", "--split-share", "0"], "--split-share 0 leaves no image"),
+    (["--dataset", "officehome", "--split-share", "1"], "--split-share 1 leaves no image"),
+    (["--dataset", "folder", "--split-share", "0.5"], "--split-share applies to --dataset officehome only"),
+    (["--split-seed", "3"], "--split-seed applies to --dataset officehome only")])
+def test_split_flags_that_would_empty_a_split_or_be_ignored_are_one_line(flags, fragment):
+    args = w2s_clip.parse_args(["--domain", "sketch", *flags])
+    with pytest.raises(w2s_clip.UserError, match=fragment):
+        checks_w2s_clip.check_split_flags(args)
+    checks_w2s_clip.check_split_flags(w2s_clip.parse_args(["--dataset", "officehome", "--domain", "Art",
+                                                           "--split-share", "0.5"]))

@@ -133,3 +133,30 @@ def test_cli_error_bad_class_descriptions(demo, tmp_path, content, fragment):
     proc = run_cli(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache", **{
         "--method": "zero-shot", "--prototype-init": "cpe", "--class-descriptions": path}))
     assert_user_error(proc, tmp_path / "out", "--class-descriptions", fragment)
+
+
+@pytest.mark.parametrize("content", [
+    '{"aircraft carrier": ["a big ship"], "aircraft_carrier": ["a naval vessel"]}',
+    '{"zebra": ["striped"], "zebra": ["a horse with stripes"]}'], ids=["two-spellings", "key-twice"])
+def test_class_descriptions_naming_one_class_twice_are_refused(tmp_path, content):
+    """JSON keeps the last of two keys of one class: the other's sentences would be lost."""
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    names = ["aircraft carrier", "zebra"]
+    with pytest.raises(w2s_clip.UserError, match="both name the class") as info:
+        cpe_w2s_clip.read_class_descriptions(path, names)
+    assert str(path) in str(info.value) and "merge their sentences" in str(info.value)
+
+
+@pytest.mark.parametrize("content, want", [("{}", {}), ('{"zebra": ["striped"]}', {1: ["striped"]})])
+def test_class_descriptions_empty_or_plain_are_read(tmp_path, content, want):
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    assert cpe_w2s_clip.read_class_descriptions(path, ["aircraft carrier", "zebra"]) == want
+
+
+def test_class_descriptions_that_are_an_empty_list_are_not_an_object(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("[]")
+    with pytest.raises(w2s_clip.UserError, match="expected an object"):
+        cpe_w2s_clip.read_class_descriptions(path, ["zebra"])

@@ -175,3 +175,163 @@ def test_image_list_augmentation_is_seeded_per_sample_and_epoch(demo):
     sampler = datasets_w2s_clip.EpochSampler(n, seed=0)
     e0, e1 = list(sampler), list(sampler)
     assert sorted(e0) == list(range(n)) and sorted(e1) == list(range(n, 2 * n)) and e0 != [i - n for i in e1]
+
+
+# ------------------------------------------------------------------------------------------------
+# One image, one class: paths compared after normalisation, class folders that name one class
+# ------------------------------------------------------------------------------------------------
+def respelled(path, spelling, data):
+    """`path` (`sketch/<class>/<file>`) written another way that names the same file."""
+    domain, cls, name = path.split("/")
+    return {"dot": f"./{path}", "dotdot": f"{domain}/{cls}/../{cls}/{name}",
+            "double-slash": f"{domain}//{cls}/{name}",
+            "absolute-real": str(data.resolve() / path),
+            "linked-folder": f"alias/{cls}/{name}"}[spelling]
+
+
+@pytest.mark.parametrize("spelling", ["dot", "dotdot", "double-slash", "absolute-real",
+                                      "linked-folder"])
+def test_an_image_in_train_and_test_under_two_spellings_is_refused(demo, tmp_path, spelling):
+    """A test image listed in the train file as `./sketch/...`, `.../zebra/../zebra/...`,
+    `sketch//...`, through the real path of a symlinked data root, or through a linked folder,
+    is the same image: one line names both spellings."""
+    data = corrupt_copy(demo, tmp_path)
+    (data / "alias").symlink_to(data / "sketch")
+    link = tmp_path / "link"  # the data root is reached through a link
+    link.symlink_to(data)
+    test_line = (data / "sketch_test.txt").read_text().splitlines()[5]
+    path, label = test_line.rsplit(" ", 1)
+    with open(data / "sketch_train.txt", "a") as f:
+        f.write(f"{respelled(path, spelling, data)} {label}\n")
+    with pytest.raises(w2s_clip.UserError, match="listed in both") as info:
+        datasets_w2s_clip.load_domain(str(link), "sketch")
+    assert path in str(info.value) and "1 images" in str(info.value)
+
+
+@pytest.mark.parametrize("spelling", ["dot", "dotdot", "double-slash", "linked-folder"])
+def test_an_image_listed_twice_under_two_spellings_in_one_file_is_refused(demo, tmp_path, spelling):
+    data = corrupt_copy(demo, tmp_path)
+    (data / "alias").symlink_to(data / "sketch")
+    lines = (data / "sketch_test.txt").read_text().splitlines()
+    path, label = lines[3].rsplit(" ", 1)
+    (data / "sketch_test.txt").write_text("\n".join(lines + [f"{respelled(path, spelling, data)} "
+                                                             f"{label}"]) + "\n")
+    with pytest.raises(w2s_clip.UserError, match="sketch_test.txt") as info:
+        datasets_w2s_clip.load_domain(data, "sketch")
+    assert path in str(info.value) and ("again" in str(info.value) or "both" in str(info.value))
+
+
+def test_spelled_paths_read_as_the_plain_ones_with_their_class_folder(demo, tmp_path):
+    """`./`, `//` and `x/..` in every line give the same paths, labels and class names as the
+    plain file (the class is the folder named, not `.`)."""
+    data = corrupt_copy(demo, tmp_path)
+    for split in ("train", "test"):
+        f = data / f"sketch_{split}.txt"
+        lines = [line.rsplit(" ", 1) for line in f.read_text().splitlines()]
+        f.write_text("".join(f"./{p.replace('/', '//', 1)} {y}\n" if i % 2 else
+                             f"{p.replace('/', '/./')} {y}\n" for i, (p, y) in enumerate(lines)))
+    plain, spelled = (datasets_w2s_clip.load_domain(d, "sketch") for d in (demo / "data", data))
+    for key in ("train_paths", "test_paths", "classnames"):
+        assert spelled[key] == plain[key], key
+
+
+def test_file_names_differing_in_case_are_two_images_on_a_case_sensitive_file_system(demo, tmp_path):
+    data = corrupt_copy(demo, tmp_path)
+    (tmp_path / "probe").touch()
+    if (tmp_path / "PROBE").exists():
+        pytest.skip("case-insensitive file system")
+    path, label = (data / "sketch_test.txt").read_text().splitlines()[0].rsplit(" ", 1)
+    upper = path.rsplit("/", 1)[0] + "/" + path.rsplit("/", 1)[1].upper()
+    shutil.copy(data / path, data / upper)
+    with open(data / "sketch_train.txt", "a") as f:
+        f.write(f"{upper} {label}\n")
+    got = datasets_w2s_clip.load_domain(data, "sketch")
+    assert upper in got["train_paths"] and path in got["test_paths"]
+
+
+def twin_split(tmp_path, order):
+    """Split files of 3 classes where folders `t_shirt` (label 1) and `t shirt` (label 2) name
+    one class; `order` permutes the lines."""
+    rows = [(f"sketch/{c}/{i}.jpg", y) for y, c in enumerate(["zebra", "t_shirt", "t shirt"])
+            for i in range(3)]
+    rows = [rows[i] for i in order]
+    for split, part in (("train", rows[::2]), ("test", rows[1::2])):
+        (tmp_path / f"sketch_{split}.txt").write_text("".join(f"{p} {y}\n" for p, y in part))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_two_class_folders_that_name_one_class_are_named_whatever_the_line_order(tmp_path, seed):
+    """Never `label 2 is outside 0..1`: the line names both folders, the same in every order."""
+    import random
+    order = list(range(9))
+    random.Random(seed).shuffle(order)
+    twin_split(tmp_path, order)
+    with pytest.raises(w2s_clip.UserError) as info:
+        datasets_w2s_clip.load_domain(tmp_path, "sketch")
+    assert str(info.value).endswith("class folders 't shirt' and 't_shirt' both name the class "
+                                    "'t shirt' (`_` is a space, case is ignored as CLIP's "
+                                    "tokenizer ignores it); rename or merge one of them")
+
+
+@pytest.mark.parametrize("labels", [[0, 1], [1, 1]], ids=["two-labels", "one-label"])
+def test_class_folders_differing_in_case_name_one_class(labels):
+    paths = ["s/zebra/0.jpg", "s/T-shirt/1.jpg", "s/t-shirt/2.jpg"]
+    with pytest.raises(w2s_clip.UserError, match="'T-shirt' and 't-shirt' both name"):
+        datasets_w2s_clip.classnames_from_splits(paths, torch.tensor([labels[0], *labels]))
+
+
+@pytest.mark.parametrize("layout", ["folder", "officehome"])
+def test_a_layout_with_two_folders_of_one_class_is_one_line_naming_them(demo, officehome, tmp_path,
+                                                                        layout):
+    """Office-Home or a folder data set with `t-shirt` and `T-Shirt` beside it: one line naming the
+    folder and both class folders, before any split file is written."""
+    if layout == "folder":
+        root = folder_copy(demo, tmp_path)
+        (root / "classnames.txt").unlink()
+        classes = root / "sketch" / "train"
+        shutil.copytree(root / "sketch" / "test" / "zebra", root / "sketch" / "test" / "Zebra")
+    else:
+        root = tmp_path / "oh"
+        shutil.copytree(officehome, root)
+        classes = root / "Real World"
+    shutil.copytree(classes / "zebra", classes / "Zebra")
+    before = tree_digest(root)
+    domain = "sketch" if layout == "folder" else "Real_World"
+    proc = run_cli(cli_args(demo, root, tmp_path / "out", tmp_path / "cache",
+                            **{"--dataset": layout, "--domain": domain, "--method": "weak"}))
+    assert_user_error(proc, tmp_path / "out", "class folders 'Zebra' and 'zebra' both name")
+    assert not (tmp_path / "out" / "splits").exists() and tree_digest(root) == before
+
+
+@pytest.mark.parametrize("side", ["missing-here", "missing-there"])
+def test_officehome_domains_with_other_class_folders_are_one_line(officehome, tmp_path, side):
+    """A class folder missing in one domain (an incomplete copy) would shift every later label:
+    one line names the class and both domain folders, whichever domain is run."""
+    root = tmp_path / "oh"
+    shutil.copytree(officehome / "Real World", root / "Real World")
+    shutil.copytree(officehome / "Real World", root / "Art")
+    shutil.rmtree(root / ("Real World" if side == "missing-here" else "Art") / "zebra")
+    with pytest.raises(w2s_clip.UserError, match="class folder zebra is in") as info:
+        datasets_w2s_clip.officehome_lists(root, "Real_World")
+    assert "Art" in str(info.value) and "Real World" in str(info.value)
+
+
+def test_an_unreadable_image_of_ones_own_folder_is_named_with_what_to_do(demo, tmp_path):
+    """Not `make data` alone (which fetches DomainNet): replace or remove the file."""
+    from checks_w2s_clip import check_images
+    root = folder_copy(demo, tmp_path)
+    bad = next((root / "sketch" / "train" / "zebra").iterdir())
+    bad.write_bytes(b"")
+    with pytest.raises(w2s_clip.UserError, match="replace it or remove it") as info:
+        check_images(str(root), [str(bad.relative_to(root))])
+    assert str(bad) in str(info.value)
+
+
+def test_classnames_txt_and_folders_in_other_unicode_normalisations_are_named(tmp_path):
+    """classnames.txt in NFC, the folder in NFD (a copy from macOS): they look the same, the line
+    says they differ in normalisation."""
+    import unicodedata
+    folders = [unicodedata.normalize("NFD", "café_crème"), "zebra"]
+    (tmp_path / "classnames.txt").write_text("café_crème\nzebra\n", encoding="utf-8")
+    with pytest.raises(w2s_clip.UserError, match="Unicode normalisation"):
+        datasets_w2s_clip.class_order(tmp_path, folders)

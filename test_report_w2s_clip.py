@@ -127,8 +127,10 @@ def test_build_tables_mean_std_avg_delta_pgr_worst10(tmp_path):
     csv_rows = (tmp_path / "tables" / "runs.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + sum(map(len, runs.values())) + 2
     fig = (tmp_path / "tables" / "figure2.csv").read_text().splitlines()
-    assert fig[0] == "domain,method,epoch,step,seeds,train_acc,train_std,test_acc,test_std"
+    assert fig[0] == ("domain,method,epoch,step,seeds,train_true_acc,train_true_std,"
+                      "train_agreement,train_agreement_std,test_acc,test_std")
     assert fig[1].startswith("clipart,cpl,1,3,1,")  # one seed: std 0
+    assert fig[1].split(",")[5] != "" and fig[1].split(",")[7] == ""  # older curves: no agreement
 
 
 def test_pgr_column_and_paper_gap_on_the_papers_own_table2(tmp_path):
@@ -643,3 +645,196 @@ def test_older_results_without_settings_for_one_run_are_refused(tmp_path):
         put(tmp_path / "runs", r, sub)
     with pytest.raises(w2s_clip.UserError, match="record no settings"):
         report_w2s_clip.load_results(tmp_path / "runs")
+
+
+# ------------------------------------------------------------------------------------------------
+# Symbolic links: read through the user's, never replace one
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("link", ["domain", "method", "seed"])
+def test_results_reached_through_a_linked_folder_are_read(tmp_path, link):
+    """`runs/sketch -> /scratch/...` (or a method or seed folder linked in) is read as a folder."""
+    scratch, runs = tmp_path / "scratch", tmp_path / "runs"
+    for m in ("weak", "cpl"):
+        put(scratch, good_result(m, acc=0.4 if m == "weak" else 0.6))
+    inner = {"domain": "sketch", "method": "sketch/cpl", "seed": "sketch/cpl/seed0"}[link]
+    (runs / inner).parent.mkdir(parents=True, exist_ok=True)
+    (runs / inner).symlink_to(scratch / inner)
+    if link != "domain":  # the rest as real folders
+        put(runs, good_result("weak", acc=0.4))
+    report_w2s_clip.build_tables(runs, tmp_path / "t")
+    t2 = (tmp_path / "t" / "table2.md").read_text()
+    assert table_row(t2, "cpl")[0].startswith("60.00") and table_row(t2, "weak")[0].startswith("40.00")
+
+
+def test_a_link_loop_and_a_file_reached_twice_count_once(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    put(runs, good_result("cpl", acc=0.6))
+    (runs / "sketch" / "back").symlink_to(runs)  # a loop
+    (runs / "again").symlink_to(runs / "sketch")  # the same file by a second way
+    rows = report_w2s_clip.load_results(runs)
+    assert len(rows) == 1 and rows[0]["path"] == str(runs / "sketch" / "cpl" / "seed0" / "results.json")
+    assert "same run" not in capsys.readouterr().out
+
+
+def test_a_table_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    put(tmp_path / "runs", good_result())
+    tables, mine = tmp_path / "t", tmp_path / "my-table.md"
+    tables.mkdir()
+    mine.write_text("my own notes\n")
+    (tables / "table3.md").symlink_to(mine)
+    msg = main_error(["--build-tables", "--out-dir", tmp_path / "runs", "--tables-dir", tables],
+                     "table3.md", "symbolic link")
+    assert "remove the link" in msg and mine.read_text() == "my own notes\n"
+    assert (tables / "table3.md").is_symlink() and not (tables / "table2.md").exists()
+    assert not temp_files(tables)
+
+
+def test_a_link_where_a_stale_table_would_be_removed_is_left(tmp_path):
+    """runs without curves make no Figure 2: a figure2.png of an earlier build goes, a link the
+    user put there stays."""
+    put(tmp_path / "runs", good_result())
+    tables = tmp_path / "t"
+    tables.mkdir()
+    (tmp_path / "keep.png").write_bytes(b"png")
+    (tables / "figure2.png").symlink_to(tmp_path / "keep.png")
+    report_w2s_clip.build_tables(tmp_path / "runs", tables)
+    assert (tables / "figure2.png").is_symlink() and (tmp_path / "keep.png").read_bytes() == b"png"
+
+
+# ------------------------------------------------------------------------------------------------
+# The ablation table's reference row: the run at the paper's values whenever one exists
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value", [("lr", 0.3), ("lr", 0.001), ("max_grad_norm", 0.0),
+                                         ("select_by", "agreement")])
+@pytest.mark.parametrize("seeds_off", [1, 3], ids=["one-seed-each", "variant-in-majority"])
+def test_ablation_reference_is_the_run_at_the_papers_values(tmp_path, flag, value, seeds_off):
+    """`ab/paper` at the defaults and `ab/<flag>=<value>`: the paper's run is the reference row,
+    the other its own row named by the flag, whichever value sorts first and even when the
+    variant has more runs."""
+    import ablations_w2s_clip as ablations
+    out = tmp_path / "ab"
+    put(out, good_result("cpl", 0, 0.5), "paper")
+    for seed in range(seeds_off):
+        put(out, good_result("cpl", seed, 0.7, **{flag: value}), f"{flag}={value}")
+    text = ablations.ablation_table(out)
+    shown = ablations.flag_text(flag, value)
+    assert "reference:" not in text
+    assert table_row(text, "paper defaults") == ["50.00 ± 0.00"]
+    assert table_row(text, shown)[0].startswith("70.00") and table_row(text, shown)[0].endswith("(+20.00)")
+
+
+def test_ablation_rows_name_every_flag_that_differs(tmp_path):
+    import ablations_w2s_clip as ablations
+    out = tmp_path / "ab"
+    put(out, good_result("cpl", 0, 0.5), "paper")
+    put(out, good_result("cpl", 0, 0.6, lr=0.3, tau=0.1), "two")
+    put(out, good_result("cpl", 0, 0.4, lr=0.3), "one")
+    text = ablations.ablation_table(out)
+    assert table_row(text, "paper defaults") == ["50.00 ± 0.00"]
+    assert table_row(text, "--lr 0.3") == ["40.00 ± 0.00 (-10.00)"]
+    assert table_row(text, "--lr 0.3, --tau 0.1") == ["60.00 ± 0.00 (+10.00)"]
+
+
+@pytest.mark.parametrize("values, reference", [((0.3, 0.1), 0.1), ((0.3, 0.3, 0.1), 0.3)],
+                         ids=["tie", "majority"])
+def test_ablation_without_a_run_at_the_papers_values_takes_the_majority(tmp_path, values, reference):
+    import ablations_w2s_clip as ablations
+    out = tmp_path / "ab"
+    for i, lr in enumerate(values):
+        put(out, good_result("cpl", i, 0.5 + lr, lr=lr), f"lr={lr}")
+    text = ablations.ablation_table(out)
+    assert f"reference: the paper's defaults but --lr {reference}" in text
+    other = next(v for v in values if v != reference)  # accuracy 0.5 + lr: 100 * lr points apart
+    assert table_row(text, f"--lr {other}")[0].endswith(f"({100 * (other - reference):+.2f})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Figure 2 says what it draws: hold-train accuracy (true labels) and agreement with weak labels
+# ------------------------------------------------------------------------------------------------
+def test_figure2_draws_true_accuracy_and_agreement_and_says_which(tmp_path, monkeypatch):
+    """figure2.csv holds per epoch the mean over seeds of train_true_acc, train_agreement and
+    test_acc; the left panel's title and legend name true labels and agreement, the weak and
+    ceiling levels are drawn on both panels; an older file's `train_acc` is its train_true_acc."""
+    drawn = {}
+
+    def capture(fig, plt):
+        drawn["titles"] = [ax.get_title() for ax in fig.axes]
+        drawn["labels"] = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+        drawn["levels"] = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+        plt.close(fig)
+        return b"png"
+    monkeypatch.setattr(report_w2s_clip, "png_bytes", capture)
+    new = [{"epoch": e, "step": 2 * e, "train_true_acc": 0.5 + 0.1 * e, "train_agreement": 0.6 + 0.1 * e,
+            "test_acc": 0.4} for e in (0, 1)]
+    old = [{"epoch": e, "step": 2 * e, "train_acc": 0.7, "test_acc": 0.4} for e in (0, 1)]
+    put(tmp_path / "runs", {**good_result("cpl", 0, 0.6), "curves": new})
+    put(tmp_path / "runs", {**good_result("cpl", 1, 0.6), "curves": [
+        {**row, "train_true_acc": 0.3 + 0.1 * row["epoch"], "train_agreement": 0.9} for row in new]})
+    put(tmp_path / "runs", {**good_result("auxconf-lp", 0, 0.5), "curves": old})
+    for level, acc in (("weak", 0.3), ("ceiling", 0.8)):
+        put(tmp_path / "runs", good_result(level, 0, acc))
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    rows = list(csv.DictReader(open(tmp_path / "t" / "figure2.csv")))
+    cpl1 = next(r for r in rows if r["method"] == "cpl" and r["epoch"] == "1")
+    assert float(cpl1["train_true_acc"]) == pytest.approx(50.0)  # (60 + 40) / 2
+    assert float(cpl1["train_agreement"]) == pytest.approx(80.0) and float(cpl1["seeds"]) == 2
+    assert float(cpl1["train_agreement_std"]) == pytest.approx(math.sqrt(2) * 10)
+    lp = next(r for r in rows if r["method"] == "auxconf-lp")
+    assert float(lp["train_true_acc"]) == pytest.approx(70.0) and lp["train_agreement"] == ""
+    assert "hold-train accuracy (true labels" in drawn["titles"][0]
+    assert "agreement with its training labels" in drawn["titles"][0]
+    assert "D'_test accuracy (true labels)" in drawn["titles"][1]
+    assert "cpl agreement with its weak labels (n=2)" in drawn["labels"][0]
+    assert not any("agreement" in label for label in drawn["labels"][1])
+    for panel in drawn["levels"]:  # both panels, as the paper draws them
+        assert any(t.startswith("weak on D'_test 30.00") for t in panel)
+        assert any(t.startswith("ceiling on D'_test 80.00") for t in panel)
+
+
+def test_a_results_folder_copied_from_another_machine_joins_the_local_runs(tmp_path, capsys):
+    """Runs of another machine (its data and its copy of one CLIP config at other paths, the same
+    split files and config digest) are the same cells' seeds, not other CLIP models or a sweep;
+    the same run in both folders counts once."""
+    clip = {"clip": ["d1g3st", None]}
+    here = dict(clip_model="/home/a/tiny-clip.json", **clip)
+    there = dict(clip_model="/home/b/tiny-clip.json", data_root="/scratch/b/data", **clip)
+    for seed in (0, 1):
+        put(tmp_path / "runs", good_result("cpl", seed, 0.5, **here), "mine")
+        put(tmp_path / "runs", good_result("cpl", seed + 2, 0.7, **there), "copied")
+    put(tmp_path / "runs", good_result("cpl", 0, 0.5, **there), "copied-again")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    printed = capsys.readouterr().out
+    assert "other CLIP models" not in printed and "other settings" not in printed
+    assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0].startswith("60.00 ± 11.55")
+    assert "1 runs repeat another" in printed
+
+
+def test_another_clip_config_is_still_another_model(tmp_path, capsys):
+    put(tmp_path / "runs", good_result("cpl", 0, 0.5, clip=["aaa", None]), "a")
+    put(tmp_path / "runs", good_result("cpl", 1, 0.5, clip=["aaa", None]), "a")
+    put(tmp_path / "runs", good_result("cpl", 0, 0.9, clip=["bbb", None]), "b")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    assert "left out 1 runs of other CLIP models" in capsys.readouterr().out
+
+
+def test_tables_without_figure_2s_methods_make_no_empty_figure_and_no_warning(tmp_path, recwarn, capsys):
+    for m in ("weak", "zero-shot"):
+        put(tmp_path / "runs", {**good_result(m), "curves": [{"epoch": 0, "step": 0, "test_acc": 0.5}]})
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    assert not (tmp_path / "t" / "figure2.png").exists() and not (tmp_path / "t" / "figure2.csv").exists()
+    assert not [w for w in recwarn if "legend" in str(w.message)] and capsys.readouterr().err == ""
+
+
+def test_a_sweep_over_tune_by_is_a_row_per_criterion_in_tables_and_ablation(tmp_path):
+    import ablations_w2s_clip as ablations
+    for seed in (0, 1):
+        put(tmp_path / "runs", good_result("cpl", seed, 0.5), "agreement")
+        put(tmp_path / "runs", good_result("cpl", seed, 0.6, tune_by="weak-kl"), "weak-kl")
+        put(tmp_path / "runs", good_result("kd-lp", seed, 0.4), "agreement")
+        put(tmp_path / "runs", good_result("kd-lp", seed, 0.4, tune_by="weak-kl"), "weak-kl")
+    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    t2 = (tmp_path / "t" / "table2.md").read_text()
+    assert table_row(t2, "cpl")[0].startswith("50.00") and table_row(t2, "cpl (tune_by=weak-kl)")[0].startswith("60.00")
+    text = ablations.ablation_table(tmp_path / "runs")
+    assert table_row(text, "paper defaults") == ["40.00 ± 0.00", "50.00 ± 0.00"]
+    assert table_row(text, "--tune-by weak-kl") == ["40.00 ± 0.00 (+0.00)", "60.00 ± 0.00 (+10.00)"]

@@ -285,3 +285,182 @@ def test_file_lock_on_a_file_system_without_flock_warns_and_goes_on(tmp_path, mo
         store_w2s_clip.atomic_save({"a": 1}, path)
     assert json.loads(path.read_text()) == {"a": 1}
     assert "cannot lock" in capsys.readouterr().err
+
+
+def test_atomic_save_never_replaces_a_link(tmp_path):
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("{}")
+    link.symlink_to(target)
+    with pytest.raises(w2s_clip.UserError, match="symbolic link"):
+        store_w2s_clip.atomic_save({"a": 1}, link)
+    assert link.is_symlink() and target.read_text() == "{}" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_run_whose_results_json_is_a_link_is_refused_before_training(demo, tmp_path):
+    """--force over a results.json that is a link to the user's file: one line before any work,
+    the link and its target as they were."""
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"mine": true}')
+    path = store_w2s_clip.result_path(out, "sketch", "weak", 0)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(mine)
+    main_error(cli_args(demo, demo / "data", out, cache, **{"--method": "weak"}) + ["--force"],
+               str(path), "symbolic link")
+    assert path.is_symlink() and mine.read_text() == '{"mine": true}'
+    assert not list(Path(cache).glob("weak-*"))
+
+
+def test_a_temporary_file_of_another_machine_sharing_the_folder_is_kept_until_stale(tmp_path):
+    """Two nodes writing one cache over NFS: node A's `.x.<pid>@nodeA.tmp` is not removed by this
+    machine for want of that pid here (a job is writing it); once a day untouched, it is."""
+    import socket
+    import time
+    fresh = tmp_path / ".clip-x.pt.4242@another-node.example.tmp"
+    stale = tmp_path / ".clip-y.pt.4242@another-node.example.tmp"
+    mine_dead = tmp_path / f".clip-z.pt.999999999@{socket.gethostname()}.tmp"
+    for f in (fresh, stale, mine_dead):
+        f.write_bytes(b"half")
+    day_ago = time.time() - 2 * 86400
+    os.utime(stale, (day_ago, day_ago))
+    store_w2s_clip.remove_stale_temps(tmp_path)
+    assert fresh.exists() and not stale.exists() and not mine_dead.exists()
+    assert store_w2s_clip.temp_path(tmp_path / "a.json").name == \
+        f".a.json.{os.getpid()}@{socket.gethostname()}.tmp"
+
+
+def test_a_job_killed_while_holding_a_cache_lock_leaves_it_free(tmp_path):
+    """kill -9 of a process inside `file_lock`: the system releases the flock, the next process
+    computes the entry, and no temporary file is left."""
+    import signal
+    import time
+    path = tmp_path / "entry.pt"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, store_w2s_clip\n"
+        "with store_w2s_clip.file_lock(sys.argv[1]):\n"
+        "    print('held', flush=True); time.sleep(600)\n"), str(path)],
+        cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        start = time.time()
+        got = store_w2s_clip.cached(path, lambda: torch.arange(3))
+        assert torch.equal(got, torch.arange(3)) and time.time() - start < 10
+        assert not list(tmp_path.glob("*.tmp"))
+    finally:
+        holder.kill()
+
+
+def test_a_file_size_limit_during_the_pixel_cache_is_one_line_and_leaves_no_temporary_file(
+        tmp_path, monkeypatch):
+    """EFBIG (`ulimit -f`, a quota) half-way through the pixel cache's data file."""
+    import builtins
+    import errno
+    paths = varied_images(tmp_path / "img")
+    prepare, out_size = store_w2s_clip.short_side(10 ** 6)
+
+    class Limited:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 4000:
+                raise OSError(errno.EFBIG, "File too large")
+            return self.f.write(b)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    def limited_open(p, mode="r", **kwargs):  # the data file's writes only
+        f = builtins.open(p, mode, **kwargs)
+        return Limited(f) if str(p).endswith(".tmp") and ".u8." in str(p) else f
+    monkeypatch.setattr(store_w2s_clip, "open", limited_open, raising=False)
+    with pytest.raises(w2s_clip.UserError, match="File too large") as info:
+        store_w2s_clip.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
+    assert "px.u8" in str(info.value) and "--cache-dir" in str(info.value)
+    assert not list((tmp_path / "c").glob("*.tmp")) and not (tmp_path / "c" / "px.u8").exists()
+
+
+def test_a_full_disk_when_saving_a_run_leaves_neither_its_log_nor_a_temporary_file(tmp_path, monkeypatch):
+    """head.pt cannot be written: no results.json, no epochs.csv, no `.epochs.csv.*.tmp`."""
+    path = store_w2s_clip.result_path(tmp_path, "sketch", "cpl", 0)
+    with store_w2s_clip.epochs_log(path) as on_epoch:
+        on_epoch({"epoch": 0, "step": 0, "loss": 1.0})
+    real = store_w2s_clip.atomic_save
+
+    def full(obj, p):
+        if Path(p).name == "head.pt":
+            raise w2s_clip.UserError(f"no space left on {Path(p).parent} (writing head.pt)")
+        return real(obj, p)
+    monkeypatch.setattr(store_w2s_clip, "atomic_save", full)
+    with pytest.raises(w2s_clip.UserError, match="no space left"):
+        store_w2s_clip.save_run(path, good_result(), {"w": torch.zeros(1)}, {})
+    assert sorted(p.name for p in path.parent.iterdir()) == [".results.json.lock"]
+
+
+def test_a_full_disk_while_the_epochs_log_is_written_names_the_log(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    path = store_w2s_clip.result_path(tmp_path, "sketch", "cpl", 0)
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.rows = f, 0
+
+        def write(self, text):
+            self.rows += 1
+            if self.rows > 2:  # the header and one row fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(store_w2s_clip, "open", lambda p, mode="r", **k: Full(builtins.open(p, mode, **k)),
+                        raising=False)
+    with pytest.raises(w2s_clip.UserError, match="epochs.csv") as info:
+        with store_w2s_clip.epochs_log(path) as on_epoch:
+            on_epoch({"epoch": 0})
+            on_epoch({"epoch": 1})
+    assert "No space left" in str(info.value) and not list(path.parent.glob("*.tmp"))
+
+
+def test_two_data_sets_in_one_out_dir_are_one_line_naming_the_difference(demo, tmp_path):
+    """A folder data set's run of domain sketch, then DomainNet's sketch into the same --out-dir:
+    the finished run is kept and the line names the data set and what to do."""
+    out = tmp_path / "runs"
+    root = folder_copy(demo, tmp_path)
+    mine = {**good_result("weak"), "settings": {**good_result("weak")["settings"], "dataset": "folder",
+                                                 "data_root": str(root)}}
+    path = store_w2s_clip.result_path(out, "sketch", "weak", 0)
+    store_w2s_clip.atomic_save(mine, path)
+    before = path.read_bytes()
+    main_error(cli_args(demo, demo / "data", out, tmp_path / "cache", **{"--method": "weak"}),
+               str(path), "other settings", "dataset: folder -> domainnet", "--out-dir")
+    assert path.read_bytes() == before
+
+
+def test_zero_shot_and_the_ceiling_are_not_stale_for_flags_they_do_not_use():
+    """zero-shot is CPL's head before any step: --lr, --strong-epochs, --select-by, the grids and
+    the tuning criterion leave it as it is; the ceiling tunes nothing; both still follow the
+    prompt and the weak model's flags (weak_test_accuracy is part of every result)."""
+    base = json.loads(json.dumps({k: v for k, v in vars(w2s_clip.parse_args([])).items()
+                                  if k not in store_w2s_clip.RUN_FLAGS}, default=str))
+    key = store_w2s_clip.settings_key
+
+    def stale(method, **change):
+        return key(base, method) != key({**base, **change}, method)
+    for change in ({"lr": 0.3}, {"strong_epochs": 3}, {"tune_by": "weak-kl"}, {"tau_grid": [0.1]},
+                   {"select_by": "agreement"}, {"tune": "none"}):
+        assert not stale("zero-shot", **change) and stale("cpl", **change), change
+    assert stale("zero-shot", prompt_template="a {}") and stale("zero-shot", weak_lr=0.5)
+    assert not stale("ceiling", tune_by="weak-kl") and stale("ceiling", lr=0.3)

@@ -791,6 +791,8 @@ def test_cli_smoke_weak_then_cpl(demo, tmp_path):
     # each trained head's epochs, written as training goes: 5 taus x epochs 0-2
     log = list(csv.DictReader((out / "sketch" / "cpl" / "seed0" / "epochs.csv").open()))
     assert len(log) == 15 and [row["epoch"] for row in log[:3]] == ["0", "1", "2"]
+    assert {"train_true_acc", "train_agreement", "test_acc"} <= log[0].keys()
+    assert all(0 <= r["curves"][e][k] <= 1 for e in range(3) for k in ("train_true_acc", "train_agreement"))
     assert {row["tau"] for row in log} == {str(t) for t in r["config"]["tau_grid"]}
     last = r["tuning"][-1]  # tau 1: its selected epoch's row holds its hold-val loss
     assert float(log[12 + last["best_epoch"]]["val_loss"]) == pytest.approx(last["val_loss"])
@@ -1481,3 +1483,37 @@ def test_the_method_file_imports_no_companion_and_every_module_is_packaged():
     assert out.stdout.split() == []
     packaged = tomllib.loads((HERE / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
     assert sorted(packaged) == modules
+
+
+def test_fit_head_probes_hold_train_against_true_labels_and_against_its_training_labels(planted_data):
+    """Per epoch, `train_true_acc` is the head's accuracy on hold-train against the true labels and
+    `train_agreement` its agreement with the labels it trains on (the weak argmax): the selected
+    epoch's row equals both computed from the returned head; with weak labels right 60% of the
+    time, the two differ."""
+    p = planted_data
+    weak_logits, strong, splits, args = tuning_setup(planted_data)
+    ht, hv = splits["hold_train"], splits["hold_val"]
+    head, fit, _ = w2s_clip.fit_head("cpl", "cpl", weak_logits[ht], weak_logits[hv], strong, p["y"],
+                                     splits, [str(c) for c in range(p["k"])], args, 0,
+                                     values={"tau": 0.1})
+    row = fit["curves"][fit["best_epoch"]]
+    pred = w2s_clip.predict(head, p["x"][ht]).argmax(dim=-1)
+    assert row["train_true_acc"] == pytest.approx((pred == p["y"][ht]).float().mean().item())
+    assert row["train_agreement"] == pytest.approx((pred == p["weak"][ht]).float().mean().item())
+    assert abs(row["train_agreement"] - row["train_true_acc"]) > 0.05
+
+
+@pytest.mark.parametrize("typed, domain", [("sketch/", "sketch"), ("./sketch", "sketch"),
+                                           ("./sketch/", "sketch")])
+def test_domain_typed_with_a_slash_or_dot_is_the_domain(typed, domain):
+    assert w2s_clip.parse_args(["--domain", typed]).domain == domain
+
+
+@pytest.mark.parametrize("typed", ["../data/sketch", "sketch/train", ".", ".."])
+def test_domain_that_is_a_path_is_refused_in_one_line(typed, capsys):
+    """Never results outside --out-dir (out-dir/../data/...) or cache files under `pixels-..`."""
+    with pytest.raises(SystemExit) as e:
+        w2s_clip.parse_args(["--dataset", "folder", "--domain", typed])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: argument --domain") and "\n" not in err
+    assert "one folder name under --data-root" in err

@@ -57,3 +57,29 @@ def test_missing_weight_offline_is_one_line_naming_make_weights_and_a_cached_one
     proc = subprocess.run(check, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ViT-B-32 openai: 3 MiB cached" in proc.stdout and "2 of 2 models cached" in proc.stdout
+
+
+def test_make_weights_interrupted_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C while a checkpoint is fetched: no traceback, exit status 130, rerun to go on."""
+    import weights_w2s_clip
+    monkeypatch.setattr(weights_w2s_clip, "missing", lambda files: list(files))
+    monkeypatch.setattr(weights_w2s_clip, "hub_reachable", lambda timeout=3.0: True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(weights_w2s_clip, "fetch", interrupted)
+    assert weights_w2s_clip.run(["--clip-tags", "openai", "--weak-models", "resnet18"]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("interrupted; run the same command again")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--clip-tags", "nonsense", "--weak-models"], "--clip-tags nonsense: ViT-B-32 has tags"),
+    (["--clip-model", "NotAModel", "--clip-tags", "openai", "--weak-models"], "--clip-model NotAModel"),
+    (["--clip-tags", "openai", "--weak-models", "resnet_18"], "--weak-models resnet_18")])
+def test_make_weights_with_a_misspelt_name_is_one_line_not_a_cached_model(argv, fragment, capsys):
+    import weights_w2s_clip
+    assert weights_w2s_clip.run(["--check", *argv]) == 1
+    out = capsys.readouterr()
+    assert out.err.strip().startswith("error: ") and fragment in out.err and "\n" not in out.err.strip()
+    assert "cached" not in out.out

@@ -747,7 +747,9 @@ def fit_head(kind, loss, targets, val_targets, strong, labels, splits, classname
                      max_grad_norm=args.max_grad_norm, select_by=args.select_by,
                      start_candidate=args.select_from == "start-and-epochs",
                      param_lrs={"text.": v["text_lr"]} if kind == "cpl-text" else None,
-                     probes={"train_acc": (feats[tr], labels[tr]), "test_acc": (feats[te], labels[te])},
+                     probes={"train_true_acc": (feats[tr], labels[tr]),  # its images, true labels
+                             "train_agreement": (feats[tr], targets.argmax(dim=-1).to(feats.device)),
+                             "test_acc": (feats[te], labels[te])},
                      on_epoch=on_epoch and (lambda row: on_epoch({"head": kind, **(values or {}),
                                                                   **row})))
     return head, fit, predict(head, feats[te]).cpu()
@@ -1002,6 +1004,10 @@ def parse_args(argv=None):
     out.add_argument("--make-demo", metavar="DIR",
                      help="only write a synthetic dataset (--dataset folder) and a tiny CLIP config")
     args = p.parse_args(argv)
+    args.domain = args.domain.rstrip("/").removeprefix("./")  # `sketch/` from tab completion
+    if "/" in args.domain or args.domain in ("", ".", ".."):  # a name: paths go to --data-root
+        p.error(f"argument --domain: {args.domain!r} is a path; a domain is one folder name under "
+                f"--data-root")
     if args.dataset == "domainnet" and args.domain not in DOMAINS and not args.build_tables:
         p.error(f"argument --domain: invalid choice: {args.domain!r} (DomainNet has "
                 f"{', '.join(DOMAINS)}; another data set needs --dataset officehome or folder)")
@@ -1011,7 +1017,8 @@ def parse_args(argv=None):
 
 
 EPOCH_FIELDS = ("head", *(name for name, h in HYPERPARAMETERS.items() if h[1]), "text_lr", "epoch",
-                "step", "loss", "val_loss", "val_score", "train_acc", "test_acc")  # epochs.csv
+                "step", "loss", "val_loss", "val_score", "train_true_acc", "train_agreement",
+                "test_acc")  # epochs.csv
 
 
 def run_experiment(args):
@@ -1104,11 +1111,13 @@ def main(argv=None):
         print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
         sys.exit(130)
     except OSError as e:  # a full disk outside atomic_save (a table, a stamp file)
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         where = e.filename or (args.tables_dir if args.build_tables else args.make_demo
                                or f"{args.out_dir} or {args.cache_dir}")
-        sys.exit(f"error: no space left on {where}; free some space and run the command again")
+        what = ("a file-size limit (ulimit -f, a quota) stopped a write on" if e.errno == errno.EFBIG
+                else "no space left on")
+        sys.exit(f"error: {what} {where}; free some space and run the command again")
 
 
 if __name__ == "__main__":

@@ -167,8 +167,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def unknown_name(args):
+    """A one-line problem with the names asked for (an open_clip model or tag, a timm model it
+    does not know; an hf: id is checked by its hub), else None: a typo is not a cached model."""
+    import open_clip
+    import timm
+    if args.clip_model not in open_clip.list_models():
+        return f"--clip-model {args.clip_model}: not an open_clip model (open_clip.list_models())"
+    tags = open_clip.list_pretrained_tags_by_model(args.clip_model)
+    for tag in args.clip_tags:
+        if tag not in tags:
+            return f"--clip-tags {tag}: {args.clip_model} has tags {', '.join(tags) or 'none'}"
+    for name in args.weak_models:
+        if not name.startswith("hf:") and not timm.list_pretrained(name):
+            return (f"--weak-models {name}: not a timm model with pretrained weights "
+                    f"(timm.list_pretrained()) nor hf:<Hugging Face id>")
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    problem = unknown_name(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     todo = [("clip", args.clip_model, t, clip_files(args.clip_model, t)) for t in args.clip_tags]
     todo += [("weak", w, None, weak_files(w)) for w in args.weak_models]
     failed, total = 0, 0
@@ -198,5 +220,16 @@ def main(argv=None):
     return 1 if failed else 0
 
 
+def run(argv=None):
+    """`main`, with Ctrl-C (or a job's time limit) as one line: each library keeps what it has
+    fetched, whole files in its cache and a partial one as its own resumable download."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again: the weights fetched are kept and the rest "
+              "is fetched then", file=sys.stderr, flush=True)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
