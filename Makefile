@@ -38,7 +38,10 @@ DEMO_REGIME ?= paper
 DEMO_PRETRAIN ?= 300
 DEMO_TEST ?= 300
 DEMO_THREADS ?= 1
-DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS)
+# The CPU kernels pinned to AVX2 in PyTorch's own code, MKL and oneDNN, so that another x86-64 CPU
+# computes the same floats as this one (docs/miniature.md, "Threads and knobs").
+DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS) ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 \
+	ONEDNN_MAX_CPU_ISA=AVX2
 demo_data = $(DEMO_ENV) $(PY) minidomainnet.py --out $(1) --regime $(2) --test-per-class $(DEMO_TEST) \
 	--pretrain-steps $(3)
 demo_flags = --dataset folder --data-root $(1)/data --clip-model $(1)/tiny-clip.json \
@@ -119,15 +122,17 @@ paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet or DATASET
 	    --cache-dir $(CACHE) $(FLAGS) || exit 1; done; done
 	$(MAKE) tables
 
+# A path as the shell reads it back: in single quotes (a path with spaces stays one argument).
+q = '$(subst ','"'"',$(1))'
 jobs: ## print paper-tables' grid as one command per line, to run in any order and concurrently
 	@for d in $(DOMAINS); do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(DATA) --domain $$d --method all --seeds $$s --out-dir $(OUT) --cache-dir $(CACHE)"; \
+	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $$d --method all --seeds $$s --out-dir $(call q,$(OUT)) --cache-dir $(call q,$(CACHE))"; \
 	done; done
 	@for w in $(filter-out resnet18,$(WEAK_MODELS)); do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(DATA) --domain $(T3_DOMAIN) --method $(T3_METHODS) --seeds $$s --weak-model $$w --out-dir $(OUT)/weak-$$(echo $$w | tr ':/' '--') --cache-dir $(CACHE)"; \
+	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $(T3_DOMAIN) --method $(T3_METHODS) --seeds $$s --weak-model $$w --out-dir $(call q,$(OUT)/weak-)$$(echo $$w | tr ':/' '--') --cache-dir $(call q,$(CACHE))"; \
 	done; done
 	@for d in $(DOMAINS); do for i in ensemble cpe; do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(DATA) --domain $$d --method zero-shot cpl --prototype-init $$i --seeds $$s --out-dir $(OUT)/$$i-init --cache-dir $(CACHE)"; \
+	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $$d --method zero-shot cpl --prototype-init $$i --seeds $$s --out-dir $(call q,$(OUT)/)$$i-init --cache-dir $(call q,$(CACHE))"; \
 	done; done; done
 
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT

@@ -422,13 +422,17 @@ def pretraining_row(label, acc):
     mean = lambda m: sum(acc[m].values()) / len(acc[m]) if acc.get(m) else float("nan")  # noqa: E731
     others = [m for m in acc if report_w2s_clip.is_baseline(m) and " (" not in m]  # not a sweep's variant
     best = max(others, key=mean) if others else None
-    cells = [mean("weak"), mean("zero-shot"), mean("ceiling"), mean(best) if best else float("nan"),
-             mean("cpl")]
-    fmt = lambda v: "—" if math.isnan(v) else f"{v:.2f}"  # noqa: E731
+    names = ["weak", "zero-shot", "ceiling", best, "cpl"]
+    cells = [mean(m) if m else float("nan") for m in names]
+    most = max((len(acc[m]) for m in names if acc.get(m)), default=0)
+    seeds = [f" (n={len(acc[m])})" if acc.get(m) and len(acc[m]) < most else "" for m in names]
+    fmt = lambda i: "—" if math.isnan(cells[i]) else f"{cells[i]:.2f}{seeds[i]}"  # noqa: E731
     gain = lambda v: "—" if math.isnan(v) or math.isnan(cells[0]) or math.isnan(cells[2]) \
         else report_w2s_clip.pgr_text(cells[0], v, cells[2])  # noqa: E731
-    return (f"| {label} | " + " | ".join(map(fmt, cells[:3])) + f" | {best or '—'} {fmt(cells[3])} | "
-            f"{fmt(cells[4])} | {fmt(cells[4] - cells[3])} | {gain(cells[3])} | {gain(cells[4])} |")
+    delta = cells[4] - cells[3]
+    return (f"| {label} | " + " | ".join(map(fmt, range(3))) + f" | {best or '—'} {fmt(3)} | "
+            f"{fmt(4)} | {'—' if math.isnan(delta) else f'{delta:.2f}'} | {gain(cells[3])} | "
+            f"{gain(cells[4])} |")
 
 
 def pretraining_table(levels, tables_dir):
@@ -446,6 +450,16 @@ def pretraining_table(levels, tables_dir):
              "| pretraining | weak | zero-shot | ceiling | best baseline | CPL | CPL − best | "
              "PGR best | PGR CPL |", "|" + " --- |" * 9]
     points = []  # (label, domain, rows) for the figure
+    labels = [label for label, _ in levels]
+    twice = next((label for label in labels if labels.count(label) > 1), None)
+    if twice is not None:
+        raise UserError(f"--pretraining-table: the label {twice!r} is given twice; give each "
+                        f"folder its own label")
+    folders = [Path(out_dir).resolve() for _, out_dir in levels]
+    for i, folder in enumerate(folders):
+        if folder in folders[:i]:
+            print(f"note: --pretraining-table {labels[i]} and {labels[folders.index(folder)]} "
+                  f"read the same folder {levels[i][1]}")
     for label, out_dir in levels:
         rows = report_w2s_clip.load_results(out_dir)
         if not rows:

@@ -25,19 +25,20 @@ RULES = (*w2s_clip.TUNING_RULES, "none")  # "none": the flags' values, no tuning
 
 def pick(tuning, rule):
     """The index of the grid point `rule` picks from a run's `tuning` rows, as fit_tuned picks
-    it (the highest score, ties to the earlier point); for "none" the point at the flags' values
-    (None if the grid does not hold it)."""
+    it (the highest score, a head that learned before one that did not, ties to the earlier
+    point, a diverged point never); for "none" the point at the flags' values (None if the grid
+    does not hold it or it diverged)."""
+    trained = [i for i, row in enumerate(tuning) if "scores" in row]
     if rule == "none":
-        return next((i for i, row in enumerate(tuning) if row.get("at_flags")), None)
-    scores = [row["scores"][rule] for row in tuning]
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+        return next((i for i in trained if tuning[i].get("at_flags")), None)
+    return max(trained, key=lambda i: (tuning[i].get("learned", True), tuning[i]["scores"][rule], -i))
 
 
 def regret(tuning, rule):
     """Best grid point's D'_test accuracy minus the picked point's (points in [0, 1]), or None
     when the rule cannot pick (no point at the flags' values)."""
     i = pick(tuning, rule)
-    best = max(row["test_accuracy"] for row in tuning)
+    best = max(row["test_accuracy"] for row in tuning if "scores" in row)
     return None if i is None else best - tuning[i]["test_accuracy"]
 
 
@@ -47,7 +48,8 @@ def regret_records(out_dir, label):
     records = []
     for row in report_w2s_clip.load_results(out_dir):
         tuning = (store_w2s_clip.read_result(Path(row["path"])) or {}).get("tuning") or []
-        if len(tuning) < 2 or not all(isinstance(t.get("scores"), dict) for t in tuning):
+        trained = [t for t in tuning if "diverged" not in t]
+        if len(trained) < 2 or not all(isinstance(t.get("scores"), dict) for t in trained):
             continue  # nothing tuned (CE, weak, ceiling), or a file older than the rules' scores
         records.append({"level": label, "method": row["method"], "domain": row["domain"],
                         "seed": row["seed"], "regret": {rule: regret(tuning, rule) for rule in RULES}})

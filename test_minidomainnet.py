@@ -239,6 +239,15 @@ def test_pretraining_table_rows_best_baseline_delta_and_pgr(tmp_path):
     # weak 55, ceiling 95, ce-tp 72 -> 17/40, cpl 85 -> 30/40
     assert rows["300 (sketch)"] == ["55.00", "70.00", "95.00", "ce-tp 72.00", "85.00", "13.00",
                                     "0.42", "0.75"]
+    png = (tmp_path / "tables" / "pretraining.png").read_bytes()  # drawn against zero-shot
+    assert png.startswith(b"\x89PNG")
+    # a method over fewer seeds than the others says so; one label twice is refused, one folder
+    # under two labels is named
+    (tmp_path / "high" / "sketch" / "cpl" / "seed1" / "results.json").unlink()
+    text = M.pretraining_table([("300", tmp_path / "high")], tmp_path / "tables")
+    assert "| ce-tp 72.00 | 80.00 (n=1) | 8.00 |" in text
+    with pytest.raises(w2s_clip.UserError, match="the label '0' is given twice"):
+        M.pretraining_table([("0", tmp_path / "low"), ("0", tmp_path / "high")], tmp_path / "t2")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,7 +327,8 @@ def test_paper_preset_is_in_the_papers_regime(pretrained):
     finally:
         torch.set_num_threads(threads)
     gap = {d: p["ceiling"] - p["weak"] for d, p in probe.items()}
-    print(probe)
-    assert abs(gap["real"]) <= BAND_REAL, probe
-    assert gap["infograph"] >= gap["real"] + BAND_INFOGRAPH, probe
-    assert probe["quickdraw"]["zero-shot"] <= probe["quickdraw"]["weak"] - BAND_QUICKDRAW, probe
+    # measured on one CPU: Real -8.3, Infograph +15.0, QuickDraw zero-shot 45.0 below weak; the
+    # bands leave room for another CPU's rounding (D'_test here is 120 images, 0.83 points each)
+    assert abs(gap["real"]) <= 12, probe
+    assert gap["infograph"] >= gap["real"] + 10, probe
+    assert probe["quickdraw"]["zero-shot"] <= probe["quickdraw"]["weak"] - 25, probe

@@ -35,6 +35,17 @@ def test_ties_go_to_the_earlier_point_as_fit_tuned_breaks_them_and_none_needs_th
     assert R.pick(t, "none") is None and R.regret(t, "none") is None
 
 
+def test_a_diverged_point_is_never_picked_and_a_head_that_never_learned_loses_to_one_that_did():
+    t = rows([0.3, 0.6, 0.7], agreement=[0.9, 0.9, 0.5], weak_kl=[0, 0, 0], val_loss=[0, 0, 0],
+             at_flags=0)
+    t[0]["learned"] = False  # the tie at agreement 0.9 goes to the head that learned
+    assert R.pick(t, "agreement") == 1 and R.regret(t, "agreement") == pytest.approx(0.1)
+    t[2] = {"values": {"tau": 2}, "diverged": "the training loss became nan"}
+    assert R.pick(t, "weak-kl") == 1 and R.regret(t, "weak-kl") == 0
+    t[0] = {"values": {"tau": 0}, "diverged": "nan"}  # the flags' point diverged: none cannot pick
+    assert R.pick(t, "none") is None
+
+
 def test_regret_table_names_the_rule_of_lowest_mean_regret_over_methods_and_levels():
     bad_agree = rows([0.6, 0.8], agreement=[1, 0], weak_kl=[0, 1], val_loss=[0, 1], at_flags=1)
     bad_kl = rows([0.6, 0.7], agreement=[0, 1], weak_kl=[1, 0], val_loss=[0, 1], at_flags=0)

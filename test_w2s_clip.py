@@ -680,6 +680,27 @@ def test_tuning_picks_what_a_brute_force_loop_picks_without_true_labels(planted_
     assert [r["test_accuracy"] for r in tuning2] != [r["test_accuracy"] for r in tuning]
 
 
+def test_a_diverging_grid_point_drops_out_named_and_a_head_that_never_learned_loses(planted_data):
+    """tau 1e-50 makes CPL's loss NaN: that point is left out, named in the warnings, and the run
+    goes on with the others; a grid of only diverging points raises FloatingPointError naming
+    each. At tau 1e-30 the head's loss is huge but finite and never moves: it ties the learned
+    tau 0.1 at the bottom of the agreement scale only if learning is ignored."""
+    weak_logits, strong, splits, args = tuning_setup(planted_data)
+    args.tau_grid = [1e-50, 0.1]
+    _, fit, _, tuned, tuning = w2s_clip.fit_tuned("cpl", "cpl", weak_logits, strong,
+                                                  planted_data["y"], splits, None, args, seed=0)
+    assert tuned == {"tau": 0.1} and "diverged" in tuning[0] and "scores" in tuning[1]
+    assert any(w.startswith("grid point tau 1e-50: ") for w in fit["warnings"])
+    args.tau_grid = [1e-50]
+    with pytest.raises(FloatingPointError, match="every grid point diverged \\(tau 1e-50: "):
+        w2s_clip.fit_tuned("cpl", "cpl", weak_logits, strong, planted_data["y"], splits, None,
+                           args, seed=0)
+    args.tau_grid = [1e-30, 0.1]
+    _, _, _, tuned, tuning = w2s_clip.fit_tuned("cpl", "cpl", weak_logits, strong,
+                                                planted_data["y"], splits, None, args, seed=0)
+    assert [row["learned"] for row in tuning] == [False, True] and tuned == {"tau": 0.1}
+
+
 def test_tune_none_trains_the_flag_values_once(planted_data):
     weak_logits, strong, splits, args = tuning_setup(planted_data)
     args.tune, args.tau = "none", 0.5

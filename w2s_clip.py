@@ -760,7 +760,9 @@ def fit_tuned(kind, loss, weak_logits, strong, labels, splits, classnames, args,
     """Step 4 with its parameter tuning: one head per point of `tuning_grid` (the flags' values
     under --tune none), each trained on hold-train's weak logits and selected on hold-val's; the
     point whose head scores best on hold-val by `tuning_score` (--tune-by) against the weak logits
-    wins, ties to the earlier point. No true label takes part in the choice.
+    wins, ties to the earlier point; a head that never learned (its warnings) loses to one that
+    did, and a point whose training diverges is left out, named in the warnings (all diverging:
+    FloatingPointError). No true label takes part in the choice.
 
     Returns:
         (head, fit, test_logits, tuned: the winning values, tuning: one row per point with its
@@ -773,25 +775,39 @@ def fit_tuned(kind, loss, weak_logits, strong, labels, splits, classnames, args,
              for name in tuned}
     fixed, ramp = bind_loss(loss, {name: getattr(args, name) for name in HYPERPARAMETERS})
     yardstick = partial(fixed, **(ramp(1, 1) if ramp else {}))  # val-loss: the loss at the flags
-    best, tuning = None, []
-    for values in tuning_grid(kind, loss, grids):
-        head, fit, test_logits = fit_head(kind, loss, weak_logits[ht], weak_logits[hv], strong,
-                                          labels, splits, classnames, args, seed, values=values,
-                                          on_epoch=on_epoch)
+    points, best, tuning, diverged = tuning_grid(kind, loss, grids), None, [], []
+    for values in points:
+        try:
+            head, fit, test_logits = fit_head(kind, loss, weak_logits[ht], weak_logits[hv], strong,
+                                              labels, splits, classnames, args, seed, values=values,
+                                              on_epoch=on_epoch)
+        except FloatingPointError as e:  # one diverging point drops out, named; the rest compete
+            diverged.append(f"{point_text(values)}: {e}")
+            tuning.append({"values": values, "diverged": str(e)})
+            continue
         temperature = values["tau"] if kind in ("cpl", "cpl-text") else 1.0  # the head's own p^s
         val_logits = predict(head, strong["feats"][hv]).cpu()
         scores = {rule: tuning_score(val_logits, weak_logits[hv], rule, temperature, yardstick)
                   for rule in TUNING_RULES}  # every rule, so that each can be judged by its regret
-        score = scores[args.tune_by]
-        tuning.append({"values": values, "score": score, "scores": scores,
-                       "at_flags": all(flags[name] == v for name, v in values.items()),
+        learned = not fit["warnings"]  # a head that never learned loses to one that did, ties too
+        tuning.append({"values": values, "score": scores[args.tune_by], "scores": scores,
+                       "learned": learned, "at_flags": all(flags[name] == v for name, v in values.items()),
                        "val_score": fit["val_score"], "val_loss": fit["val_loss"],
                        "best_epoch": fit["best_epoch"],
                        "test_accuracy": accuracy(test_logits, labels[te])})
-        if best is None or score > best[0]:
-            best = (score, head, fit, test_logits, values)
+        if best is None or (learned, scores[args.tune_by]) > best[0]:
+            best = ((learned, scores[args.tune_by]), head, fit, test_logits, values)
         del head  # hold at most the best head and the next (cpl-text copies the text tower)
-    return best[1], best[2], best[3], best[4], tuning
+    if best is None:
+        raise FloatingPointError("every grid point diverged (" + "; ".join(diverged) + ")")
+    fit = {**best[2], "warnings": best[2]["warnings"] + [f"grid point {d}; left out of the choice"
+                                                         for d in diverged]}
+    return best[1], fit, best[3], best[4], tuning
+
+
+def point_text(values):
+    """A grid point as flags would set it: `tau 0.01, text_lr 1e-05`."""
+    return ", ".join(f"{name} {value:g}" for name, value in values.items()) or "the fixed values"
 
 
 def head_weights(head):
