@@ -91,7 +91,7 @@ $(VENV)/.installed: requirements.txt
 test: venv ## run the unit tests (CPU, no download)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_*.py
 
-demo: venv ## the miniature on the CPU, no download: data, a tiny CLIP pretrained on the spot, runs, tables (2 min)
+demo: venv ## the miniature on the CPU, no download: data, a tiny CLIP pretrained on the spot, runs, tables (about 9 CPU-minutes)
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
 	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/runs

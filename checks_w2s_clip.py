@@ -61,6 +61,14 @@ def in_range(low, high):
     return parse
 
 
+def label_dir(text):
+    """argparse type: `LABEL=DIR` (a table row's label and its results folder) -> (label, dir)."""
+    label, sep, folder = text.partition("=")
+    if not sep or not label or not folder:
+        raise argparse.ArgumentTypeError(f"expected LABEL=DIR, got {text!r}")
+    return label, folder
+
+
 def prompt_template(text):
     """argparse type: a prompt with exactly one `{}` for the class name."""
     if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):

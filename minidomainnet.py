@@ -377,10 +377,11 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
     sidecar `.json` holds the same key (config, steps, every pretraining argument, versions).
     Written atomically. Returns (path, info dict with key, zero_shot_accuracy, seconds, losses)."""
     import open_clip
+    kwargs = {"regime": "paper", **kwargs}  # one key whether the regime is given or defaulted
     path, info_path = Path(folder) / f"tiny-clip-{steps}steps.pt", Path(folder) / f"tiny-clip-{steps}steps.json"
     key = store_w2s_clip.cache_key(config=config, steps=steps, version=GENERATOR_VERSION,
                              torch=torch.__version__, open_clip=open_clip.__version__,
-                             preset=REGIMES[kwargs.get("regime", "paper")],
+                             preset=REGIMES[kwargs["regime"]],
                              **{k: v for k, v in kwargs.items() if k != "log_every"})
     try:
         info = json.loads(info_path.read_text())
@@ -395,7 +396,7 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
     model.load_state_dict(state)
     names = kwargs.get("classes", DEMO_CLASSES)
     zs = zero_shot_accuracy(model, open_clip.get_tokenizer("ViT-B-32"), names,
-                            regime=kwargs.get("regime", "paper"))
+                            regime=kwargs["regime"])
     store_w2s_clip.atomic_save(state, path)
     info = {"key": key, "steps": steps, "seconds": seconds, "zero_shot_accuracy": zs,
             "chance": 1 / len(names), "losses": losses}
@@ -562,6 +563,7 @@ def parse_args(argv=None):
                    help="D_test images per class and domain (D'_test is a fifth of D_test)")
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
     p.add_argument("--pretraining-table", nargs="+", metavar="LABEL=DIR", default=None,
+                   type=checks_w2s_clip.label_dir,
                    help="only write TABLES_DIR/pretraining.md from w2s_clip result folders")
     p.add_argument("--tables-dir", default="results", help="where --pretraining-table writes")
     return p.parse_args(argv)
@@ -572,11 +574,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.pretraining_table:
-            levels = [tuple(x.split("=", 1)) for x in args.pretraining_table]
-            bad = [x for x, lv in zip(args.pretraining_table, levels) if len(lv) != 2]
-            if bad:
-                raise UserError(f"--pretraining-table {bad[0]}: expected LABEL=DIR")
-            print(pretraining_table(levels, args.tables_dir), end="")
+            print(pretraining_table(args.pretraining_table, args.tables_dir), end="")
         elif args.out:
             if any(steps < 0 for steps in args.pretrain_steps):
                 raise UserError(f"--pretrain-steps {min(args.pretrain_steps)}: must be >= 0")

@@ -113,6 +113,7 @@ def regret_table(records):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--levels", nargs="+", required=True, metavar="LABEL=DIR",
+                   type=checks_w2s_clip.label_dir,
                    help="result folders of runs with --tune hold-val, each with a label")
     p.add_argument("--output", default="results/tuning_regret.md", help="the markdown file written")
     return p.parse_args(argv)
@@ -121,11 +122,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        levels = [tuple(x.split("=", 1)) for x in args.levels]
-        bad = [x for x, lv in zip(args.levels, levels) if len(lv) != 2]
-        if bad:
-            raise UserError(f"--levels {bad[0]}: expected LABEL=DIR")
-        records = [rec for label, folder in levels for rec in regret_records(folder, label)]
+        records = [rec for label, folder in args.levels for rec in regret_records(folder, label)]
         text, winner = regret_table(records)
         out = Path(args.output)
         checks_w2s_clip.check_writable(out.parent, "--output")

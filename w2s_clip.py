@@ -640,6 +640,8 @@ def tuning_score(val_logits, weak_val_logits, criterion="agreement", temperature
     if criterion == "agreement":
         return accuracy(val_logits, weak_val_logits.argmax(dim=-1))
     if criterion == "val-loss":
+        if loss_fn is None:
+            raise ValueError('criterion "val-loss" needs loss_fn, the loss every grid point is measured by')
         return -loss_fn(val_logits, weak_val_logits).item()
     return -F.kl_div(F.log_softmax(val_logits / temperature, dim=-1),
                      F.log_softmax(weak_val_logits, dim=-1), reduction="batchmean",
