@@ -38,6 +38,10 @@ DEMO_REGIME ?= paper
 DEMO_PRETRAIN ?= 300
 DEMO_TEST ?= 300
 DEMO_THREADS ?= 1
+# make demo runs its seeds, demo-tables its one-domain jobs, DEMO_JOBS at a time (each on
+# DEMO_THREADS threads): the same runs, files and cells as one after another, in about half the
+# wall time on 2 cores.
+DEMO_JOBS ?= 2
 # The CPU kernels pinned to AVX2 in PyTorch's own code, MKL and oneDNN, so that another x86-64 CPU
 # computes the same floats as this one (docs/miniature.md, "Threads and knobs").
 DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS) ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 \
@@ -91,10 +95,11 @@ $(VENV)/.installed: requirements.txt
 test: venv ## run the unit tests (CPU, no download)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_*.py
 
-demo: venv ## the miniature on the CPU, no download: data, a tiny CLIP pretrained on the spot, runs, tables (about 9 CPU-minutes)
+# Each seed's output is printed whole when it ends (the same runs and numbers as one command with
+# --seeds $(DEMO_SEEDS)).
+demo: venv ## the miniature on the CPU, no download: data, a tiny CLIP pretrained on the spot, runs, tables (about 2 minutes on 2 cores)
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
-	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
-	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/runs
+	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=target $(addprefix demo-seed-,$(DEMO_SEEDS))
 	$(DEMO_ENV) $(PY) w2s_clip.py --build-tables --out-dir $(DEMO)/runs --tables-dir $(DEMO)/tables
 
 data: ## download and unpack DomainNet's DOMAIN (default sketch) and its split files into DATA
@@ -142,9 +147,6 @@ jobs: ## print paper-tables' grid as one command per line, to run in any order a
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT
 	$(PY) w2s_clip.py --build-tables --out-dir $(OUT) --tables-dir $(TABLES)
 
-# demo-tables runs its one-domain jobs DEMO_JOBS at a time (each on DEMO_THREADS threads): the same
-# runs, files and cells as one after another, in about half the time on 2 cores.
-DEMO_JOBS ?= 2
 demo-tables: venv ## Tables 2-4 and Figure 2 on six synthetic domains, CPU (make demo-pretraining: its table)
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line $(addprefix demo-t2-,$(DOMAINS))
@@ -153,6 +155,9 @@ demo-tables: venv ## Tables 2-4 and Figure 2 on six synthetic domains, CPU (make
 	  $(foreach i,ensemble cpe,$(addprefix demo-t4-$(i)-,$(DOMAINS)))
 	$(MAKE) tables OUT=$(DEMO)/tables-runs TABLES=$(DEMO)/results
 
+demo-seed-%:  # one seed of make demo
+	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
+	  --seeds $* --out-dir $(DEMO)/runs
 demo-t2-%:  # one domain of demo-tables' Table 2
 	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $* --method all \
 	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs
