@@ -149,8 +149,7 @@ tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results und
 
 demo-tables: venv ## Tables 2-4 and Figure 2 on six synthetic domains, CPU (make demo-pretraining: its table)
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
-	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line $(addprefix demo-t2-,$(DOMAINS))
-	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line \
+	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line $(addprefix demo-t2-,$(DOMAINS)) \
 	  $(addprefix demo-t3-,$(filter-out test_resnet,$(DEMO_WEAK_MODELS))) \
 	  $(foreach i,ensemble cpe,$(addprefix demo-t4-$(i)-,$(DOMAINS)))
 	$(MAKE) tables OUT=$(DEMO)/tables-runs TABLES=$(DEMO)/results
