@@ -185,19 +185,22 @@ demo-ablations: venv ## the same ablation on the demo's synthetic sketch domain,
 # Tuning rules judged by regret: the tuned methods with --tune hold-val on every domain of both
 # presets; each run records every rule's hold-val score and every grid point's D'_test accuracy.
 # The paper preset's runs are demo-tables' own (a finished run is skipped), the easy preset's go to
-# $(DEMO)/tuning/easy.
+# $(DEMO)/tuning/easy; one job per preset and domain, DEMO_JOBS at a time.
 TUNING_METHODS := kd-lp auxconf-lp adaptconf-lp kd-tp auxconf-tp adaptconf-tp cpl cpl-text
 demo-tuning: venv ## the tuning rules' regret, both presets, six domains -> demo/results/tuning_regret.md
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	$(call demo_data,$(DEMO)/easy,easy,$(DEMO_PRETRAIN))
-	for d in $(DOMAINS); do \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $$d --method $(TUNING_METHODS) \
-	    --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tables-runs || exit 1; \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(call demo_flags,$(DEMO)/easy) --domain $$d \
-	    --method $(TUNING_METHODS) --seeds $(DEMO_SEEDS) --tune hold-val \
-	    --out-dir $(DEMO)/tuning/easy || exit 1; done
+	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line \
+	  $(addprefix demo-tune-paper-,$(DOMAINS)) $(addprefix demo-tune-easy-,$(DOMAINS))
 	$(PY) regret_w2s_clip.py --levels paper=$(DEMO)/tables-runs easy=$(DEMO)/tuning/easy \
 	  --output $(DEMO)/results/tuning_regret.md
+
+demo-tune-paper-%:  # one domain of demo-tuning, paper preset (demo-tables' runs)
+	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $* --method $(TUNING_METHODS) \
+	  --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tables-runs
+demo-tune-easy-%:  # one domain of demo-tuning, easy preset
+	$(DEMO_ENV) $(PY) w2s_clip.py $(call demo_flags,$(DEMO)/easy) --domain $* \
+	  --method $(TUNING_METHODS) --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tuning/easy
 
 demo-pretraining: venv ## the pretraining table and figure on the miniature: DEMO_PRETRAIN_AXIS steps -> demo/results/pretraining.{md,png}
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN_AXIS))
