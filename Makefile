@@ -30,7 +30,7 @@ T3_METHODS := weak zero-shot ceiling lp tp cpl
 DOMAINNET := http://csr.bu.edu/ftp/visda/2019/multi-source
 
 # The demo: a synthetic miniature DomainNet and a tiny CLIP pretrained on it for DEMO_PRETRAIN
-# steps (minidomainnet.py), a tiny random-init weak model, on the CPU with DEMO_THREADS threads.
+# steps (w2s_clip_lab/miniature.py), a tiny random-init weak model, on the CPU with DEMO_THREADS threads.
 # DEMO_REGIME=paper (default): weak and ceiling as far apart per domain as in the paper's Table 2;
 # easy: the first miniature, in $(DEMO)/easy for make demo-tuning.
 DEMO := demo
@@ -46,7 +46,7 @@ DEMO_JOBS ?= 2
 # computes the same floats as this one (docs/miniature.md, "Threads and knobs").
 DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS) ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 \
 	ONEDNN_MAX_CPU_ISA=AVX2
-demo_data = $(DEMO_ENV) $(PY) minidomainnet.py --out $(1) --regime $(2) --test-per-class $(DEMO_TEST) \
+demo_data = $(DEMO_ENV) $(PY) -m w2s_clip_lab.miniature --out $(1) --regime $(2) --test-per-class $(DEMO_TEST) \
 	--pretrain-steps $(3)
 demo_flags = --dataset folder --data-root $(1)/data --clip-model $(1)/tiny-clip.json \
 	--clip-pretrained $(1)/tiny-clip-$(DEMO_PRETRAIN)steps.pt \
@@ -93,7 +93,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: venv ## run the unit tests (CPU, no download)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_*.py
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_w2s_clip.py tests
 
 # Each seed's output is printed whole when it ends (the same runs and numbers as one command with
 # --seeds $(DEMO_SEEDS)).
@@ -115,7 +115,7 @@ data-all: ## download all DOMAINS (about 18 GB of archives) for make paper-table
 	for d in $(DOMAINS); do $(MAKE) data DOMAIN=$$d DATA=$(DATA) || exit 1; done
 
 weights: venv ## fetch every checkpoint the grid needs (network) into the standard caches; print sizes
-	$(PY) weights_w2s_clip.py --clip-tags $(PT_TAGS) --weak-models resnet18 $(WEAK_MODELS)
+	$(PY) -m w2s_clip_lab.weights --clip-tags $(PT_TAGS) --weak-models resnet18 $(WEAK_MODELS)
 
 paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet or DATASET=...), then build the tables
 	for d in $(DOMAINS); do \
@@ -173,14 +173,14 @@ ablations: venv ## CPL and two baselines under each alternative to the paper's c
 	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method $(ABLATION_METHODS) --seeds $(SEEDS) \
 	    --out-dir $(OUT)/ablations/$$a --cache-dir $(CACHE) $(FLAGS) $(ablation_flags) || exit 1; \
 	done; done
-	$(PY) ablations_w2s_clip.py --out-dir $(OUT)/ablations --output $(TABLES)/ablations.md
+	$(PY) -m w2s_clip_lab.ablations --out-dir $(OUT)/ablations --output $(TABLES)/ablations.md
 
 demo-ablations: venv ## the same ablation on the demo's synthetic sketch domain, CPU, no download
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	for a in $(ABLATIONS); do \
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(ABLATION_METHODS) \
 	    --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/ablations/$$a $(ablation_flags) || exit 1; done
-	$(PY) ablations_w2s_clip.py --out-dir $(DEMO)/ablations --output $(DEMO)/results/ablations.md
+	$(PY) -m w2s_clip_lab.ablations --out-dir $(DEMO)/ablations --output $(DEMO)/results/ablations.md
 
 # Tuning rules judged by regret: the tuned methods with --tune hold-val on every domain of both
 # presets; each run records every rule's hold-val score and every grid point's D'_test accuracy.
@@ -192,7 +192,7 @@ demo-tuning: venv ## the tuning rules' regret, both presets, six domains -> demo
 	$(call demo_data,$(DEMO)/easy,easy,$(DEMO_PRETRAIN))
 	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line \
 	  $(addprefix demo-tune-paper-,$(DOMAINS)) $(addprefix demo-tune-easy-,$(DOMAINS))
-	$(PY) regret_w2s_clip.py --levels paper=$(DEMO)/tables-runs easy=$(DEMO)/tuning/easy \
+	$(PY) -m w2s_clip_lab.regret --levels paper=$(DEMO)/tables-runs easy=$(DEMO)/tuning/easy \
 	  --output $(DEMO)/results/tuning_regret.md
 
 demo-tune-paper-%:  # one domain of demo-tuning, paper preset (demo-tables' runs)
@@ -208,7 +208,7 @@ demo-pretraining: venv ## the pretraining table and figure on the miniature: DEM
 	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --clip-pretrained $(DEMO)/tiny-clip-$${s}steps.pt \
 	    --domain $(DEMO_PT_DOMAIN) --method $(DEMO_PT_METHODS) --seeds $(DEMO_SEEDS) \
 	    --out-dir $(DEMO)/pretraining-runs/$$s || exit 1; done
-	$(DEMO_ENV) $(PY) minidomainnet.py --tables-dir $(DEMO)/results --pretraining-table \
+	$(DEMO_ENV) $(PY) -m w2s_clip_lab.miniature --tables-dir $(DEMO)/results --pretraining-table \
 	  $(foreach s,$(DEMO_PRETRAIN_AXIS),"$(s) steps=$(DEMO)/pretraining-runs/$(s)")
 
 pretraining-table: venv ## CPL vs the amount of CLIP pretraining: ViT-B-32 with PT_TAGS on DOMAIN (GPU)
@@ -216,15 +216,15 @@ pretraining-table: venv ## CPL vs the amount of CLIP pretraining: ViT-B-32 with 
 	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $(DOMAIN) --clip-model ViT-B-32 \
 	    --clip-pretrained $$t --method $(PT_METHODS) --seeds $(SEEDS) \
 	    --out-dir $(OUT)/pretraining/$$t --cache-dir $(CACHE) $(FLAGS) || exit 1; done
-	$(PY) minidomainnet.py --tables-dir $(TABLES) --pretraining-table \
+	$(PY) -m w2s_clip_lab.miniature --tables-dir $(TABLES) --pretraining-table \
 	  $(foreach t,$(PT_TAGS),$(t)=$(OUT)/pretraining/$(t))
 
 DEVICE ?=
 gpu-check: venv ## self-check of the GPU path, no network, no data (DEVICE=cuda:1; DEVICE=cpu: the dry run)
-	HF_HUB_OFFLINE=1 $(PY) gpu_check.py $(if $(DEVICE),--device $(DEVICE))
+	HF_HUB_OFFLINE=1 $(PY) -m w2s_clip_lab.gpu_check $(if $(DEVICE),--device $(DEVICE))
 
 bench: venv ## speed and memory benchmark (any device; CPU by default here)
-	HF_HUB_OFFLINE=1 $(PY) bench_w2s_clip.py $(FLAGS)
+	HF_HUB_OFFLINE=1 $(PY) -m w2s_clip_lab.bench $(FLAGS)
 
 clean: ## remove what the demo and the tests made (keeps .venv, data, cache, runs and results)
-	rm -rf $(DEMO) .pytest_cache __pycache__
+	rm -rf $(DEMO) .pytest_cache __pycache__ w2s_clip_lab/__pycache__ tests/__pycache__

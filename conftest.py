@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import minidomainnet
-import store_w2s_clip
 import w2s_clip
+from w2s_clip_lab import files, miniature, store
 
 
 HERE = Path(__file__).resolve().parent
@@ -213,16 +212,16 @@ def tuning_setup(planted_data, tune_by="agreement"):
     return 5.0 * F.one_hot(p["weak"], p["k"]).float(), strong, splits, args
 
 
-DEMO_NAMES = minidomainnet.DEMO_CLASSES[:4]
+DEMO_NAMES = miniature.DEMO_CLASSES[:4]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """One tiny synthetic DomainNet-layout domain (4 classes, 8 train / 20 test images each)."""
     root = tmp_path_factory.mktemp("demo")
-    minidomainnet.make_synthetic_domainnet(root / "data", domains=("sketch",), classes=DEMO_NAMES,
+    miniature.make_synthetic_domainnet(root / "data", domains=("sketch",), classes=DEMO_NAMES,
                                            n_train=8, n_test=20, size=32)
-    (root / "tiny-clip.json").write_text(json.dumps(minidomainnet.TINY_CLIP))
+    (root / "tiny-clip.json").write_text(json.dumps(miniature.TINY_CLIP))
     return root
 
 
@@ -254,7 +253,7 @@ def officehome(tmp_path_factory):
     """An Office-Home-layout folder: domain "Real World" (spaced, as in the official archive),
     4 classes of 8 + 20 images."""
     root = tmp_path_factory.mktemp("officehome")
-    minidomainnet.make_synthetic_domainnet(root, domains=("sketch",), classes=DEMO_NAMES,
+    miniature.make_synthetic_domainnet(root, domains=("sketch",), classes=DEMO_NAMES,
                                            n_train=8, n_test=20, layout="officehome")
     (root / "sketch").rename(root / "Real World")
     return root
@@ -263,7 +262,7 @@ def officehome(tmp_path_factory):
 def folder_copy(demo_folder, tmp_path, classnames=True):
     """The fixture's images in the folder layout <root>/sketch/{train,test}/<class>/<image>."""
     root = tmp_path / "mine"
-    minidomainnet.make_synthetic_domainnet(root, domains=("sketch",), classes=DEMO_NAMES,
+    miniature.make_synthetic_domainnet(root, domains=("sketch",), classes=DEMO_NAMES,
                                            n_train=8, n_test=20, layout="folder")
     if not classnames:
         (root / "classnames.txt").unlink()
@@ -357,11 +356,11 @@ def write_result(out, domain, method, seed, acc, worst, weak_model="resnet18", i
     curves = [{"epoch": 1, "step": 3, "train_acc": acc - 0.1, "test_acc": acc - 0.05},
               {"epoch": 2, "step": 6, "train_acc": acc, "test_acc": acc}]
     extra = {} if n_classes is None else {"n_predicted_classes": n_classes}
-    store_w2s_clip.atomic_save({"domain": domain, "method": method, "seed": seed,
+    files.atomic_save({"domain": domain, "method": method, "seed": seed,
                                 "test_accuracy": acc, "worst10_accuracy": worst, "curves": curves,
                                 **extra, "config": {"weak_model": weak_model,
                                                     "clip_model": "ViT-B-32", "prototype_init": init}},
-                               store_w2s_clip.result_path(out, domain, method, seed))
+                               store.result_path(out, domain, method, seed))
 
 
 def table_row(text, name):
@@ -387,7 +386,7 @@ def main_error(argv, *fragments):
 
 def tree_state(*folders):
     """{path: bytes digest} of every file under the folders (to show that none changed)."""
-    return {str(p): store_w2s_clip.file_digest(p) for folder in folders
+    return {str(p): store.file_digest(p) for folder in folders
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
@@ -398,7 +397,7 @@ def temp_files(*folders):
 def write_result_with_settings(out, domain, method, seed, acc, settings):
     write_result(out, domain, method, seed, acc, acc / 2)
     path = Path(out) / domain / method / f"seed{seed}" / "results.json"
-    store_w2s_clip.atomic_save({**json.loads(path.read_text()), "settings": settings}, path)
+    files.atomic_save({**json.loads(path.read_text()), "settings": settings}, path)
 
 
 def good_result(method="cpl", seed=0, acc=0.5, domain="sketch", **settings):
@@ -408,12 +407,12 @@ def good_result(method="cpl", seed=0, acc=0.5, domain="sketch", **settings):
          "data_root": "/data", **settings}
     return {"domain": domain, "method": method, "seed": seed, "test_accuracy": acc,
             "worst10_accuracy": acc / 2, "curves": [], "config": s, "settings": s,
-            "settings_key": store_w2s_clip.settings_key(s)}
+            "settings_key": store.settings_key(s)}
 
 
 def put(out, r, sub=""):
-    path = store_w2s_clip.result_path(Path(out) / sub, r["domain"], r["method"], r["seed"])
-    store_w2s_clip.atomic_save(r, path)
+    path = store.result_path(Path(out) / sub, r["domain"], r["method"], r["seed"])
+    files.atomic_save(r, path)
     return path
 
 

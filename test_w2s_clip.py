@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 
-import minidomainnet
 import w2s_clip
-from conftest import (HERE, LOSS_CASES, LOSS_IDS, PROMPT_NAMES, assert_user_error, cli_args,
-                      corrupt_copy, logits_pair, main_error, ref_ce_rows, ref_kl_rows,
-                      ref_log_softmax, ref_loss, run_cli, temp_files, trainer_fit, tree_state,
-                      tuning_setup)
+from w2s_clip_lab import miniature
+from conftest import (HERE, LOSS_CASES, LOSS_IDS, PACKED_NAMES, PROMPT_NAMES, assert_user_error,
+                      cli_args, corrupt_copy, encode_text_with_context, logits_pair, main_error,
+                      ref_ce_rows, ref_kl_rows, ref_log_softmax, ref_loss, run_cli, temp_files,
+                      trainer_fit, tree_state, tuning_setup)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +196,78 @@ def test_bind_loss_binds_the_values_and_warms_up_auxconf_alpha_over_20_percent_o
                            ("adaptconf", {"T": 3.0, "tau": 2.0}), ("ce", {})):
         fn, schedule = w2s_clip.bind_loss(loss, values)
         assert fn.func is w2s_clip.LOSSES[loss][0] and fn.keywords == keywords and schedule is None
+
+
+# ------------------------------------------------------------------------------------------------
+# The packed text tower, against open_clip's own encode_text
+# ------------------------------------------------------------------------------------------------
+def test_text_tower_truncated_path_equals_full_encode_text(clip):
+    """Running only max(eot)+1 positions gives open_clip's 77-token encode_text, for any lengths."""
+    model, tok = clip
+    prompts = ["a cat.", "a photo of The Eiffel Tower at night, seen from far away.", "t-shirt",
+               "an aircraft carrier in the sea"]
+    tokens, eot = w2s_clip.tokenize_prompts(model, tok, prompts)
+    full = tok(prompts)
+    assert torch.equal(eot, full.argmax(dim=-1))
+    assert tokens.shape[1] == int(eot.max()) + 1 < 77
+    with torch.no_grad():
+        ours = w2s_clip.TextTower(model)(model.token_embedding(tokens), eot)
+        ref = model.encode_text(full)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("names", list(PACKED_NAMES))
+@pytest.mark.parametrize("tower", ["tiny", "tiny-layerscale", "vit-b-32-text", "qk-norm"])
+def test_prompt_head_features_and_ctx_gradient_equal_full_77_token_encode_text(clip, text_towers,
+                                                                               tower, names):
+    """[SOS][ctx] once + each class's own tokens packed == open_clip's encode_text over all 77
+    tokens with the (moved) context inserted: features and the context's gradient to 1e-4. A
+    qk-norm tower takes the plain path and must match too."""
+    model, tok, names = text_towers[tower], clip[1], PACKED_NAMES[names]
+    head = w2s_clip.PromptHead(model, tok, names)
+    assert head.text.packed == (tower != "qk-norm")
+    full = tok([f"a photo of a {c}." for c in names])
+    torch.testing.assert_close(head.lengths, full.argmax(dim=-1) - 4)  # name, ".", EOS: no padding
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        head.ctx.add_(0.1 * torch.randn(head.ctx.shape, generator=g))
+    r = torch.randn(len(names), model.text_projection.shape[1], generator=g)
+    ours = head.text_features()
+    (ours * r).sum().backward()
+    ctx = head.ctx.detach().clone().requires_grad_(True)
+    ref = F.normalize(encode_text_with_context(model, full, ctx), dim=-1)
+    (ref * r).sum().backward()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(head.ctx.grad, ctx.grad, rtol=1e-4, atol=1e-4)
+    assert ctx.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("names", ["mixed", "single"])
+@pytest.mark.parametrize("tower", ["tiny", "tiny-layerscale", "vit-b-32-text"])
+def test_text_encoder_head_packed_equals_plain_path_features_and_every_weight_gradient(
+        clip, text_towers, tower, names):
+    """cpl-text: the shared-prefix packed path gives the plain padded path's features and the
+    gradient of every trainable weight; at init both equal open_clip's encode_text."""
+    model, tok, names = text_towers[tower], clip[1], PACKED_NAMES[names]
+    packed, plain = (w2s_clip.TextEncoderHead(model, tok, names) for _ in range(2))
+    plain.text.packed = False
+    full = tok([f"a photo of a {c}" for c in names])
+    shared = 5 if len(names) > 1 else int(full.argmax())  # [SOS] a photo of a; one class: all
+    assert packed.text.packed and packed.prefix.shape[0] == shared
+    with torch.no_grad():
+        ref = F.normalize(model.encode_text(full), dim=-1)
+    r = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    for head in (packed, plain):
+        feats = head.text_features()
+        torch.testing.assert_close(feats.detach(), ref, rtol=0, atol=1e-4)
+        (feats * r).sum().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    assert len(grads) == len(list(model.transformer.parameters())) + 4  # pos, ln_final (2), proj
+    for n, p in packed.named_parameters():
+        assert grads[n] is not None and p.grad is not None, n
+        scale = grads[n].abs().max().item()
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-4 * max(scale, 1e-3),
+                                   msg=lambda m: f"{n}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1083,11 +1155,11 @@ def test_parse_args_refuses_bad_values_of_the_new_flags_in_one_line(capsys, flag
     assert e.value.code == 2 and err.startswith(f"error: argument {flag}: ") and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("config", [[1, 2], {"embed_dim": 64}, {**minidomainnet.TINY_CLIP, "embed_dim": "64"},
-                                    {**minidomainnet.TINY_CLIP, "vision_cfg": {
-                                        **minidomainnet.TINY_CLIP["vision_cfg"], "layers": "two"}},
-                                    {**minidomainnet.TINY_CLIP, "text_cfg": {
-                                        **minidomainnet.TINY_CLIP["text_cfg"], "no_such_key": 1}}],
+@pytest.mark.parametrize("config", [[1, 2], {"embed_dim": 64}, {**miniature.TINY_CLIP, "embed_dim": "64"},
+                                    {**miniature.TINY_CLIP, "vision_cfg": {
+                                        **miniature.TINY_CLIP["vision_cfg"], "layers": "two"}},
+                                    {**miniature.TINY_CLIP, "text_cfg": {
+                                        **miniature.TINY_CLIP["text_cfg"], "no_such_key": 1}}],
                          ids=["list", "missing-keys", "str-embed-dim", "str-layers", "unknown-key"])
 def test_cli_error_clip_config_that_is_not_an_open_clip_config(demo, tmp_path, config):
     """A --clip-model JSON that is a list, lacks keys or has wrong types stops before training."""
@@ -1378,7 +1450,7 @@ def test_cli_error_label_too_large_for_int64(demo, tmp_path):
 
 
 def test_bench_error_device_nonsense_is_one_line():
-    proc = subprocess.run([sys.executable, "bench_w2s_clip.py", "--device", "nonsense"], cwd=HERE,
+    proc = subprocess.run([sys.executable, "-m", "w2s_clip_lab.bench", "--device", "nonsense"], cwd=HERE,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = proc.stderr.strip().splitlines()
@@ -1392,7 +1464,7 @@ def test_make_demo_refuses_a_data_folder_that_is_a_symlink(tmp_path):
     (mine / "keep.txt").write_text("mine")
     folder = tmp_path / "demo"
     folder.mkdir()
-    (folder / minidomainnet.MANIFEST).write_text(json.dumps({"written_by": "minidomainnet"}))
+    (folder / miniature.MANIFEST).write_text(json.dumps({"written_by": "w2s_clip_lab.miniature"}))
     (folder / "data").symlink_to(mine)
     main_error(["--make-demo", folder], "symbolic link", str(folder / "data"))
     assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
@@ -1456,7 +1528,7 @@ def test_progress_prints_lines_when_not_on_a_terminal(capsys):
 def test_gpu_check_dry_run_on_the_cpu():
     """`make gpu-check DEVICE=cpu`: every check of the GPU self-check runs and passes on the CPU
     (real-size models at batch 2), and the last line counts them."""
-    proc = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--real-batch", "2"],
+    proc = subprocess.run([sys.executable, "-m", "w2s_clip_lab.gpu_check", "--device", "cpu", "--real-batch", "2"],
                           cwd=HERE, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = proc.stdout.strip().splitlines()
@@ -1491,19 +1563,75 @@ def test_weak_micro_batches_give_the_whole_batch_step():
         assert ra["train_accuracy"] == rb["train_accuracy"]
 
 
-def test_the_method_file_imports_no_companion_and_every_module_is_packaged():
-    """`import w2s_clip` loads none of the files beside it (they import it, it imports them only
-    inside the branch that needs them), and pyproject.toml packages every module of the project."""
+def project_imports(path):
+    """(function or None, module) for every `import` of the project (w2s_clip, w2s_clip_lab.*) in
+    the file at `path`, read from its syntax tree; None: at module level."""
+    import ast
+    found, tree = [], ast.parse(path.read_text())
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Import):
+                found.extend((function, a.name) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0:
+                found.extend((function, f"{child.module}.{a.name}" if child.module == "w2s_clip_lab"
+                              else child.module) for a in child.names)
+            visit(child, inner)
+    visit(tree, None)
+    return [(f, m) for f, m in found if m.split(".")[0] in ("w2s_clip", "w2s_clip_lab")]
+
+
+def test_the_method_imports_only_the_runner_in_main_and_the_package_runs_one_way():
+    """w2s_clip.py imports only torch, torchvision, open_clip, timm (and tqdm, which both of those
+    install) and the standard library at module level and the project only in `main` (the runner); in w2s_clip_lab no module imports
+    the runner and the imports among the files have no circle; at most three .py files at the
+    top; `import w2s_clip` loads nothing of the package; pyproject.toml packages both."""
     import tomllib
-    modules = sorted(p.stem for p in HERE.glob("*.py") if not p.name.startswith("test_")
-                     and p.stem != "conftest")
-    code = ("import sys, w2s_clip; print(' '.join(sorted(m for m in sys.modules if m in "
-            f"{modules!r} and m != 'w2s_clip')))")
+    tops = sorted(p.name for p in HERE.glob("*.py"))
+    assert tops == ["conftest.py", "test_w2s_clip.py", "w2s_clip.py"]
+    import ast
+    allowed = {"torch", "torchvision", "open_clip", "timm", "tqdm"} | set(sys.stdlib_module_names)
+    for node in ast.parse((HERE / "w2s_clip.py").read_text()).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            assert {n.split(".")[0] for n in names} <= allowed, names
+    assert project_imports(HERE / "w2s_clip.py") == [("main", "w2s_clip_lab.runner")]
+    package = sorted((HERE / "w2s_clip_lab").glob("*.py"))
+    graph = {p.stem: {m.split(".")[1] for _, m in project_imports(p) if m.startswith("w2s_clip_lab.")}
+             for p in package}
+    assert not any("runner" in deps for deps in graph.values())
+    done, path = set(), []
+
+    def walk(name):  # depth first: a module met again on the current path closes a circle
+        assert name not in path, f"circle: {' -> '.join(path + [name])}"
+        if name not in done:
+            path.append(name)
+            for dep in sorted(graph[name]):
+                walk(dep)
+            path.pop()
+            done.add(name)
+    for name in graph:
+        walk(name)
+    code = "import sys, w2s_clip; print(' '.join(m for m in sys.modules if m.startswith('w2s_clip_lab')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == []
-    packaged = tomllib.loads((HERE / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
-    assert sorted(packaged) == modules
+    setup = tomllib.loads((HERE / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["py-modules"] == ["w2s_clip"] and setup["packages"] == ["w2s_clip_lab"]
+
+
+def test_w2s_clip_run_as_a_script_is_one_module(tmp_path):
+    """`python w2s_clip.py` loads no second copy of itself when the runner imports `w2s_clip`
+    (one UserError class, one registry): Python's import log names no module `w2s_clip`, and a
+    user's mistake caught in the runner still ends in its one line."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "w2s_clip.py", "--build-tables",
+                           "--out-dir", str(tmp_path / "none"), "--tables-dir", str(tmp_path / "t")],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "w2s_clip_lab.runner" in imported and "w2s_clip" not in imported
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith("error: ")
 
 
 def test_fit_head_probes_hold_train_against_true_labels_and_against_its_training_labels(planted_data):

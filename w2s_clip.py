@@ -10,14 +10,15 @@ trainable head (LP, TP or CPL) learns from those weak labels only. Manual: READM
     python w2s_clip.py --domain sketch --method all --seeds 0  # every method; caches shared
     python w2s_clip.py --build-tables --out-dir runs --tables-dir results  # Tables 2-4
 
-This file is the method, in the paper's order; the *_w2s_clip.py files beside it (data, caches and
-results, checks, reports, the packed text path, Hugging Face models, CPE) import it (README).
+This file is the method, in the paper's order, and its command line; it imports nothing of the
+project but, in `main`, the runner of the package beside it (w2s_clip_lab/: the checks, caches and
+results files, reports, data layouts, Hugging Face weak models, CPE, the miniature; README).
 """
 import argparse
 import copy
-import errno
 import logging
 import math
+import os
 import pickle
 import random
 import sys
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")  # DomainNet's
-DATASETS = ("domainnet", "officehome", "folder")  # layouts: datasets_w2s_clip.py for the others
+DATASETS = ("domainnet", "officehome", "folder")  # layouts: w2s_clip_lab/datasets.py for the others
 
 
 class UserError(Exception):
@@ -81,11 +82,8 @@ def progress(iterable, desc, total=None, quiet_seconds=10.0):
 # Weak model (step 1): a timm or Hugging Face model fine-tuned on D_train with true labels
 # ------------------------------------------------------------------------------------------------
 def create_weak_model(name, num_classes, pretrained=True):
-    """A timm classifier (or, for `hf:<hub id or folder>`, a transformers one) with a fresh k-way
-    head, plus its library's own train and eval transforms."""
-    if name.startswith("hf:"):
-        from hf_w2s_clip import create_hf_weak_model  # transformers, optional
-        return create_hf_weak_model(name[3:], num_classes, pretrained)
+    """A timm classifier with a fresh k-way head, plus timm's own train and eval transforms (a
+    Hugging Face one, `hf:<id>`: `w2s_clip_lab.hf.create_hf_weak_model`, the same triple)."""
     import timm
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
@@ -273,6 +271,178 @@ def encode_images(clip_model, loader, device, precision="auto"):
 
 
 # ------------------------------------------------------------------------------------------------
+# The text tower, packed (TP and cpl-text): the tokens all prompts share run once, each prompt's
+# own tokens packed; equals open_clip's encode_text up to float rounding (tested)
+# ------------------------------------------------------------------------------------------------
+class TextTower(nn.Module):
+    """The parts of an open_clip CLIP's text tower after the token embedding (shared, not copied).
+
+    `tower(x, eot)` is the plain path: padded prompts, every position. `tower.encode_prefixed(...)`
+    runs the first tokens that all prompts share once and each prompt's own tokens packed
+    (`packed_text_block`). It takes the plain path instead while `tower.packed` is False:
+    set it to force that, and it starts False for any block other than open_clip's
+    ResidualAttentionBlock (e.g. its CustomResidualAttentionBlock: qk-norm, cosine attention) or a
+    mask other than the causal one (`packable_blocks`).
+    """
+
+    def __init__(self, clip_model):
+        super().__init__()
+        if getattr(clip_model, "attn_mask", None) is None or not hasattr(clip_model, "transformer"):
+            raise UserError("TextTower needs open_clip's CLIP with a causal text transformer")
+        if getattr(clip_model, "text_pool_type", "argmax") not in ("argmax", "eos"):
+            raise UserError(f"text pooling '{clip_model.text_pool_type}' is not supported; "
+                            f"use a CLIP with an end-of-text token (argmax/eos pooling)")
+        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
+        self.positional_embedding = clip_model.positional_embedding
+        self.text_projection = clip_model.text_projection
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+        self.packed = packable_blocks(clip_model.transformer, clip_model.attn_mask)
+
+    def project(self, x):
+        """Final-norm states x [k, w] -> text features [k, d] through the text projection."""
+        proj = self.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x if proj is None else x @ proj
+
+    def forward(self, x, eot):
+        """Token embeddings x [k, L, w] -> text features [k, d] read at end-of-text positions eot.
+
+        Only the first L positions run: under the causal mask the tokens after the end-of-text
+        token cannot change its feature, so L = max(eot) + 1 equals open_clip's 77-token result.
+        """
+        L = x.shape[1]
+        x = x + self.positional_embedding[:L]
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask[:L, :L]))
+        return self.project(x[torch.arange(x.shape[0], device=x.device), eot])  # (k, w) -> (k, d)
+
+    def encode_prefixed(self, prefix, own, lengths):
+        """Text features [k, d] of k prompts that all start with the same p token embeddings.
+
+        Args:
+            prefix: [p, w] embeddings every prompt starts with (SOS, then context or template).
+            own: [T, w] each prompt's own embeddings, packed in prompt order, lengths[i] rows for
+                prompt i, the last one its end-of-text token (`split_prompts`).
+            lengths: [k] long, T = lengths.sum().
+        Equals the plain path on prompt i = [prefix, own rows of i] up to float rounding.
+        """
+        p, (T, w), k = prefix.shape[0], own.shape, len(lengths)
+        layout = prompt_layout(lengths)
+        if not self.packed:  # plain path: [k, p + max(lengths), w], zeros after each end-of-text
+            padded = torch.cat([own, own.new_zeros(1, w)])[layout["gather"]]
+            return self(torch.cat([prefix.expand(k, p, w), padded], dim=1), p + lengths - 1)
+        pos = self.positional_embedding
+        h = torch.cat([prefix + pos[:p], own + pos[p + layout["position"]]])  # (p + T, w)
+        blocks = self.transformer.resblocks
+        for i, blk in enumerate(blocks):
+            h = packed_text_block(blk, h, p, layout, last=i == len(blocks) - 1)
+        return self.project(self.ln_final(h))  # h: (k, w), the end-of-text rows
+
+
+def tokenize_prompts(clip_model, tokenizer, prompts):
+    """Token ids [k, L] cut after the longest prompt's end-of-text token, and each eot index [k]."""
+    tokens = tokenizer(list(prompts)).to(clip_model.positional_embedding.device)
+    eos = getattr(clip_model, "text_eos_id", None)
+    if getattr(clip_model, "text_pool_type", "argmax") == "eos" and eos is not None:
+        eot = (tokens == eos).int().argmax(dim=-1)
+    else:
+        eot = tokens.argmax(dim=-1)  # OpenAI BPE: end-of-text has the largest id
+    return tokens[:, : int(eot.max()) + 1], eot
+
+
+def packable_blocks(transformer, attn_mask):
+    """Whether `packed_text_block` reproduces every block of an open_clip text transformer.
+
+    True for open_clip's ResidualAttentionBlock with plain self-attention (nn.MultiheadAttention
+    with one in-projection, no bias_k/v, no zero-attention, no dropout) under the causal float mask;
+    False for anything else (CustomResidualAttentionBlock, cross-attention, another mask).
+    """
+    from open_clip.transformer import ResidualAttentionBlock
+    blocks, L = getattr(transformer, "resblocks", []), attn_mask.shape[-1]
+    upper = torch.ones(L, L, dtype=torch.bool, device=attn_mask.device).triu(1)
+    causal = (attn_mask.is_floating_point() and attn_mask.shape == (L, L)
+              and torch.equal(attn_mask.isneginf(), upper) and not attn_mask[~upper].any())
+
+    def plain(b):
+        a = getattr(b, "attn", None)
+        return (type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+                and isinstance(a, nn.MultiheadAttention) and a._qkv_same_embed_dim
+                and a.bias_k is None and not a.add_zero_attn and a.dropout == 0.0)
+    return bool(causal) and len(blocks) > 0 and all(plain(b) for b in blocks)
+
+
+def prompt_layout(lengths):
+    """Index tensors that move k prompts' own tokens between packed rows [T] and a padded [k, L].
+
+    Args:
+        lengths: [k] long, own tokens of each prompt (>= 1, the last its end-of-text token).
+    Returns:
+        dict: gather [k, L], the packed row of each padded slot (T past a prompt's end: the
+        caller appends a zero row); keep [T], each packed row's slot in the flattened [k * L];
+        position [T], each row's index within its prompt's own tokens; last [k], each prompt's
+        end-of-text row; lengths [k].
+    """
+    L = int(lengths.max())
+    start = torch.cumsum(lengths, dim=0) - lengths  # (k,)
+    j = torch.arange(L, device=lengths.device)
+    valid = j < lengths[:, None]  # (k, L)
+    keep = valid.flatten().nonzero().squeeze(1)  # (T,)
+    return {"gather": torch.where(valid, start[:, None] + j, int(lengths.sum())), "keep": keep,
+            "position": keep % L, "last": start + lengths - 1, "lengths": lengths}
+
+
+def packed_text_block(blk, h, p, layout, last=False):
+    """One open_clip ResidualAttentionBlock on a shared prefix and packed per-prompt tokens.
+
+    Rows h[:p] are the prefix every prompt starts with, rows h[p:] the prompts' own tokens packed
+    (`prompt_layout`). Layer norms, projections and the MLP run once per row. Attention gives what
+    the causal mask gives each whole prompt: prefix row t sees prefix rows <= t, own row j of
+    prompt i sees the whole prefix (keys/values shared by all prompts: their gradients add up)
+    and its own rows <= j. With last=True only each prompt's end-of-text row is computed.
+    Args:
+        blk: a block that `packable_blocks` accepts; h: [p + T, w]; p: prefix length.
+    Returns:
+        [p + T, w], or [k, w] (the end-of-text rows) when last.
+    """
+    attn, w, (k, L) = blk.attn, h.shape[1], layout["gather"].shape
+    W, b = attn.in_proj_weight, attn.in_proj_bias
+    y = blk.ln_1(h)
+    key, val = F.linear(y, W[w:], None if b is None else b[w:]).chunk(2, dim=-1)  # (p + T, w)
+    q = F.linear(y[p + layout["last"]] if last else y, W[:w], None if b is None else b[:w])
+    heads = lambda t: t.unflatten(-1, (attn.num_heads, -1)).transpose(-3, -2)  # (.., H, n, w/H)
+    pad = lambda t: torch.cat([t[p:], t.new_zeros(1, w)])[layout["gather"]]  # (k, L, w)
+    kv = [heads(torch.cat([t[:p].expand(k, p, w), pad(t)], dim=1)) for t in (key, val)]
+    j = torch.arange(p + L, device=h.device)
+    qpos = (layout["lengths"] - 1)[:, None] if last else j[:L].expand(k, L)  # (k, Lq) query rows
+    see = j <= p + qpos[..., None]  # (k, Lq, p + L): the prefix, own rows up to the query's
+    out = F.scaled_dot_product_attention(heads(q[:, None] if last else pad(q)), *kv,
+                                         attn_mask=see[:, None]).transpose(1, 2).flatten(2)
+    if last:  # (k, 1, w): the end-of-text rows only
+        x = h[p + layout["last"]] + blk.ls_1(attn.out_proj(out[:, 0]))
+    else:
+        pre = F.scaled_dot_product_attention(*(heads(t[:p]) for t in (q, key, val)), is_causal=True)
+        out = torch.cat([pre.transpose(0, 1).flatten(1), out.flatten(0, 1)[layout["keep"]]])
+        x = h + blk.ls_1(attn.out_proj(out))  # (p + T, w)
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
+def shared_prefix_length(tokens, eot):
+    """Leading positions whose ids all prompts [k, L] share, leaving each its end-of-text token."""
+    same = (tokens == tokens[:1]).all(dim=0).long().cumprod(dim=0)  # (L,) 1 while all agree
+    return min(int(same.sum()), int(eot.min()))
+
+
+def split_prompts(emb, eot, p):
+    """Token embeddings [k, L, w] of prompts sharing their first p rows -> encode_prefixed's inputs.
+
+    Returns:
+        prefix [p, w] (prompt 0's), own [T, w] (rows p..eot[i] of each prompt, packed in order),
+        lengths [k] = eot - p + 1.
+    """
+    lengths = eot - p + 1
+    mine = torch.arange(emb.shape[1] - p, device=emb.device) < lengths[:, None]  # (k, L - p)
+    return emb[0, :p], emb[:, p:][mine], lengths
+
+
+# ------------------------------------------------------------------------------------------------
 # Heads: LP (Eq. 1), TP as CoOp (Eq. 2), CPL prototypes (Eq. 3), text-encoder tuning (Table 4)
 # ------------------------------------------------------------------------------------------------
 class LinearHead(nn.Module):
@@ -322,7 +492,6 @@ class PromptHead(nn.Module):
 
     def __init__(self, clip_model, tokenizer, classnames, ctx_init="a photo of a"):
         super().__init__()
-        from text_w2s_clip import TextTower, split_prompts, tokenize_prompts  # the packed path
         m = int((tokenizer([ctx_init])[0] != 0).sum()) - 2  # context tokens, no SOS/EOS
         tokens, eot = tokenize_prompts(clip_model, tokenizer,
                                        [f"{ctx_init} {c}." for c in classnames])
@@ -370,7 +539,6 @@ class TextEncoderHead(nn.Module):
     def __init__(self, clip_model, tokenizer, classnames, template="a photo of a {}",
                  logit_scale=1.0):
         super().__init__()
-        from text_w2s_clip import TextTower, shared_prefix_length, split_prompts, tokenize_prompts
         tokens, eot = tokenize_prompts(clip_model, tokenizer, [template.format(c) for c in classnames])
         with torch.no_grad():
             emb = clip_model.token_embedding(tokens)  # (k, L, w)
@@ -685,24 +853,20 @@ def n_predicted_classes(logits):
 # The protocol (Section 5): weak model -> weak labels -> features -> heads, per seed
 # ------------------------------------------------------------------------------------------------
 def zero_shot_prototypes(strong, classnames, prototype_init="single", prototype_norm="raw",
-                         template="a photo of a {}", k_worst=10, descriptions=None):
+                         template="a photo of a {}"):
     """CPL's starting prototypes [k, d] (Algorithm 1, line 2): the text embeddings of `template`
-    ("a photo of a {y_i}"), their mean over open_clip's 80 templates (`ensemble`) or CPE's weighting
-    (`cpe`: cpe_w2s_clip.py), raw or L2-normalised. Computed once and kept in `strong`, so that
-    the ceiling's CPL head, cpl and zero-shot all start from this tensor."""
+    ("a photo of a {y_i}") or their mean over open_clip's 80 templates (`ensemble`), raw or
+    L2-normalised. Computed once and kept in `strong`, so that the ceiling's CPL head, cpl and
+    zero-shot all start from this tensor; `cpe` (the worst-categories paper's weighting, weighed on
+    each seed's hold-train) must already be there (`w2s_clip_lab.cpe.cpe_prototypes`)."""
     import open_clip
     if "prototypes" in strong:
         return strong["prototypes"]
-    unit = prototype_norm == "unit"
-    if prototype_init == "cpe":  # not the paper: the worst-categories paper's weighting
-        from cpe_w2s_clip import cpe_prototypes
-        strong["prototypes"], strong["cpe"] = cpe_prototypes(
-            strong["clip"], strong["tokenizer"], classnames, strong["hold_features"], k_worst,
-            descriptions, unit, cache=strong)  # text encoded once; the weights once per seed
-        return strong["prototypes"]
+    if prototype_init == "cpe":
+        raise ValueError("prototype_init 'cpe': put cpe_prototypes(...) in strong['prototypes'] first")
     templates = [template] if prototype_init == "single" else open_clip.OPENAI_IMAGENET_TEMPLATES
     strong["prototypes"] = text_prototypes(strong["clip"], strong["tokenizer"], classnames,
-                                           templates, normalize=unit)
+                                           templates, normalize=prototype_norm == "unit")
     return strong["prototypes"]
 
 
@@ -731,8 +895,7 @@ def fit_head(kind, loss, targets, val_targets, strong, labels, splits, classname
     v = {**{name: getattr(args, name) for name in (*HYPERPARAMETERS, "text_lr")}, **(values or {})}
     feats = strong["feats"]
     protos = (zero_shot_prototypes(strong, classnames, args.prototype_init, args.prototype_norm,
-                                   args.prompt_template, args.cpe_k, strong.get("descriptions"))
-              if kind == "cpl" else None)
+                                   args.prompt_template) if kind == "cpl" else None)
     head = make_head(kind, strong["clip"], strong["tokenizer"], classnames, feats.shape[1],
                      protos, args.cpl_logit_scale, args.lp_input,
                      args.prompt_template).to(feats.device)
@@ -822,9 +985,10 @@ def head_weights(head):
     return {n: p.detach().cpu() for n, p in head.named_parameters() if p.requires_grad}
 
 
-def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=None):
+def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=None, on_head=None):
     """Steps 3-5 for one method and seed; returns its results (accuracies in [0, 1]). `on_epoch`
-    gets every trained head's rows per epoch (every grid point, every ceiling head)."""
+    gets every trained head's rows per epoch (every grid point, every ceiling head); `on_head`,
+    called with the method and its final head, returns more results to keep (e.g. CMM margins)."""
     labels, names, k = data["test_labels"], data["classnames"], len(data["classnames"])
     ht, hv, te = splits["hold_train"], splits["hold_val"], splits["test"]
     out, head = {"tuned": {}, "tuning": []}, None  # weak, zero-shot, the ceiling: nothing tuned
@@ -855,11 +1019,8 @@ def run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch=N
                    _head=head_weights(head))  # saved as head.pt beside results.json
         if "cpe" in strong:  # the template weights this seed's prototypes use
             out["cpe"] = strong["cpe"]
-        if method != "ceiling" and not isinstance(head, LinearHead):  # the worst classes' margins
-            from cpe_w2s_clip import cmm_reports
-            zero_shot = strong["prototypes"] if method == "cpl" else None  # where CPL started
-            out.update(cmm_reports(head, strong["feats"][te], labels[te], weak_logits[te].argmax(-1),
-                                   names, zero_shot))
+        if on_head is not None:
+            out.update(on_head(method, head))
     return {**d_test_report(test_logits, weak_logits, labels, splits), **out}
 
 
@@ -881,12 +1042,91 @@ def d_test_report(test_logits, weak_logits, labels, splits):
 
 
 # ------------------------------------------------------------------------------------------------
-# The command line: flags (checks_w2s_clip.py), one domain's runs, the tables
+# The command line: flag types, the flags, and main (the runner, w2s_clip_lab/runner.py, does the rest)
 # ------------------------------------------------------------------------------------------------
+def finite(text):
+    """argparse type: a float that is neither NaN nor +-inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive(kind):
+    """argparse type: a finite number of `kind` (int or float) that must be > 0."""
+    def parse(text):
+        value = finite(text) if kind is float else kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def non_negative_int(text):
+    """argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def in_range(low, high):
+    """argparse type: a finite float in [low, high] (high may be inf: no upper bound)."""
+    def parse(text):
+        value = finite(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+    return parse
+
+
+def prompt_template(text):
+    """argparse type: a prompt with exactly one `{}` for the class name."""
+    if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
+        raise argparse.ArgumentTypeError(f"needs exactly one {{}} for the class name and no other "
+                                         f"braces, got {text!r}")
+    return text
+
+
+def seed_value(text):
+    """argparse type: a seed torch.Generator.manual_seed takes, an int in [0, 2**64 - 1]."""
+    value = int(text)
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1] (torch.Generator), got {text}")
+    return value
+
+
+def available_cpus():
+    """CPUs this process may run on (its affinity mask, which cgroups and SLURM set), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each default shown once: not for None, a switch's off state or a help text that
+    already names its default; the description and the examples as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or "default:" in text
+                or isinstance(action, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (`error: argument --x: ...; see --help`),
+    exit status 2, instead of the usage block and the error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def parse_args(argv=None):
     """The command line; every flag is documented in docs/reference.md."""
-    from checks_w2s_clip import (HelpFormatter, OneLineParser, available_cpus, in_range,
-                                 non_negative_int, positive, prompt_template, seed_value)
     examples = [line for line in __doc__.splitlines() if line.startswith("    ")]
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                       epilog="examples:\n" + "\n".join(examples) + "\nmanual: README.md, docs/")
@@ -894,7 +1134,7 @@ def parse_args(argv=None):
     data.add_argument("--dataset", choices=DATASETS, default="domainnet",
                       help="layout of --data-root: domainnet (split files), officehome "
                            "(<Domain>/<Class>/<image>, split here) or folder "
-                           "(<domain>/{train,test}/<class>/<image>); see datasets_w2s_clip.py")
+                           "(<domain>/{train,test}/<class>/<image>); see w2s_clip_lab/datasets.py")
     data.add_argument("--data-root", default="data/domainnet",
                       help="folder with <domain>/<class>/<file>.jpg and <domain>_{train,test}.txt "
                            "(DomainNet), or of the --dataset layout")
@@ -1034,108 +1274,13 @@ def parse_args(argv=None):
     return args
 
 
-EPOCH_FIELDS = ("head", *(name for name, h in HYPERPARAMETERS.items() if h[1]), "text_lr", "epoch",
-                "step", "loss", "val_loss", "val_score", "train_true_acc", "train_agreement",
-                "test_acc")  # epochs.csv
-
-
-def run_experiment(args):
-    """The paper's protocol for one domain (Section 5): for each seed the splits (step 0), the weak
-    model and its logits (steps 1-2), then every requested method (steps 3-5) on CLIP features
-    computed once; each result saved as it finishes, then a box of the seed's results."""
-    from checks_w2s_clip import preflight
-    from report_w2s_clip import summary_box
-    from store_w2s_clip import check_images_once, feature_stage, pending_runs, run_settings, weak_stage
-    methods = list(dict.fromkeys(m for name in args.method for m in METHOD_GROUPS.get(name, [name])))
-    run = preflight(args)  # the device line, the data, the checks
-    data, device, precision = run["data"], run["device"], run["precision"]
-    run["settings"] = run_settings(args, data, device, precision)
-    todo = pending_runs(args, methods, run["settings"])  # finished runs are kept (resumed)
-    if not any(todo.values()):
-        for seed in args.seeds:  # what they hold, as the run that made them printed it
-            print(summary_box(args.out_dir, args.domain, seed, methods, run["settings"]))
-        print(f"all runs exist under {args.out_dir}/{args.domain}; --force recomputes them")
-        return
-    data["images"] = check_images_once(args.data_root, data["train_paths"] + data["test_paths"],
-                                       args.cache_dir, args.domain)
-    strong = None
-    for seed in (seed for seed, todo_methods in todo.items() if todo_methods):
-        splits = protocol_splits(len(data["test_labels"]), seed)
-        try:
-            weak = weak_stage(args, data, seed, device, precision, run["settings"])  # (logits, history)
-        except FloatingPointError as e:
-            raise UserError(f"{args.domain} seed {seed} weak: {e}; lower --weak-lr (now "
-                            f"{args.weak_lr:g})") from None
-        if strong is None and set(todo[seed]) - {"weak"}:
-            strong = {**feature_stage(args, data, device, precision, run["settings"]),
-                      "descriptions": run["descriptions"]}
-        if strong is not None and args.prototype_init == "cpe":  # CPE weighs this seed's hold-train
-            strong.pop("prototypes", None)
-            strong["hold_features"] = strong["feats"][splits["hold_train"]]
-        results = {method: run_and_save(method, seed, args, run, splits, weak, strong)
-                   for method in todo[seed]}
-        print(summary_box(args.out_dir, args.domain, seed, methods, run["settings"], results))
-
-
-def run_and_save(method, seed, args, run, splits, weak, strong):
-    """One method on one seed (`run_method`), its epochs logged as training goes, its results,
-    head and log saved together (`save_run`) with what made them; returns the results."""
-    from store_w2s_clip import epochs_log, result_path, save_run, settings_key
-    cuda = torch.device(run["device"]).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(run["device"])
-    start, path, data = time.time(), result_path(args.out_dir, args.domain, method, seed), run["data"]
-    try:
-        with epochs_log(path) as on_epoch:
-            result = run_method(method, args, data, splits, weak[0], strong, seed, on_epoch)
-    except FloatingPointError as e:
-        raise UserError(f"{args.domain} seed {seed} {method}: {e}; lower --lr (now {args.lr:g}) or "
-                        f"check --tau-grid, --cpl-logit-scale, --kd-temperature-grid") from None
-    for warning in result.get("warnings", []):
-        print(f"warning: {args.domain} seed {seed} {method}: {warning}", file=sys.stderr, flush=True)
-    head = result.pop("_head", None)
-    if method == "weak":
-        result["weak_training"] = weak[1]  # per epoch; None from an older cache
-    result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
-                  hardware=run["hardware"], n_weak_train=len(data["train_labels"]),
-                  **{f"n_{s}": len(i) for s, i in splits.items()}, seconds=time.time() - start,
-                  settings=run["settings"], settings_key=settings_key(run["settings"]),
-                  config=vars(args))
-    if cuda:
-        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(run["device"]) / 2**30
-    save_run(path, result, head, run["settings"], args.force)
-    tuned = "".join(f", {name} {value:g}" for name, value in result["tuned"].items())
-    print(f"{args.domain} seed {seed} {method}: {100 * result['test_accuracy']:.2f}% on D'_test in "
-          f"{result['seconds']:.1f} s{tuned} -> {path}", flush=True)
-    return result
-
-
 def main(argv=None):
-    """Parse the flags and run; a UserError becomes one line on stderr and exit status 1."""
+    """Parse the flags and hand them to the runner (w2s_clip_lab/runner.py: the checks, the caches,
+    the results files), the one place this file imports the project; exit status 1 and one line
+    on stderr for a user's mistake."""
     args = parse_args(argv)
-    try:
-        if args.make_demo:
-            import minidomainnet  # the synthetic miniature; imports this module, never the reverse
-            minidomainnet.make_demo(args.make_demo, layout="folder")
-        elif args.build_tables:
-            from report_w2s_clip import build_tables
-            build_tables(args.out_dir, args.tables_dir)
-        else:
-            run_experiment(args)
-    except UserError as e:  # also re-raised from data-loader workers, with their traceback
-        msg = str(e).strip().splitlines()[-1]
-        sys.exit("error: " + msg.split("UserError: ", 1)[-1])
-    except KeyboardInterrupt:  # finished runs and caches are complete files; the rest is redone
-        print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except OSError as e:  # a full disk outside atomic_save (a table, a stamp file)
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise
-        where = e.filename or (args.tables_dir if args.build_tables else args.make_demo
-                               or f"{args.out_dir} or {args.cache_dir}")
-        what = ("a file-size limit (ulimit -f, a quota) stopped a write on" if e.errno == errno.EFBIG
-                else "no space left on")
-        sys.exit(f"error: {what} {where}; free some space and run the command again")
+    from w2s_clip_lab.runner import run
+    run(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests for store_w2s_clip.py: caches, atomic writes, locks, pixel caches, settings and results; shared fixtures in conftest.py."""
+"""Tests for w2s_clip_lab/store.py: caches, atomic writes, locks, pixel caches, settings and results; shared fixtures in conftest.py."""
 
 import os
 
@@ -12,11 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checks_w2s_clip
-import datasets_w2s_clip
-import hf_w2s_clip
-import store_w2s_clip
 import w2s_clip
+from w2s_clip_lab import checks, datasets, files, hf, store
 from conftest import cli_args, corrupt_copy, folder_copy, good_result, main_error, varied_images
 
 
@@ -28,30 +25,30 @@ def test_cached_computes_once_then_loads_and_leaves_no_temporary_files(tmp_path)
         return {"feats": torch.arange(6.0).view(2, 3), "n": torch.tensor(len(calls))}
 
     path = tmp_path / "sub" / "feats.pt"
-    first = store_w2s_clip.cached(path, compute)
-    second = store_w2s_clip.cached(path, compute)
+    first = files.cached(path, compute)
+    second = files.cached(path, compute)
     assert len(calls) == 1
     assert torch.equal(second["feats"], first["feats"]) and second["n"].item() == 1
-    assert store_w2s_clip.cached(path, compute, force=True)["n"].item() == 2 and len(calls) == 2
+    assert files.cached(path, compute, force=True)["n"].item() == 2 and len(calls) == 2
     assert sorted(os.listdir(path.parent)) == [".feats.pt.lock", "feats.pt"]  # no .tmp left behind
 
 
 def test_atomic_save_json_and_overwrite(tmp_path):
     path = tmp_path / "r.json"
-    store_w2s_clip.atomic_save({"a": 1, "p": Path("x")}, path)
-    store_w2s_clip.atomic_save({"a": 2, "p": Path("y")}, path)
+    files.atomic_save({"a": 1, "p": Path("x")}, path)
+    files.atomic_save({"a": 2, "p": Path("y")}, path)
     assert json.loads(path.read_text()) == {"a": 2, "p": "y"}
     assert os.listdir(tmp_path) == ["r.json"]
 
 
 def test_cache_key_changes_with_every_part():
     base = dict(model="resnet18", seed=0, lr=1e-3, root="/data", pretrained=True, splits="abc")
-    key = store_w2s_clip.cache_key(**base)
-    assert key == store_w2s_clip.cache_key(**dict(reversed(list(base.items()))))  # order-free
+    key = files.cache_key(**base)
+    assert key == files.cache_key(**dict(reversed(list(base.items()))))  # order-free
     changed = dict(model="resnet50", seed=1, lr=1e-4, root="/data2", pretrained=False, splits="abd")
     for name, value in changed.items():
-        assert store_w2s_clip.cache_key(**{**base, name: value}) != key, name
-    assert store_w2s_clip.cache_key(**base, extra=None) != key
+        assert files.cache_key(**{**base, name: value}) != key, name
+    assert files.cache_key(**base, extra=None) != key
 
 
 def test_folder_images_are_checked_once_per_data_folder(demo, tmp_path, monkeypatch):
@@ -59,8 +56,8 @@ def test_folder_images_are_checked_once_per_data_folder(demo, tmp_path, monkeypa
     command opens every image's header once, a second command not at all."""
     root = folder_copy(demo, tmp_path)
     calls = []
-    real = checks_w2s_clip.check_images
-    monkeypatch.setattr(store_w2s_clip, "check_images",  # as check_images_once calls it
+    real = checks.check_images
+    monkeypatch.setattr(store, "check_images",  # as check_images_once calls it
                         lambda r, p, **kw: calls.append(len(p)) or real(r, p, **kw))
     for seed in ("0", "1"):
         w2s_clip.main([str(a) for a in cli_args(demo, root, tmp_path / "out", tmp_path / "cache",
@@ -76,8 +73,8 @@ def test_pixel_cache_holds_each_image_as_decoded_and_resized(tmp_path, short):
     import numpy as np
     from PIL import Image
     paths = varied_images(tmp_path / "img")
-    prepare, out_size = store_w2s_clip.short_side(short)
-    cache = store_w2s_clip.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
+    prepare, out_size = store.short_side(short)
+    cache = store.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
     assert len(cache) == len(paths)
     for i, rel in enumerate(paths):
         image = Image.open(tmp_path / "img" / rel).convert("RGB")
@@ -93,37 +90,37 @@ def test_pixel_cache_holds_each_image_as_decoded_and_resized(tmp_path, short):
 def test_damaged_pixel_cache_is_rebuilt(tmp_path, damage):
     import numpy as np
     paths = varied_images(tmp_path / "img")
-    prepare, out_size = store_w2s_clip.short_side(10 ** 6)
+    prepare, out_size = store.short_side(10 ** 6)
     stem = tmp_path / "c" / "px"
-    first = store_w2s_clip.build_pixel_cache(stem, tmp_path / "img", paths, prepare, out_size)
+    first = store.build_pixel_cache(stem, tmp_path / "img", paths, prepare, out_size)
     want = [np.asarray(first[i]) for i in range(len(paths))]
     if damage == "truncate":
         os.truncate(f"{stem}.u8", 100)
     elif damage == "no-index":
         os.remove(f"{stem}.idx.pt")
-    assert not store_w2s_clip.PixelCache(stem).valid(len(paths) + (damage == "other-count"))
+    assert not store.PixelCache(stem).valid(len(paths) + (damage == "other-count"))
     n = len(paths) - (damage == "other-count")
-    again = store_w2s_clip.build_pixel_cache(stem, tmp_path / "img", paths[:n], prepare, out_size)
+    again = store.build_pixel_cache(stem, tmp_path / "img", paths[:n], prepare, out_size)
     assert all(np.array_equal(np.asarray(again[i]), want[i]) for i in range(n))
-    assert store_w2s_clip.PixelCache(stem).valid(n)
+    assert store.PixelCache(stem).valid(n)
 
 
 def test_eval_pixel_cache_gives_the_eval_transform_bit_for_bit(demo, tmp_path):
     """timm's eval transform cut at its tensor conversion: the cached crops plus the rest give the
     same tensors as the whole transform on the decoded file; open_clip's preprocessing can be cut
     too; a Hugging Face processor cannot (None)."""
-    data = datasets_w2s_clip.load_domain(demo / "data", "sketch")
+    data = datasets.load_domain(demo / "data", "sketch")
     _, _, eval_tf = w2s_clip.create_weak_model("test_resnet", 4, pretrained=False)
-    pre, post, (h, w) = store_w2s_clip.eval_pixel_steps(eval_tf)
+    pre, post, (h, w) = store.eval_pixel_steps(eval_tf)
     paths, labels = data["test_paths"][:12], data["test_labels"][:12]
-    cache = store_w2s_clip.build_pixel_cache(tmp_path / "px", demo / "data", paths, pre, lambda *_: (w, h))
-    plain = datasets_w2s_clip.ImageList(demo / "data", paths, labels, eval_tf)
-    cached = datasets_w2s_clip.ImageList(demo / "data", paths, labels, post, pixels=cache)
+    cache = store.build_pixel_cache(tmp_path / "px", demo / "data", paths, pre, lambda *_: (w, h))
+    plain = datasets.ImageList(demo / "data", paths, labels, eval_tf)
+    cached = datasets.ImageList(demo / "data", paths, labels, post, pixels=cache)
     for i in range(len(paths)):
         assert torch.equal(plain[i][0], cached[i][0]) and plain[i][1] == cached[i][1]
     _, preprocess, _ = w2s_clip.load_clip(str(demo / "tiny-clip.json"), None)
-    assert store_w2s_clip.eval_pixel_steps(preprocess) is not None
-    assert store_w2s_clip.eval_pixel_steps(hf_w2s_clip.HFEvalTransform(None)) is None
+    assert store.eval_pixel_steps(preprocess) is not None
+    assert store.eval_pixel_steps(hf.HFEvalTransform(None)) is None
 
 
 def test_decodes_per_image_reach_one_with_the_caches(demo, tmp_path, monkeypatch):
@@ -131,8 +128,8 @@ def test_decodes_per_image_reach_one_with_the_caches(demo, tmp_path, monkeypatch
     seeds * (epochs * n_train + n_test) images without the caches, n_train + n_test with them
     (each image once); the weak logits are the same tensors."""
     decodes = []
-    real = datasets_w2s_clip.decode_image
-    for module in (datasets_w2s_clip, store_w2s_clip):  # ImageList's and the pixel cache's
+    real = datasets.decode_image
+    for module in (datasets, store):  # ImageList's and the pixel cache's
         monkeypatch.setattr(module, "decode_image", lambda path: decodes.append(path) or real(path))
     n_train, n_test, epochs, seeds = 8 * 4, 20 * 4, 2, 2
     logits = {}
@@ -157,7 +154,7 @@ def test_run_settings_change_with_what_shapes_a_result(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "data")
     args = lambda *extra: w2s_clip.parse_args(["--data-root", str(tmp_path / "data"),
                                                "--clip-pretrained", "none", *extra])
-    key = lambda a, digest="d1", device="cpu", precision="fp32": store_w2s_clip.run_settings(
+    key = lambda a, digest="d1", device="cpu", precision="fp32": store.run_settings(
         a, {"digest": digest}, device, precision)
     base = key(args())
     assert key(args("--seeds", "3", "--method", "kd-lp", "--out-dir", "x")) == base
@@ -171,7 +168,7 @@ def test_run_settings_change_with_what_shapes_a_result(tmp_path):
 
 def test_cache_log_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("W2S_CLIP_CACHE_LOG", str(tmp_path / "no-such-folder" / "log"))
-    assert store_w2s_clip.cached(tmp_path / "x.pt", lambda: torch.ones(2)).sum() == 2
+    assert files.cached(tmp_path / "x.pt", lambda: torch.ones(2)).sum() == 2
     assert "warning: W2S_CLIP_CACHE_LOG" in capsys.readouterr().err
 
 
@@ -191,10 +188,10 @@ def test_atomic_save_removes_its_temporary_file_and_stale_ones(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(w2s_clip.UserError, match=f"no space left on {tmp_path}"):
-        store_w2s_clip.atomic_save({"x": torch.zeros(3)}, tmp_path / "feats.pt")
+        files.atomic_save({"x": torch.zeros(3)}, tmp_path / "feats.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
     monkeypatch.undo()
-    store_w2s_clip.remove_stale_temps(tmp_path)
+    files.remove_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
 
 
@@ -203,10 +200,10 @@ def test_run_settings_relative_and_absolute_paths_are_one_setting(demo, tmp_path
     args = lambda config, data: w2s_clip.parse_args(["--data-root", data, "--clip-model", config,
                                                      "--clip-pretrained", "none"])
     data = {"digest": "d1"}
-    relative = store_w2s_clip.run_settings(args("tiny-clip.json", "data"), data, "cpu")
-    absolute = store_w2s_clip.run_settings(args(str(demo / "tiny-clip.json"), str(demo / "data")), data, "cpu")
+    relative = store.run_settings(args("tiny-clip.json", "data"), data, "cpu")
+    absolute = store.run_settings(args(str(demo / "tiny-clip.json"), str(demo / "data")), data, "cpu")
     assert relative == absolute and relative["clip_model"] == os.path.realpath(demo / "tiny-clip.json")
-    assert store_w2s_clip.settings_key(relative) == store_w2s_clip.settings_key(json.loads(json.dumps(absolute)))
+    assert store.settings_key(relative) == store.settings_key(json.loads(json.dumps(absolute)))
 
 
 def test_a_result_is_stale_only_when_a_setting_it_depends_on_changes():
@@ -215,8 +212,8 @@ def test_a_result_is_stale_only_when_a_setting_it_depends_on_changes():
     file counts at its default (valid while the new run keeps that default)."""
     args = w2s_clip.parse_args([])
     base = json.loads(json.dumps({k: v for k, v in vars(args).items()
-                                  if k not in store_w2s_clip.RUN_FLAGS}, default=str))
-    key = store_w2s_clip.settings_key
+                                  if k not in store.RUN_FLAGS}, default=str))
+    key = store.settings_key
 
     def stale(method, **change):
         return key(base, method) != key({**base, **change}, method)
@@ -229,22 +226,22 @@ def test_a_result_is_stale_only_when_a_setting_it_depends_on_changes():
     assert not stale("weak", lr=0.5, tau=0.1) and stale("weak", weak_lr=0.5) and stale("cpl", lr=0.5)
     older = {k: v for k, v in base.items() if k != "cpl_kl"}  # made before --cpl-kl existed
     assert key(older, "cpl") == key(base, "cpl") != key({**base, "cpl_kl": "printed"}, "cpl")
-    assert "cpl_kl: summand -> printed" == store_w2s_clip.describe_difference(
+    assert "cpl_kl: summand -> printed" == store.describe_difference(
         older, {**base, "cpl_kl": "printed"}, method="cpl")
 
 
 def test_image_stats_digest_notices_replaced_images(demo, tmp_path):
     """The data key moves when an image is rewritten (size) or touched (mtime), not otherwise."""
     data = corrupt_copy(demo, tmp_path)
-    paths = datasets_w2s_clip.read_split_file(data / "sketch_test.txt")[0]
-    base = store_w2s_clip.image_stats_digest(data, paths)
-    assert store_w2s_clip.image_stats_digest(data, paths) == base
+    paths = datasets.read_split_file(data / "sketch_test.txt")[0]
+    base = store.image_stats_digest(data, paths)
+    assert store.image_stats_digest(data, paths) == base
     image = data / paths[3]
     image.write_bytes(image.read_bytes() + b"\0")
-    grown = store_w2s_clip.image_stats_digest(data, paths)
+    grown = store.image_stats_digest(data, paths)
     st = image.stat()
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-    assert len({base, grown, store_w2s_clip.image_stats_digest(data, paths)}) == 3
+    assert len({base, grown, store.image_stats_digest(data, paths)}) == 3
 
 
 def test_a_result_written_meanwhile_with_other_settings_is_kept(demo, tmp_path, monkeypatch):
@@ -260,7 +257,7 @@ def test_a_result_written_meanwhile_with_other_settings_is_kept(demo, tmp_path, 
     def concurrent(method, *a, **k):
         result = real(method, *a, **k)
         if method == "cpl":
-            store_w2s_clip.atomic_save(foreign, path)
+            files.atomic_save(foreign, path)
         return result
     monkeypatch.setattr(w2s_clip, "run_method", concurrent)
     main_error(cli_args(demo, demo / "data", out, cache, **{"--tune": "none"}),
@@ -270,7 +267,7 @@ def test_a_result_written_meanwhile_with_other_settings_is_kept(demo, tmp_path, 
 
 def test_results_with_extra_keys_are_read():
     r = {**good_result(), "a_key_of_a_later_version": [1, 2, 3]}
-    assert store_w2s_clip.result_problems(r) == []
+    assert store.result_problems(r) == []
 
 
 def test_file_lock_on_a_file_system_without_flock_warns_and_goes_on(tmp_path, monkeypatch, capsys):
@@ -281,8 +278,8 @@ def test_file_lock_on_a_file_system_without_flock_warns_and_goes_on(tmp_path, mo
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(fcntl, "flock", no_flock)
     path = tmp_path / "runs" / "results.json"
-    with store_w2s_clip.file_lock(path):
-        store_w2s_clip.atomic_save({"a": 1}, path)
+    with files.file_lock(path):
+        files.atomic_save({"a": 1}, path)
     assert json.loads(path.read_text()) == {"a": 1}
     assert "cannot lock" in capsys.readouterr().err
 
@@ -292,7 +289,7 @@ def test_atomic_save_never_replaces_a_link(tmp_path):
     target.write_text("{}")
     link.symlink_to(target)
     with pytest.raises(w2s_clip.UserError, match="symbolic link"):
-        store_w2s_clip.atomic_save({"a": 1}, link)
+        files.atomic_save({"a": 1}, link)
     assert link.is_symlink() and target.read_text() == "{}" and not list(tmp_path.glob("*.tmp"))
 
 
@@ -302,7 +299,7 @@ def test_a_run_whose_results_json_is_a_link_is_refused_before_training(demo, tmp
     out, cache = tmp_path / "runs", tmp_path / "cache"
     mine = tmp_path / "mine.json"
     mine.write_text('{"mine": true}')
-    path = store_w2s_clip.result_path(out, "sketch", "weak", 0)
+    path = store.result_path(out, "sketch", "weak", 0)
     path.parent.mkdir(parents=True)
     path.symlink_to(mine)
     main_error(cli_args(demo, demo / "data", out, cache, **{"--method": "weak"}) + ["--force"],
@@ -323,9 +320,9 @@ def test_a_temporary_file_of_another_machine_sharing_the_folder_is_kept_until_st
         f.write_bytes(b"half")
     day_ago = time.time() - 2 * 86400
     os.utime(stale, (day_ago, day_ago))
-    store_w2s_clip.remove_stale_temps(tmp_path)
+    files.remove_stale_temps(tmp_path)
     assert fresh.exists() and not stale.exists() and not mine_dead.exists()
-    assert store_w2s_clip.temp_path(tmp_path / "a.json").name == \
+    assert files.temp_path(tmp_path / "a.json").name == \
         f".a.json.{os.getpid()}@{socket.gethostname()}.tmp"
 
 
@@ -336,16 +333,16 @@ def test_a_job_killed_while_holding_a_cache_lock_leaves_it_free(tmp_path):
     import time
     path = tmp_path / "entry.pt"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, store_w2s_clip\n"
-        "with store_w2s_clip.file_lock(sys.argv[1]):\n"
+        "import sys, time, store\n"
+        "with files.file_lock(sys.argv[1]):\n"
         "    print('held', flush=True); time.sleep(600)\n"), str(path)],
-        cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True)
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
         start = time.time()
-        got = store_w2s_clip.cached(path, lambda: torch.arange(3))
+        got = files.cached(path, lambda: torch.arange(3))
         assert torch.equal(got, torch.arange(3)) and time.time() - start < 10
         assert not list(tmp_path.glob("*.tmp"))
     finally:
@@ -358,7 +355,7 @@ def test_a_file_size_limit_during_the_pixel_cache_is_one_line_and_leaves_no_temp
     import builtins
     import errno
     paths = varied_images(tmp_path / "img")
-    prepare, out_size = store_w2s_clip.short_side(10 ** 6)
+    prepare, out_size = store.short_side(10 ** 6)
 
     class Limited:
         def __init__(self, f):
@@ -378,34 +375,34 @@ def test_a_file_size_limit_during_the_pixel_cache_is_one_line_and_leaves_no_temp
     def limited_open(p, mode="r", **kwargs):  # the data file's writes only
         f = builtins.open(p, mode, **kwargs)
         return Limited(f) if str(p).endswith(".tmp") and ".u8." in str(p) else f
-    monkeypatch.setattr(store_w2s_clip, "open", limited_open, raising=False)
+    monkeypatch.setattr(store, "open", limited_open, raising=False)
     with pytest.raises(w2s_clip.UserError, match="File too large") as info:
-        store_w2s_clip.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
+        store.build_pixel_cache(tmp_path / "c" / "px", tmp_path / "img", paths, prepare, out_size)
     assert "px.u8" in str(info.value) and "--cache-dir" in str(info.value)
     assert not list((tmp_path / "c").glob("*.tmp")) and not (tmp_path / "c" / "px.u8").exists()
 
 
 def test_a_full_disk_when_saving_a_run_leaves_neither_its_log_nor_a_temporary_file(tmp_path, monkeypatch):
     """head.pt cannot be written: no results.json, no epochs.csv, no `.epochs.csv.*.tmp`."""
-    path = store_w2s_clip.result_path(tmp_path, "sketch", "cpl", 0)
-    with store_w2s_clip.epochs_log(path) as on_epoch:
+    path = store.result_path(tmp_path, "sketch", "cpl", 0)
+    with store.epochs_log(path) as on_epoch:
         on_epoch({"epoch": 0, "step": 0, "loss": 1.0})
-    real = store_w2s_clip.atomic_save
+    real = files.atomic_save
 
     def full(obj, p):
         if Path(p).name == "head.pt":
             raise w2s_clip.UserError(f"no space left on {Path(p).parent} (writing head.pt)")
         return real(obj, p)
-    monkeypatch.setattr(store_w2s_clip, "atomic_save", full)
+    monkeypatch.setattr(store, "atomic_save", full)
     with pytest.raises(w2s_clip.UserError, match="no space left"):
-        store_w2s_clip.save_run(path, good_result(), {"w": torch.zeros(1)}, {})
+        store.save_run(path, good_result(), {"w": torch.zeros(1)}, {})
     assert sorted(p.name for p in path.parent.iterdir()) == [".results.json.lock"]
 
 
 def test_a_full_disk_while_the_epochs_log_is_written_names_the_log(tmp_path, monkeypatch):
     import builtins
     import errno
-    path = store_w2s_clip.result_path(tmp_path, "sketch", "cpl", 0)
+    path = store.result_path(tmp_path, "sketch", "cpl", 0)
 
     class Full:
         def __init__(self, f):
@@ -425,10 +422,10 @@ def test_a_full_disk_while_the_epochs_log_is_written_names_the_log(tmp_path, mon
 
         def __exit__(self, *exc):
             self.f.close()
-    monkeypatch.setattr(store_w2s_clip, "open", lambda p, mode="r", **k: Full(builtins.open(p, mode, **k)),
+    monkeypatch.setattr(store, "open", lambda p, mode="r", **k: Full(builtins.open(p, mode, **k)),
                         raising=False)
     with pytest.raises(w2s_clip.UserError, match="epochs.csv") as info:
-        with store_w2s_clip.epochs_log(path) as on_epoch:
+        with store.epochs_log(path) as on_epoch:
             on_epoch({"epoch": 0})
             on_epoch({"epoch": 1})
     assert "No space left" in str(info.value) and not list(path.parent.glob("*.tmp"))
@@ -441,8 +438,8 @@ def test_two_data_sets_in_one_out_dir_are_one_line_naming_the_difference(demo, t
     root = folder_copy(demo, tmp_path)
     mine = {**good_result("weak"), "settings": {**good_result("weak")["settings"], "dataset": "folder",
                                                  "data_root": str(root)}}
-    path = store_w2s_clip.result_path(out, "sketch", "weak", 0)
-    store_w2s_clip.atomic_save(mine, path)
+    path = store.result_path(out, "sketch", "weak", 0)
+    files.atomic_save(mine, path)
     before = path.read_bytes()
     main_error(cli_args(demo, demo / "data", out, tmp_path / "cache", **{"--method": "weak"}),
                str(path), "other settings", "dataset: folder -> domainnet", "--out-dir")
@@ -454,8 +451,8 @@ def test_zero_shot_and_the_ceiling_are_not_stale_for_flags_they_do_not_use():
     the tuning criterion leave it as it is; the ceiling tunes nothing; both still follow the
     prompt and the weak model's flags (weak_test_accuracy is part of every result)."""
     base = json.loads(json.dumps({k: v for k, v in vars(w2s_clip.parse_args([])).items()
-                                  if k not in store_w2s_clip.RUN_FLAGS}, default=str))
-    key = store_w2s_clip.settings_key
+                                  if k not in store.RUN_FLAGS}, default=str))
+    key = store.settings_key
 
     def stale(method, **change):
         return key(base, method) != key({**base, **change}, method)

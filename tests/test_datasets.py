@@ -1,4 +1,4 @@
-"""Tests for datasets_w2s_clip.py: split files, image loading and the other layouts; shared fixtures in conftest.py."""
+"""Tests for w2s_clip_lab/datasets.py: split files, image loading and the other layouts; shared fixtures in conftest.py."""
 
 import os
 
@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-import datasets_w2s_clip
 import w2s_clip
+from w2s_clip_lab import datasets
 from conftest import (DEMO_NAMES, assert_user_error, cli_args, corrupt_copy, folder_copy, run_cli,
                       tree_digest)
 
@@ -20,7 +20,7 @@ def test_read_split_file_keeps_order_and_skips_blank_lines(tmp_path):
     path = tmp_path / "sketch_train.txt"
     path.write_text("sketch/aircraft_carrier/x.jpg 0\nsketch/zebra/b.jpg 1\n\n"
                     "sketch/aircraft_carrier/a.jpg 0\nsketch/The_Eiffel_Tower/e f.jpg 2\n")
-    paths, labels = datasets_w2s_clip.read_split_file(path)
+    paths, labels = datasets.read_split_file(path)
     assert paths == ["sketch/aircraft_carrier/x.jpg", "sketch/zebra/b.jpg",
                      "sketch/aircraft_carrier/a.jpg", "sketch/The_Eiffel_Tower/e f.jpg"]
     assert labels.dtype == torch.int64 and labels.tolist() == [0, 1, 0, 2]
@@ -29,22 +29,22 @@ def test_read_split_file_keeps_order_and_skips_blank_lines(tmp_path):
 def test_classnames_follow_label_order_not_sorted_order():
     paths = ["sketch/apple/1.jpg", "sketch/zebra/2.jpg", "sketch/The_Eiffel_Tower/3.jpg",
              "sketch/zebra/4.jpg"]
-    names = datasets_w2s_clip.classnames_from_splits(paths, torch.tensor([1, 0, 2, 0]))
+    names = datasets.classnames_from_splits(paths, torch.tensor([1, 0, 2, 0]))
     assert names == ["zebra", "apple", "The Eiffel Tower"]
 
 
 @pytest.mark.parametrize("labels", [[0, 2], [0, -1], [1, 1]], ids=["gap", "negative", "no-zero"])
 def test_classnames_reject_labels_outside_range(labels):
     with pytest.raises(w2s_clip.UserError, match="label"):
-        datasets_w2s_clip.classnames_from_splits(["s/apple/1.jpg", "s/zebra/2.jpg"], torch.tensor(labels))
+        datasets.classnames_from_splits(["s/apple/1.jpg", "s/zebra/2.jpg"], torch.tensor(labels))
 
 
 def test_read_split_file_missing_or_empty(tmp_path):
     with pytest.raises(w2s_clip.UserError, match="not found"):
-        datasets_w2s_clip.read_split_file(tmp_path / "nope.txt")
+        datasets.read_split_file(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(w2s_clip.UserError, match="empty"):
-        datasets_w2s_clip.read_split_file(tmp_path / "empty.txt")
+        datasets.read_split_file(tmp_path / "empty.txt")
 
 
 @pytest.mark.parametrize("bad", ["sketch/zebra/x.jpg", "x.jpg 1", "sketch/zebra/x.jpg one",
@@ -54,7 +54,7 @@ def test_read_split_file_malformed_line_names_file_and_line(tmp_path, bad):
     path = tmp_path / "sketch_test.txt"
     path.write_text(f"sketch/zebra/a.jpg 0\n\nsketch/zebra/b.jpg 0\n{bad}\n")
     with pytest.raises(w2s_clip.UserError) as info:
-        datasets_w2s_clip.read_split_file(path)
+        datasets.read_split_file(path)
     assert f"{path}:4" in str(info.value)
 
 
@@ -149,7 +149,7 @@ def test_split_files_with_a_byte_order_mark_read_like_without(demo, tmp_path):
     for split in ("train", "test"):
         path = data / f"sketch_{split}.txt"
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
-    plain, bom = datasets_w2s_clip.load_domain(demo / "data", "sketch"), datasets_w2s_clip.load_domain(data, "sketch")
+    plain, bom = datasets.load_domain(demo / "data", "sketch"), datasets.load_domain(data, "sketch")
     for key in ("train_paths", "test_paths", "classnames"):
         assert bom[key] == plain[key], key
     assert torch.equal(bom["train_labels"], plain["train_labels"])
@@ -160,10 +160,10 @@ def test_image_list_augmentation_is_seeded_per_sample_and_epoch(demo):
     another epoch gives another draw; the global RNGs are left as they were."""
     import random
     import timm
-    paths, labels = datasets_w2s_clip.read_split_file(demo / "data" / "sketch_train.txt")
+    paths, labels = datasets.read_split_file(demo / "data" / "sketch_train.txt")
     model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
     tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=True)
-    ds = datasets_w2s_clip.ImageList(demo / "data", paths, labels, tf, seed=7)
+    ds = datasets.ImageList(demo / "data", paths, labels, tf, seed=7)
     n = len(ds)
     first = ds[3][0]
     torch.manual_seed(123)
@@ -172,7 +172,7 @@ def test_image_list_augmentation_is_seeded_per_sample_and_epoch(demo):
     assert torch.equal(ds[3][0], first)  # after other draws
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
     assert not torch.equal(ds[n + 3][0], first)  # epoch 1 of image 3
-    sampler = datasets_w2s_clip.EpochSampler(n, seed=0)
+    sampler = datasets.EpochSampler(n, seed=0)
     e0, e1 = list(sampler), list(sampler)
     assert sorted(e0) == list(range(n)) and sorted(e1) == list(range(n, 2 * n)) and e0 != [i - n for i in e1]
 
@@ -204,7 +204,7 @@ def test_an_image_in_train_and_test_under_two_spellings_is_refused(demo, tmp_pat
     with open(data / "sketch_train.txt", "a") as f:
         f.write(f"{respelled(path, spelling, data)} {label}\n")
     with pytest.raises(w2s_clip.UserError, match="listed in both") as info:
-        datasets_w2s_clip.load_domain(str(link), "sketch")
+        datasets.load_domain(str(link), "sketch")
     assert path in str(info.value) and "1 images" in str(info.value)
 
 
@@ -217,7 +217,7 @@ def test_an_image_listed_twice_under_two_spellings_in_one_file_is_refused(demo, 
     (data / "sketch_test.txt").write_text("\n".join(lines + [f"{respelled(path, spelling, data)} "
                                                              f"{label}"]) + "\n")
     with pytest.raises(w2s_clip.UserError, match="sketch_test.txt") as info:
-        datasets_w2s_clip.load_domain(data, "sketch")
+        datasets.load_domain(data, "sketch")
     assert path in str(info.value) and ("again" in str(info.value) or "both" in str(info.value))
 
 
@@ -230,7 +230,7 @@ def test_spelled_paths_read_as_the_plain_ones_with_their_class_folder(demo, tmp_
         lines = [line.rsplit(" ", 1) for line in f.read_text().splitlines()]
         f.write_text("".join(f"./{p.replace('/', '//', 1)} {y}\n" if i % 2 else
                              f"{p.replace('/', '/./')} {y}\n" for i, (p, y) in enumerate(lines)))
-    plain, spelled = (datasets_w2s_clip.load_domain(d, "sketch") for d in (demo / "data", data))
+    plain, spelled = (datasets.load_domain(d, "sketch") for d in (demo / "data", data))
     for key in ("train_paths", "test_paths", "classnames"):
         assert spelled[key] == plain[key], key
 
@@ -245,7 +245,7 @@ def test_file_names_differing_in_case_are_two_images_on_a_case_sensitive_file_sy
     shutil.copy(data / path, data / upper)
     with open(data / "sketch_train.txt", "a") as f:
         f.write(f"{upper} {label}\n")
-    got = datasets_w2s_clip.load_domain(data, "sketch")
+    got = datasets.load_domain(data, "sketch")
     assert upper in got["train_paths"] and path in got["test_paths"]
 
 
@@ -267,7 +267,7 @@ def test_two_class_folders_that_name_one_class_are_named_whatever_the_line_order
     random.Random(seed).shuffle(order)
     twin_split(tmp_path, order)
     with pytest.raises(w2s_clip.UserError) as info:
-        datasets_w2s_clip.load_domain(tmp_path, "sketch")
+        datasets.load_domain(tmp_path, "sketch")
     assert str(info.value).endswith("class folders 't shirt' and 't_shirt' both name the class "
                                     "'t shirt' (`_` is a space, case is ignored as CLIP's "
                                     "tokenizer ignores it); rename or merge one of them")
@@ -277,7 +277,7 @@ def test_two_class_folders_that_name_one_class_are_named_whatever_the_line_order
 def test_class_folders_differing_in_case_name_one_class(labels):
     paths = ["s/zebra/0.jpg", "s/T-shirt/1.jpg", "s/t-shirt/2.jpg"]
     with pytest.raises(w2s_clip.UserError, match="'T-shirt' and 't-shirt' both name"):
-        datasets_w2s_clip.classnames_from_splits(paths, torch.tensor([labels[0], *labels]))
+        datasets.classnames_from_splits(paths, torch.tensor([labels[0], *labels]))
 
 
 @pytest.mark.parametrize("layout", ["folder", "officehome"])
@@ -312,13 +312,13 @@ def test_officehome_domains_with_other_class_folders_are_one_line(officehome, tm
     shutil.copytree(officehome / "Real World", root / "Art")
     shutil.rmtree(root / ("Real World" if side == "missing-here" else "Art") / "zebra")
     with pytest.raises(w2s_clip.UserError, match="class folder zebra is in") as info:
-        datasets_w2s_clip.officehome_lists(root, "Real_World")
+        datasets.officehome_lists(root, "Real_World")
     assert "Art" in str(info.value) and "Real World" in str(info.value)
 
 
 def test_an_unreadable_image_of_ones_own_folder_is_named_with_what_to_do(demo, tmp_path):
     """Not `make data` alone (which fetches DomainNet): replace or remove the file."""
-    from checks_w2s_clip import check_images
+    from w2s_clip_lab.checks import check_images
     root = folder_copy(demo, tmp_path)
     bad = next((root / "sketch" / "train" / "zebra").iterdir())
     bad.write_bytes(b"")
@@ -334,4 +334,4 @@ def test_classnames_txt_and_folders_in_other_unicode_normalisations_are_named(tm
     folders = [unicodedata.normalize("NFD", "café_crème"), "zebra"]
     (tmp_path / "classnames.txt").write_text("café_crème\nzebra\n", encoding="utf-8")
     with pytest.raises(w2s_clip.UserError, match="Unicode normalisation"):
-        datasets_w2s_clip.class_order(tmp_path, folders)
+        datasets.class_order(tmp_path, folders)

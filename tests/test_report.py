@@ -1,4 +1,4 @@
-"""Tests for report_w2s_clip.py: tables, figures, the box, the differences and the ablation table; shared fixtures in conftest.py."""
+"""Tests for w2s_clip_lab/report.py: tables, figures, the box, the differences and the ablation table; shared fixtures in conftest.py."""
 
 import os
 
@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import minidomainnet
-import report_w2s_clip
-import store_w2s_clip
 import w2s_clip
+from w2s_clip_lab import files, miniature, report, store
 from conftest import (DEMO_NAMES, cli_args, good_result, main_error, put, run_cli, table_row,
                       temp_files, tree_state, write_result, write_result_with_settings)
 
@@ -25,15 +23,15 @@ def test_pgr_closed_form():
     assert w2s_clip.pgr(0.5, 0.6, 0.9) == pytest.approx(0.25)
     assert w2s_clip.pgr(0.5, 0.9, 0.9) == pytest.approx(1.0)
     assert math.isnan(w2s_clip.pgr(0.5, 0.6, 0.5))
-    assert report_w2s_clip.pgr_text(0.5, 0.6, 0.9) == "0.25"
-    assert [report_w2s_clip.pgr_text(0.5, s, c) for s, c in ((0.6, 0.5), (0.3, 0.4))] == ["n/a", "n/a"]
+    assert report.pgr_text(0.5, 0.6, 0.9) == "0.25"
+    assert [report.pgr_text(0.5, s, c) for s, c in ((0.6, 0.5), (0.3, 0.4))] == ["n/a", "n/a"]
 
 
 def test_split_count_note_names_both_counts_only_when_they_differ():
     """Table 1's counts: silent on a match or on data that is not DomainNet (not 345 classes)."""
-    assert report_w2s_clip.split_count_note("clipart", 33525, 14604, 345) is None
-    assert report_w2s_clip.split_count_note("clipart", 100, 200, 10) is None
-    note = report_w2s_clip.split_count_note("sketch", 48837, 21850, 345)
+    assert report.split_count_note("clipart", 33525, 14604, 345) is None
+    assert report.split_count_note("clipart", 100, 200, 10) is None
+    note = report.split_count_note("sketch", 48837, 21850, 345)
     assert "\n" not in note and "uncleaned" in note
     assert all(str(n) in note for n in (48837, 21850, 48212, 20916))
 
@@ -45,7 +43,7 @@ def test_tables_of_another_data_set_show_no_paper_numbers(demo, officehome, tmp_
     proc = run_cli(cli_args(demo, officehome, out, tmp_path / "cache", **{
         "--dataset": "officehome", "--domain": "Real_World", "--method": ["weak", "cpl"]}))
     assert proc.returncode == 0, proc.stderr
-    report_w2s_clip.build_tables(out, tmp_path / "tables")
+    report.build_tables(out, tmp_path / "tables")
     table2 = (tmp_path / "tables" / "table2.md").read_text()
     assert "Real_World" in table2 and "[" not in table2.split("Worst-10")[0]  # no [paper] cells
     gap = (tmp_path / "tables" / "paper_gap.md").read_text()
@@ -61,11 +59,11 @@ def test_bootstrap_interval_covers_a_known_difference_about_95_percent():
     for draw in range(200):
         u = [torch.rand(400, generator=g) for _ in range(2)]  # one latent per image: paired
         pairs = {"d": [(x < 0.7, x < 0.6) for x in u]}
-        diff, low, high = report_w2s_clip.bootstrap_difference(pairs, n_boot=500, seed=draw)
+        diff, low, high = report.bootstrap_difference(pairs, n_boot=500, seed=draw)
         hits += low <= 10 <= high
     assert 0.88 <= hits / 200 <= 0.99, hits
     same = torch.rand(300, generator=g) < 0.5
-    assert report_w2s_clip.bootstrap_difference({"d": [(same, same)]}) == (0.0, 0.0, 0.0)
+    assert report.bootstrap_difference({"d": [(same, same)]}) == (0.0, 0.0, 0.0)
 
 
 def test_tables_group_a_sweep_by_the_setting_that_differs(demo, tmp_path):
@@ -75,7 +73,7 @@ def test_tables_group_a_sweep_by_the_setting_that_differs(demo, tmp_path):
         w2s_clip.main([str(a) for a in cli_args(
             demo, demo / "data", tmp_path / "sweep" / tau, tmp_path / "cache",
             **{"--method": ["weak", "cpl"], "--tune": "none", "--tau": tau})])
-    report_w2s_clip.build_tables(tmp_path / "sweep", tmp_path / "tables")
+    report.build_tables(tmp_path / "sweep", tmp_path / "tables")
     table2 = (tmp_path / "tables" / "table2.md").read_text()
     labels = [line.split(" | ")[0][2:] for line in table2.split("Worst-10")[0].splitlines()
               if line.startswith("| cpl")]
@@ -103,7 +101,7 @@ def test_build_tables_mean_std_avg_delta_pgr_worst10(tmp_path):
                          n_classes=round(10 * acc) + seed)
     write_result(tmp_path / "runs" / "t3", "clipart", "cpl", 0, 0.33, 0.1, weak_model="resnet34")
     write_result(tmp_path / "runs" / "ens", "sketch", "cpl", 0, 0.55, 0.2, init="ensemble")
-    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "tables")
+    report.build_tables(tmp_path / "runs", tmp_path / "tables")
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     # columns: clipart, sketch (DomainNet order), Avg., PGR; the paper's value in brackets
     # a cell over fewer seeds than most says so
@@ -137,14 +135,14 @@ def test_pgr_column_and_paper_gap_on_the_papers_own_table2(tmp_path):
     """PAPER's Table 2 cells fed in as results: CPL's PGR is (64.74 - 58.47) / (66.54 - 58.47)
     ≈ 0.78 (a mean of per-domain PGRs says 0.83: real's gap is 0.24 points), every bracket equals
     its cell, and paper_gap.md reads 0 up to the paper's own rounding of Avg. and Δ."""
-    paper = report_w2s_clip.PAPER
+    paper = report.PAPER
     for (table, row, col), value in paper.items():
-        if table == "table2" and col in w2s_clip.DOMAINS and row != report_w2s_clip.DELTA:
+        if table == "table2" and col in w2s_clip.DOMAINS and row != report.DELTA:
             write_result(tmp_path / "runs", col, row, 0, value / 100, worst=0.1)
-    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "tables")
+    report.build_tables(tmp_path / "runs", tmp_path / "tables")
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     mean = lambda row: sum(paper[("table2", row, d)] for d in w2s_clip.DOMAINS) / 6
-    for row in [r for r in report_w2s_clip.TABLE2_ROWS[1:-1] if r != "zero-shot"]:  # the paper has no zero-shot row
+    for row in [r for r in report.TABLE2_ROWS[1:-1] if r != "zero-shot"]:  # the paper has no zero-shot row
         expected = (mean(row) - mean("weak")) / (mean("ceiling") - mean("weak"))
         assert table_row(t2, row)[7] == f"{expected:.2f}", row
     assert table_row(t2, "cpl")[7] == "0.78" and table_row(t2, "kd-lp")[7] == "0.32"
@@ -153,7 +151,7 @@ def test_pgr_column_and_paper_gap_on_the_papers_own_table2(tmp_path):
         assert f"[{ours}]" == ref
     gap = (tmp_path / "tables" / "paper_gap.md").read_text()
     gap2 = gap[gap.index("### Table 2"):gap.index("### Table 3")]
-    for row in [r for r in report_w2s_clip.TABLE2_ROWS if r != "zero-shot"] + [report_w2s_clip.DELTA]:
+    for row in [r for r in report.TABLE2_ROWS if r != "zero-shot"] + [report.DELTA]:
         cells = table_row(gap2, row)
         assert len(cells) == 7 and all(abs(float(c.split()[0])) <= 0.011 for c in cells if c != "—")
         assert all(c == "+0.00" or c.startswith("+0.00 ± ") for c in cells[:6])
@@ -167,13 +165,13 @@ def test_table3_columns_are_the_papers_five_weak_models_when_run(tmp_path):
     out = tmp_path / "runs"
     for method, acc in (("weak", 0.5), ("cpl", 0.7), ("ceiling", 0.8)):
         write_result(out, "clipart", method, 0, acc, worst=0.1)  # Table 2's resnet18
-        for i, w in enumerate(report_w2s_clip.PAPER_WEAK_MODELS):
+        for i, w in enumerate(report.PAPER_WEAK_MODELS):
             write_result(out / f"weak-{i}", "clipart", method, 0, acc + i / 100, worst=0.1,
                          weak_model=w)
-    report_w2s_clip.build_tables(out, tmp_path / "tables")
+    report.build_tables(out, tmp_path / "tables")
     t3 = (tmp_path / "tables" / "table3.md").read_text()
     header = next(line for line in t3.splitlines() if line.startswith("| method"))
-    assert header.split(" | ")[1:6] == list(report_w2s_clip.PAPER_WEAK_MODELS)
+    assert header.split(" | ")[1:6] == list(report.PAPER_WEAK_MODELS)
     assert table_row(t3, "cpl")[:7] == ["70.00 ± 0.00 [72.25]", "71.00 ± 0.00 [71.84]",
                                         "72.00 ± 0.00 [72.06]", "73.00 ± 0.00 [71.91]",
                                         "74.00 ± 0.00 [72.47]", "72.00 [72.11]", "0.67"]
@@ -183,15 +181,15 @@ def test_pgr_is_na_when_ceiling_is_not_above_weak_in_box_and_table(tmp_path):
     out = tmp_path / "runs"
     for method, acc in (("weak", 0.60), ("ce-lp", 0.40), ("cpl", 0.55), ("ceiling", 0.50)):
         write_result(out, "sketch", method, 0, acc, worst=0.1)
-    box = report_w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"])
+    box = report.summary_box(out, "sketch", 0, ["ce-lp", "cpl"])
     for method in ("ce-lp", "cpl"):
         line = next(line for line in box.splitlines() if f"| {method} " in line)
         assert line.split()[-2:] == ["n/a", "|"], box
-    report_w2s_clip.build_tables(out, tmp_path / "tables")
+    report.build_tables(out, tmp_path / "tables")
     t2 = (tmp_path / "tables" / "table2.md").read_text()
     assert table_row(t2, "ce-lp")[2] == "n/a" and table_row(t2, "cpl")[2] == "n/a"
     write_result(out, "sketch", "ceiling", 0, 0.80, worst=0.1)  # a gap again: numbers again
-    assert "n/a" not in report_w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"])
+    assert "n/a" not in report.summary_box(out, "sketch", 0, ["ce-lp", "cpl"])
 
 
 def test_paper_gap_on_a_hand_made_grid():
@@ -202,13 +200,13 @@ def test_paper_gap_on_a_hand_made_grid():
                                ("ce-lp", "sketch", (45, 45)), ("ce-lp", "clipart", (36, 36)))
             for s, a in enumerate(accs)]
     paper = {("t", "cpl", "sketch"): 50.0, ("t", "cpl", "Avg."): 40.0, ("t", "weak", "sketch"): 45.0,
-             ("t", report_w2s_clip.DELTA, "sketch"): 1.0, ("other", "ce-lp", "sketch"): 1.0}
-    text = report_w2s_clip.paper_gap("T", "t", ("weak", "ce-lp", "cpl", "ceiling"), ["clipart", "sketch"],
+             ("t", report.DELTA, "sketch"): 1.0, ("other", "ce-lp", "sketch"): 1.0}
+    text = report.paper_gap("T", "t", ("weak", "ce-lp", "cpl", "ceiling"), ["clipart", "sketch"],
                               rows, "domain", paper)
     # cpl Avg.: (36 + 52) / 2 = 44; per seed (35 + 50) / 2 = 42.5 and (37 + 54) / 2 = 45.5
     assert table_row(text, "cpl") == ["—", "+2.00 ± 2.83", f"+4.00 ± {math.sqrt(4.5):.2f}"]
     assert table_row(text, "weak") == ["—", "-4.00 ± 1.41", "—"]
-    assert table_row(text, report_w2s_clip.DELTA) == ["—", "+6.00", "—"]  # (52 - 45) - 1
+    assert table_row(text, report.DELTA) == ["—", "+6.00", "—"]  # (52 - 45) - 1
     with pytest.raises(AssertionError):  # rows without a published cell are left out
         table_row(text, "ce-lp")
 
@@ -217,7 +215,7 @@ def test_demo_tables_small_version_end_to_end(demo, tmp_path):
     """`make demo-tables` in small: every method on one generated domain, a second weak model,
     the ensemble init; then --build-tables writes every row and column from the results alone."""
     data = tmp_path / "data"
-    minidomainnet.make_synthetic_domainnet(data, domains=("clipart",), classes=DEMO_NAMES[:3],
+    miniature.make_synthetic_domainnet(data, domains=("clipart",), classes=DEMO_NAMES[:3],
                                            n_train=6, n_test=15, size=32)
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     common = {"--data-root": data, "--domain": "clipart", "--cache-dir": cache}
@@ -231,9 +229,9 @@ def test_demo_tables_small_version_end_to_end(demo, tmp_path):
     proc = run_cli(["--build-tables", "--out-dir", str(runs), "--tables-dir", str(tmp_path / "tables")])
     assert proc.returncode == 0, proc.stderr
     t2 = (tmp_path / "tables" / "table2.md").read_text()
-    for method in report_w2s_clip.TABLE2_ROWS:
+    for method in report.TABLE2_ROWS:
         assert "±" in table_row(t2, method)[0], method  # a clipart cell with mean ± std
-    for method in report_w2s_clip.TABLE2_ROWS[1:-1]:  # a PGR for every weak-to-strong row
+    for method in report.TABLE2_ROWS[1:-1]:  # a PGR for every weak-to-strong row
         pgr = table_row(t2, method)[2]
         assert pgr == "n/a" or float(pgr) == float(pgr), pgr
     float(table_row(t2, "Δ (CPL − best baseline)")[0].split()[0])
@@ -254,7 +252,7 @@ def test_ablation_table_groups_runs_by_the_one_changed_flag(tmp_path, capsys):
     """Hand-made results: a run's variant is every setting (any flag, --lr too) in which it
     differs from the settings most runs share; cells are mean ± std over seeds with the
     difference from the reference cell; a damaged file is named and skipped."""
-    import ablations_w2s_clip as ablations
+    from w2s_clip_lab import ablations
     defaults = json.loads(json.dumps(vars(w2s_clip.parse_args([]))))
     runs = {("paper", "cpl"): [0.50, 0.54], ("paper", "kd-lp"): [0.40, 0.40],
             ("paper", "adaptconf-lp"): [0.2, 0.2], ("clip", "cpl"): [0.30, 0.34],
@@ -264,7 +262,7 @@ def test_ablation_table_groups_runs_by_the_one_changed_flag(tmp_path, capsys):
     for (variant, method), accs in runs.items():
         for seed, acc in enumerate(accs):
             settings = {**defaults, **changes[variant], "data_root": f"/data/{variant}"}
-            store_w2s_clip.atomic_save({"domain": "clipart", "method": method, "seed": seed,
+            files.atomic_save({"domain": "clipart", "method": method, "seed": seed,
                                   "test_accuracy": acc, "worst10_accuracy": acc,
                                   "config": settings, "settings": settings},
                                  tmp_path / variant / "clipart" / method / f"seed{seed}" / "results.json")
@@ -301,7 +299,7 @@ def test_cli_truncated_results_json_is_named_and_redone(demo, tmp_path, capsys):
     w2s_clip.main(args)
     path = tmp_path / "out" / "sketch" / "cpl" / "seed0" / "results.json"
     first = json.loads(path.read_text())
-    assert first["settings"]["tau"] == 1.0 and first["settings_key"] == store_w2s_clip.settings_key(
+    assert first["settings"]["tau"] == 1.0 and first["settings_key"] == store.settings_key(
         first["settings"])
     path.write_text(path.read_text()[:200])
     capsys.readouterr()
@@ -353,13 +351,13 @@ def test_summary_box_and_tables_use_only_runs_with_matching_settings(tmp_path, c
     write_result_with_settings(out, "sketch", "cpl", 2, 0.99, b)
     write_result_with_settings(out, "sketch", "ce-lp", 0, 0.45, b)
     write_result_with_settings(out, "sketch", "ce-lp", 1, 0.55, {**a, "tau": 0.5})
-    box = report_w2s_clip.summary_box(out, "sketch", 0, ["ce-lp", "cpl"], a)
+    box = report.summary_box(out, "sketch", 0, ["ce-lp", "cpl"], a)
     assert "ce-lp" not in box.split("left out")[0] and "cpl" in box and "weak" in box
     assert "left out of the box" in box and "ce-lp (lr: 0.02 -> 0.01)" in box
-    box = report_w2s_clip.summary_box(out, "sketch", 1, ["ce-lp", "cpl"], a)
+    box = report.summary_box(out, "sketch", 1, ["ce-lp", "cpl"], a)
     assert "| ce-lp            55.00" in box and "left out" not in box
     capsys.readouterr()
-    report_w2s_clip.build_tables(out, tmp_path / "tables")
+    report.build_tables(out, tmp_path / "tables")
     note = capsys.readouterr().out
     assert "2 runs made with other settings" in note and "without a label have lr=0.01" in note
     t2 = (tmp_path / "tables" / "table2.md").read_text()
@@ -405,20 +403,20 @@ def test_tables_are_written_as_a_set_or_not_at_all(tmp_path, monkeypatch):
     (tables / "mine.md").write_text("a user's file")
     before = tree_state(tables)
     write_result(out, "sketch", "kd-lp", 0, 0.25, 0.1)
-    real, calls = store_w2s_clip.atomic_save, []
+    real, calls = files.atomic_save, []
 
     def fail_third(obj, path):
         calls.append(path)
         if len(calls) == 3:
             raise w2s_clip.UserError(f"no space left on {tables}")
         return real(obj, path)
-    monkeypatch.setattr(report_w2s_clip, "atomic_save", fail_third)  # as save_together calls it
+    monkeypatch.setattr(report, "atomic_save", fail_third)  # as save_together calls it
     main_error(["--build-tables", "--out-dir", out, "--tables-dir", tables], "no space left")
     assert tree_state(tables) == before and not temp_files(tables)
     monkeypatch.undo()
     for path in out.rglob("results.json"):  # results without curves: no Figure 2
         r = json.loads(path.read_text())
-        store_w2s_clip.atomic_save({**r, "curves": []}, path)
+        files.atomic_save({**r, "curves": []}, path)
     w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tables)])
     assert "kd-lp" in (tables / "table2.md").read_text()
     assert not (tables / "figure2.csv").exists() and not (tables / "figure2.png").exists()
@@ -436,7 +434,7 @@ def test_weak_runs_of_other_weak_models_and_cpe_runs_are_table_axes_not_variants
             put(out, good_result("cpl", seed, acc + 0.1, domain="clipart", weak_model=weak_model), sub)
         put(out, good_result("cpl", seed, 0.8, domain="clipart", prototype_init="cpe", cpe_k=10),
             "cpe-init")
-    report_w2s_clip.build_tables(out, tmp_path / "t")
+    report.build_tables(out, tmp_path / "t")
     printed = capsys.readouterr().out
     assert "rows of their own" not in printed and "counted once" not in printed
     t3 = (tmp_path / "t" / "table3.md").read_text()
@@ -457,13 +455,13 @@ def test_a_hand_edited_results_json_is_named_and_skipped_by_tables_and_box(tmp_p
     out = tmp_path / "runs"
     put(out, good_result("weak", acc=0.4))
     put(out, good_result("ceiling", acc=0.8))
-    bad = store_w2s_clip.result_path(out, "sketch", "cpl", 0)  # where the box looks for it
-    store_w2s_clip.atomic_save({**good_result("cpl"), **edit}, bad)
+    bad = store.result_path(out, "sketch", "cpl", 0)  # where the box looks for it
+    files.atomic_save({**good_result("cpl"), **edit}, bad)
     w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     err = capsys.readouterr().err
     assert f"warning: {bad} cannot be read as a results file" in err, err
     assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "— [64.01]"
-    box = report_w2s_clip.summary_box(out, "sketch", 0, ["cpl"])
+    box = report.summary_box(out, "sketch", 0, ["cpl"])
     assert "cpl" not in box.split("PGR", 1)[1] and "weak" in box and str(bad) in capsys.readouterr().err
 
 
@@ -471,10 +469,10 @@ def test_a_hand_edited_results_json_is_named_and_skipped_by_tables_and_box(tmp_p
 def test_unreadable_results_files_are_skipped(tmp_path, capsys, content):
     out = tmp_path / "runs"
     put(out, good_result("weak", acc=0.4))
-    bad = store_w2s_clip.result_path(out, "sketch", "cpl", 0)
+    bad = store.result_path(out, "sketch", "cpl", 0)
     bad.parent.mkdir(parents=True)
     bad.write_bytes(content)
-    rows = report_w2s_clip.load_results(out)
+    rows = report.load_results(out)
     assert [r["method"] for r in rows] == ["weak"] and str(bad) in capsys.readouterr().err
 
 
@@ -483,7 +481,7 @@ def test_split_files_changed_between_seeds_are_not_averaged_in_one_cell(tmp_path
     for seed in (0, 1):
         put(out, good_result("cpl", seed, 0.5 + seed / 10))
     put(out, good_result("cpl", 2, 0.9, splits="edited"))
-    report_w2s_clip.build_tables(out, tmp_path / "t")
+    report.build_tables(out, tmp_path / "t")
     printed = capsys.readouterr().out
     assert "left out 1 runs of sketch made with other split files" in printed, printed
     assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "55.00 ± 7.07 [64.01]"
@@ -497,9 +495,9 @@ def test_one_clip_config_typed_two_ways_is_one_setting_to_the_tables(tmp_path):
         r = good_result("cpl", seed, 0.5 + seed / 10, clip_model=real)
         r["config"] = {**r["config"], "clip_model": typed}
         put(out, r)
-    rows = report_w2s_clip.load_results(out)
+    rows = report.load_results(out)
     assert {r["clip_model"] for r in rows} == {real}
-    report_w2s_clip.build_tables(out, tmp_path / "t")
+    report.build_tables(out, tmp_path / "t")
     text = (tmp_path / "t" / "table2.md").read_text()
     assert table_row(text, "cpl")[0] == "55.00 ± 7.07 [64.01]" and "tiny.json with weak model" in text
     assert str(tmp_path) not in text.splitlines()[0]  # the title names the file, not the path
@@ -514,7 +512,7 @@ def test_runs_left_out_of_the_tables_are_named_with_what_differs(tmp_path, capsy
     for seed in (0, 1):
         put(out, good_result("cpl", seed))
     put(out, good_result("kd-lp", 0, **other), "other")
-    report_w2s_clip.build_tables(out, tmp_path / "t")
+    report.build_tables(out, tmp_path / "t")
     assert note in capsys.readouterr().out
 
 
@@ -550,7 +548,7 @@ def test_prototype_init_rows_keep_cpls_settings_apart_and_stay_out_of_table_2(tm
         put(out, good_result("cpl", seed, 0.6, prototype_init="ensemble"), "ensemble-init")
         put(out, good_result("ceiling", seed, 0.8, prototype_init="ensemble"), "ensemble-init")
     put(out, good_result("cpl", 0, 0.9, prototype_init="ensemble", tau=0.1), "sweep")
-    report_w2s_clip.build_tables(out, tmp_path / "t")
+    report.build_tables(out, tmp_path / "t")
     t4 = (tmp_path / "t" / "table4.md").read_text()
     assert table_row(t4, "cpl (ensemble init)")[0].startswith("60.00 ± 0.00")
     assert table_row(t4, "cpl (ensemble init) (tau=0.1)")[0].startswith("90.00")
@@ -558,7 +556,7 @@ def test_prototype_init_rows_keep_cpls_settings_apart_and_stay_out_of_table_2(tm
 
 
 def test_ablation_reference_other_than_the_papers_defaults_is_said(tmp_path):
-    import ablations_w2s_clip as ablations
+    from w2s_clip_lab import ablations
     out = tmp_path / "abl"
     for seed in (0, 1):
         put(out, good_result("cpl", seed, 0.5, batch_size=32), "paper")
@@ -580,7 +578,7 @@ def test_pretraining_table_rows_per_domain_and_settings(tmp_path, capsys):
             put(out, good_result(method, 0, a, domain=domain))
     put(out, good_result("cpl", 1, 0.99, lr=0.5))
     put(out, good_result("kd-lp", 1, 0.95, lr=0.5))
-    text = minidomainnet.pretraining_table([("300 steps", out)], tmp_path / "t")
+    text = miniature.pretraining_table([("300 steps", out)], tmp_path / "t")
     assert table_row(text, "300 steps (clipart)")[3:5] == ["kd-lp 50.00", "20.00"]
     assert table_row(text, "300 steps (sketch)")[3:5] == ["kd-lp 50.00", "60.00"]
     assert "rows of their own" in capsys.readouterr().out
@@ -588,7 +586,7 @@ def test_pretraining_table_rows_per_domain_and_settings(tmp_path, capsys):
 
 def test_cli_error_build_tables_paths_that_are_files(tmp_path):
     f = tmp_path / "results.json"
-    store_w2s_clip.atomic_save(good_result(), f)
+    files.atomic_save(good_result(), f)
     main_error(["--build-tables", "--out-dir", f, "--tables-dir", tmp_path / "t"],
                "--out-dir", "is a file, not a folder")
     put(tmp_path / "runs", good_result())
@@ -604,25 +602,25 @@ def test_stale_temporary_table_files_of_a_killed_build_are_removed(tmp_path):
     tables.mkdir()
     stale = tables / ".table2.md.999999999.tmp"  # no such process
     stale.write_text("half")
-    report_w2s_clip.build_tables(tmp_path / "runs", tables)
+    report.build_tables(tmp_path / "runs", tables)
     assert not stale.exists() and (tables / "table2.md").exists()
 
 
 def test_tables_of_weak_runs_only(tmp_path):
     put(tmp_path / "runs", good_result("weak", acc=0.3))
-    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    report.build_tables(tmp_path / "runs", tmp_path / "t")
     t2 = (tmp_path / "t" / "table2.md").read_text()
     assert table_row(t2, "weak")[0] == "30.00 ± 0.00 [52.26]" and table_row(t2, "cpl")[0] == "— [64.01]"
 
 
 def test_a_leftover_lock_file_does_not_block_a_rerun(demo, tmp_path):
     out, cache = tmp_path / "runs", tmp_path / "cache"
-    lock = store_w2s_clip.result_path(out, "sketch", "weak", 0).with_name(".results.json.lock")
+    lock = store.result_path(out, "sketch", "weak", 0).with_name(".results.json.lock")
     lock.parent.mkdir(parents=True)
     lock.write_text("")
     proc = run_cli(cli_args(demo, demo / "data", out, cache, **{"--method": "weak"}))
     assert proc.returncode == 0, proc.stderr
-    assert store_w2s_clip.result_path(out, "sketch", "weak", 0).exists()
+    assert store.result_path(out, "sketch", "weak", 0).exists()
     tables = run_cli(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     assert tables.returncode == 0 and "weak" in (tmp_path / "t" / "table2.md").read_text()
 
@@ -632,7 +630,7 @@ def test_tables_name_runs_made_on_different_hardware(tmp_path, capsys):
     for seed, name in ((0, "NVIDIA A100-SXM4-40GB"), (1, "Tesla V100-SXM2-32GB")):
         put(out, {**good_result("cpl", seed), "hardware": {"name": name, "capability": "sm_80",
                                                            "precision": "bf16"}})
-    report_w2s_clip.build_tables(out, tmp_path / "t")
+    report.build_tables(out, tmp_path / "t")
     printed = capsys.readouterr().out
     assert "combine runs made on different hardware" in printed and "V100" in printed
 
@@ -644,7 +642,7 @@ def test_older_results_without_settings_for_one_run_are_refused(tmp_path):
         del r["settings"], r["settings_key"]
         put(tmp_path / "runs", r, sub)
     with pytest.raises(w2s_clip.UserError, match="record no settings"):
-        report_w2s_clip.load_results(tmp_path / "runs")
+        report.load_results(tmp_path / "runs")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -661,7 +659,7 @@ def test_results_reached_through_a_linked_folder_are_read(tmp_path, link):
     (runs / inner).symlink_to(scratch / inner)
     if link != "domain":  # the rest as real folders
         put(runs, good_result("weak", acc=0.4))
-    report_w2s_clip.build_tables(runs, tmp_path / "t")
+    report.build_tables(runs, tmp_path / "t")
     t2 = (tmp_path / "t" / "table2.md").read_text()
     assert table_row(t2, "cpl")[0].startswith("60.00") and table_row(t2, "weak")[0].startswith("40.00")
 
@@ -671,7 +669,7 @@ def test_a_link_loop_and_a_file_reached_twice_count_once(tmp_path, capsys):
     put(runs, good_result("cpl", acc=0.6))
     (runs / "sketch" / "back").symlink_to(runs)  # a loop
     (runs / "again").symlink_to(runs / "sketch")  # the same file by a second way
-    rows = report_w2s_clip.load_results(runs)
+    rows = report.load_results(runs)
     assert len(rows) == 1 and rows[0]["path"] == str(runs / "sketch" / "cpl" / "seed0" / "results.json")
     assert "same run" not in capsys.readouterr().out
 
@@ -697,7 +695,7 @@ def test_a_link_where_a_stale_table_would_be_removed_is_left(tmp_path):
     tables.mkdir()
     (tmp_path / "keep.png").write_bytes(b"png")
     (tables / "figure2.png").symlink_to(tmp_path / "keep.png")
-    report_w2s_clip.build_tables(tmp_path / "runs", tables)
+    report.build_tables(tmp_path / "runs", tables)
     assert (tables / "figure2.png").is_symlink() and (tmp_path / "keep.png").read_bytes() == b"png"
 
 
@@ -711,7 +709,7 @@ def test_ablation_reference_is_the_run_at_the_papers_values(tmp_path, flag, valu
     """`ab/paper` at the defaults and `ab/<flag>=<value>`: the paper's run is the reference row,
     the other its own row named by the flag, whichever value sorts first and even when the
     variant has more runs."""
-    import ablations_w2s_clip as ablations
+    from w2s_clip_lab import ablations
     out = tmp_path / "ab"
     put(out, good_result("cpl", 0, 0.5), "paper")
     for seed in range(seeds_off):
@@ -724,7 +722,7 @@ def test_ablation_reference_is_the_run_at_the_papers_values(tmp_path, flag, valu
 
 
 def test_ablation_rows_name_every_flag_that_differs(tmp_path):
-    import ablations_w2s_clip as ablations
+    from w2s_clip_lab import ablations
     out = tmp_path / "ab"
     put(out, good_result("cpl", 0, 0.5), "paper")
     put(out, good_result("cpl", 0, 0.6, lr=0.3, tau=0.1), "two")
@@ -738,7 +736,7 @@ def test_ablation_rows_name_every_flag_that_differs(tmp_path):
 @pytest.mark.parametrize("values, reference", [((0.3, 0.1), 0.1), ((0.3, 0.3, 0.1), 0.3)],
                          ids=["tie", "majority"])
 def test_ablation_without_a_run_at_the_papers_values_takes_the_majority(tmp_path, values, reference):
-    import ablations_w2s_clip as ablations
+    from w2s_clip_lab import ablations
     out = tmp_path / "ab"
     for i, lr in enumerate(values):
         put(out, good_result("cpl", i, 0.5 + lr, lr=lr), f"lr={lr}")
@@ -763,7 +761,7 @@ def test_figure2_draws_true_accuracy_and_agreement_and_says_which(tmp_path, monk
         drawn["levels"] = [[t.get_text() for t in ax.texts] for ax in fig.axes]
         plt.close(fig)
         return b"png"
-    monkeypatch.setattr(report_w2s_clip, "png_bytes", capture)
+    monkeypatch.setattr(report, "png_bytes", capture)
     new = [{"epoch": e, "step": 2 * e, "train_true_acc": 0.5 + 0.1 * e, "train_agreement": 0.6 + 0.1 * e,
             "test_acc": 0.4} for e in (0, 1)]
     old = [{"epoch": e, "step": 2 * e, "train_acc": 0.7, "test_acc": 0.4} for e in (0, 1)]
@@ -773,7 +771,7 @@ def test_figure2_draws_true_accuracy_and_agreement_and_says_which(tmp_path, monk
     put(tmp_path / "runs", {**good_result("auxconf-lp", 0, 0.5), "curves": old})
     for level, acc in (("weak", 0.3), ("ceiling", 0.8)):
         put(tmp_path / "runs", good_result(level, 0, acc))
-    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    report.build_tables(tmp_path / "runs", tmp_path / "t")
     rows = list(csv.DictReader(open(tmp_path / "t" / "figure2.csv")))
     cpl1 = next(r for r in rows if r["method"] == "cpl" and r["epoch"] == "1")
     assert float(cpl1["train_true_acc"]) == pytest.approx(50.0)  # (60 + 40) / 2
@@ -802,7 +800,7 @@ def test_a_results_folder_copied_from_another_machine_joins_the_local_runs(tmp_p
         put(tmp_path / "runs", good_result("cpl", seed, 0.5, **here), "mine")
         put(tmp_path / "runs", good_result("cpl", seed + 2, 0.7, **there), "copied")
     put(tmp_path / "runs", good_result("cpl", 0, 0.5, **there), "copied-again")
-    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    report.build_tables(tmp_path / "runs", tmp_path / "t")
     printed = capsys.readouterr().out
     assert "other CLIP models" not in printed and "other settings" not in printed
     assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0].startswith("60.00 ± 11.55")
@@ -813,26 +811,26 @@ def test_another_clip_config_is_still_another_model(tmp_path, capsys):
     put(tmp_path / "runs", good_result("cpl", 0, 0.5, clip=["aaa", None]), "a")
     put(tmp_path / "runs", good_result("cpl", 1, 0.5, clip=["aaa", None]), "a")
     put(tmp_path / "runs", good_result("cpl", 0, 0.9, clip=["bbb", None]), "b")
-    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    report.build_tables(tmp_path / "runs", tmp_path / "t")
     assert "left out 1 runs of other CLIP models" in capsys.readouterr().out
 
 
 def test_tables_without_figure_2s_methods_make_no_empty_figure_and_no_warning(tmp_path, recwarn, capsys):
     for m in ("weak", "zero-shot"):
         put(tmp_path / "runs", {**good_result(m), "curves": [{"epoch": 0, "step": 0, "test_acc": 0.5}]})
-    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    report.build_tables(tmp_path / "runs", tmp_path / "t")
     assert not (tmp_path / "t" / "figure2.png").exists() and not (tmp_path / "t" / "figure2.csv").exists()
     assert not [w for w in recwarn if "legend" in str(w.message)] and capsys.readouterr().err == ""
 
 
 def test_a_sweep_over_tune_by_is_a_row_per_criterion_in_tables_and_ablation(tmp_path):
-    import ablations_w2s_clip as ablations
+    from w2s_clip_lab import ablations
     for seed in (0, 1):
         put(tmp_path / "runs", good_result("cpl", seed, 0.5), "agreement")
         put(tmp_path / "runs", good_result("cpl", seed, 0.6, tune_by="weak-kl"), "weak-kl")
         put(tmp_path / "runs", good_result("kd-lp", seed, 0.4), "agreement")
         put(tmp_path / "runs", good_result("kd-lp", seed, 0.4, tune_by="weak-kl"), "weak-kl")
-    report_w2s_clip.build_tables(tmp_path / "runs", tmp_path / "t")
+    report.build_tables(tmp_path / "runs", tmp_path / "t")
     t2 = (tmp_path / "t" / "table2.md").read_text()
     assert table_row(t2, "cpl")[0].startswith("50.00") and table_row(t2, "cpl (tune_by=weak-kl)")[0].startswith("60.00")
     text = ablations.ablation_table(tmp_path / "runs")

@@ -1,4 +1,4 @@
-"""Tests for hf_w2s_clip.py: Hugging Face weak models; shared fixtures in conftest.py."""
+"""Tests for w2s_clip_lab/hf.py: Hugging Face weak models; shared fixtures in conftest.py."""
 
 import os
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-import checks_w2s_clip
 import w2s_clip
+from w2s_clip_lab import checks, hf
 from conftest import HF_MEAN, HF_STD, cli_args, run_cli
 
 
@@ -21,7 +21,7 @@ def test_hf_weak_model_fresh_k_way_head_logits_and_processor_transforms(hf_folde
     config), and transforms whose output is the processor's size and its (x/255 - mean) / std."""
     from PIL import Image
     from transformers import AutoModelForImageClassification
-    model, train_tf, eval_tf = w2s_clip.create_weak_model(f"hf:{hf_folder}", 7, pretrained)
+    model, train_tf, eval_tf = hf.load_weak_model(f"hf:{hf_folder}", 7, pretrained)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     saved = AutoModelForImageClassification.from_pretrained(hf_folder).state_dict()
     ours = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
@@ -41,25 +41,25 @@ def test_hf_weak_model_without_transformers_is_one_line_error(monkeypatch, demo)
     """With transformers missing, hf: names stop with one line that names the package."""
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises
     with pytest.raises(w2s_clip.UserError) as e:
-        w2s_clip.create_weak_model("hf:microsoft/resnet-18", 5)
+        hf.load_weak_model("hf:microsoft/resnet-18", 5)
     assert "transformers" in str(e.value) and "\n" not in str(e.value)
     args = w2s_clip.parse_args(["--weak-model", "hf:microsoft/resnet-18", "--clip-model",
                                 str(demo / "tiny-clip.json"), "--clip-pretrained", "none"])
     with pytest.raises(w2s_clip.UserError, match="--weak-model hf:microsoft/resnet-18 needs the "
                                                  "transformers package"):
-        checks_w2s_clip.check_models(args)
+        checks.check_models(args)
 
 
 def test_check_models_accepts_hf_classifier_and_refuses_bad_ids(hf_folder, demo, tmp_path):
     transformers = pytest.importorskip("transformers")
     clip_flags = ["--clip-model", str(demo / "tiny-clip.json"), "--clip-pretrained", "none"]
-    checks_w2s_clip.check_models(w2s_clip.parse_args(["--weak-model", f"hf:{hf_folder}", *clip_flags]))
+    checks.check_models(w2s_clip.parse_args(["--weak-model", f"hf:{hf_folder}", *clip_flags]))
     transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=8).save_pretrained(tmp_path / "bert")
     for name, fragment in (("hf:no-such-org/no-such-model", "not in the local cache"),  # offline
                            (f"hf:{tmp_path / 'bert'}", "not an image classifier")):
         with pytest.raises(w2s_clip.UserError, match=fragment) as e:
-            checks_w2s_clip.check_models(w2s_clip.parse_args(["--weak-model", name, *clip_flags]))
+            checks.check_models(w2s_clip.parse_args(["--weak-model", name, *clip_flags]))
         assert str(e.value).startswith(f"--weak-model {name}") and "\n" not in str(e.value)
 
 

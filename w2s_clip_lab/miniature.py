@@ -9,12 +9,12 @@ loss (`open_clip.loss.ClipLoss`, CLIP's L_CLIP) on an endless stream of syntheti
 drawn apart from the demo's D_train / D_test files. Manual: README.md ("Quick start").
 
     # data, tiny CLIP config and a checkpoint pretrained for 300 steps (cached), under a minute
-    python minidomainnet.py --out demo --pretrain-steps 300
+    python -m w2s_clip_lab.miniature --out demo --pretrain-steps 300
     python w2s_clip.py --dataset folder --data-root demo/data --clip-model demo/tiny-clip.json \\
         --clip-pretrained demo/tiny-clip-300steps.pt --weak-model test_resnet --no-weak-pretrained \\
         --domain sketch --method weak ceiling kd-lp cpl --device cpu --cache-dir demo/cache
     # the pretraining table from runs made with 0, a few and many pretraining steps
-    python minidomainnet.py --pretraining-table 0=demo/pretraining-runs/0 \\
+    python -m w2s_clip_lab.miniature --pretraining-table 0=demo/pretraining-runs/0 \\
         300=demo/pretraining-runs/300 --tables-dir demo/results
 """
 import argparse
@@ -31,12 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import checks_w2s_clip
-import report_w2s_clip
-import store_w2s_clip
-import text_w2s_clip
 import w2s_clip
 from w2s_clip import DOMAINS, UserError
+from w2s_clip_lab import checks, files, report
 
 DEMO_CLASSES = ("aircraft_carrier", "zebra", "The_Eiffel_Tower", "t-shirt", "apple", "bicycle",
                 "lighthouse", "umbrella", "cat", "house")  # label order differs from sorted()
@@ -78,7 +75,7 @@ REGIMES["paper"] = dict(
 DOMAIN_WORDS = {"clipart": "clipart", "infograph": "infographic", "painting": "painting",
                 "quickdraw": "drawing", "real": "photo", "sketch": "sketch"}
 GENERATOR_VERSION = 2  # part of every cache key: bump when render() changes
-MANIFEST = "minidomainnet.json"  # marks a folder this module wrote
+MANIFEST = "miniature.json"  # marks a folder this module wrote
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,9 +168,9 @@ def make_synthetic_domainnet(root, domains=DOMAINS, classes=DEMO_CLASSES, n_trai
                 Image.fromarray(array).save(Path(root) / rel, quality=95)
                 lines.append(f"{rel} {c}\n")
             if layout == "domainnet":
-                store_w2s_clip.atomic_save("".join(lines), Path(root) / f"{domain}_{split}.txt")
+                files.atomic_save("".join(lines), Path(root) / f"{domain}_{split}.txt")
     if layout == "folder":
-        store_w2s_clip.atomic_save("".join(f"{c}\n" for c in classes), Path(root) / "classnames.txt")
+        files.atomic_save("".join(f"{c}\n" for c in classes), Path(root) / "classnames.txt")
 
 
 def shown_classes(labels, share, num_classes, g):
@@ -199,7 +196,7 @@ def make_demo(folder, flag="--make-demo", **kwargs):
     if folder.is_dir() and any(folder.iterdir()) and not manifest.is_file():
         raise UserError(f"{flag} {folder} holds files the demo did not write (no {MANIFEST}); "
                         f"pick a new or empty folder")
-    key = store_w2s_clip.cache_key(version=GENERATOR_VERSION,
+    key = files.cache_key(version=GENERATOR_VERSION,
                                    preset=REGIMES[kwargs.get("regime", "paper")], **kwargs)
     try:
         old = json.loads(manifest.read_text()) if manifest.is_file() else {}
@@ -211,15 +208,15 @@ def make_demo(folder, flag="--make-demo", **kwargs):
     if old.get("data_key") == key and old.get("complete"):
         print(f"{folder}/data is up to date")
     else:
-        checks_w2s_clip.check_writable(folder, flag)
-        store_w2s_clip.atomic_save({"written_by": "minidomainnet", "data_key": key, "complete": False},
+        checks.check_writable(folder, flag)
+        files.atomic_save({"written_by": "w2s_clip_lab.miniature", "data_key": key, "complete": False},
                              manifest)
         shutil.rmtree(folder / "data", ignore_errors=True)  # ours: the manifest says so
         make_synthetic_domainnet(folder / "data", **kwargs)
-        store_w2s_clip.atomic_save({"written_by": "minidomainnet", "data_key": key, "complete": True},
+        files.atomic_save({"written_by": "w2s_clip_lab.miniature", "data_key": key, "complete": True},
                              manifest)
         print(f"wrote {folder}/data")
-    store_w2s_clip.atomic_save(TINY_CLIP, folder / "tiny-clip.json")
+    files.atomic_save(TINY_CLIP, folder / "tiny-clip.json")
     print(f"wrote {folder}/tiny-clip.json")
 
 
@@ -274,9 +271,9 @@ class CaptionEmbedding(nn.Module):
 
 def encode_captions(clip_model, embed, tokenizer, texts):
     """Text features [n, d] of `texts`, running the text tower only up to the last end-of-text
-    token (text_w2s_clip.TextTower); equal to `clip_model.encode_text(tokenizer(texts))`."""
-    tokens, eot = text_w2s_clip.tokenize_prompts(clip_model, tokenizer, texts)
-    return text_w2s_clip.TextTower(clip_model)(embed(tokens), eot)
+    token (w2s_clip.TextTower); equal to `clip_model.encode_text(tokenizer(texts))`."""
+    tokens, eot = w2s_clip.tokenize_prompts(clip_model, tokenizer, texts)
+    return w2s_clip.TextTower(clip_model)(embed(tokens), eot)
 
 
 def clip_step_loss(clip_model, embed, tokenizer, images, texts, loss_fn):
@@ -379,7 +376,7 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
     import open_clip
     kwargs = {"regime": "paper", **kwargs}  # one key whether the regime is given or defaulted
     path, info_path = Path(folder) / f"tiny-clip-{steps}steps.pt", Path(folder) / f"tiny-clip-{steps}steps.json"
-    key = store_w2s_clip.cache_key(config=config, steps=steps, version=GENERATOR_VERSION,
+    key = files.cache_key(config=config, steps=steps, version=GENERATOR_VERSION,
                              torch=torch.__version__, open_clip=open_clip.__version__,
                              preset=REGIMES[kwargs["regime"]],
                              **{k: v for k, v in kwargs.items() if k != "log_every"})
@@ -397,10 +394,10 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
     names = kwargs.get("classes", DEMO_CLASSES)
     zs = zero_shot_accuracy(model, open_clip.get_tokenizer("ViT-B-32"), names,
                             regime=kwargs["regime"])
-    store_w2s_clip.atomic_save(state, path)
+    files.atomic_save(state, path)
     info = {"key": key, "steps": steps, "seconds": seconds, "zero_shot_accuracy": zs,
             "chance": 1 / len(names), "losses": losses}
-    store_w2s_clip.atomic_save(info, info_path)
+    files.atomic_save(info, info_path)
     return path, info
 
 
@@ -408,7 +405,7 @@ def pretrained_checkpoint(folder, steps, config=TINY_CLIP, force=False, **kwargs
 # The pretraining table: CPL against the best baseline as the strong model's pretraining grows
 # ------------------------------------------------------------------------------------------------
 def seed_means(rows):
-    """{method: {seed: test accuracy in %}} from report_w2s_clip.load_results rows (one domain)."""
+    """{method: {seed: test accuracy in %}} from report.load_results rows (one domain)."""
     out = {}
     for r in rows:
         out.setdefault(r["method"], {})[r["seed"]] = 100 * r["test_accuracy"]
@@ -419,9 +416,9 @@ def pretraining_row(label, acc):
     """One table row from {method: {seed: accuracy %}}: weak, zero-shot, ceiling, the best
     baseline (highest mean among the other weak-to-strong methods), CPL, CPL − best, and the PGR
     of the best baseline and of CPL (on the means over seeds, `n/a` where ceiling <= weak, as
-    report_w2s_clip.pgr_text prints it in the tables)."""
+    report.pgr_text prints it in the tables)."""
     mean = lambda m: sum(acc[m].values()) / len(acc[m]) if acc.get(m) else float("nan")  # noqa: E731
-    others = [m for m in acc if report_w2s_clip.is_baseline(m) and " (" not in m]  # not a sweep's variant
+    others = [m for m in acc if report.is_baseline(m) and " (" not in m]  # not a sweep's variant
     best = max(others, key=mean) if others else None
     names = ["weak", "zero-shot", "ceiling", best, "cpl"]
     cells = [mean(m) if m else float("nan") for m in names]
@@ -429,7 +426,7 @@ def pretraining_row(label, acc):
     seeds = [f" (n={len(acc[m])})" if acc.get(m) and len(acc[m]) < most else "" for m in names]
     fmt = lambda i: "—" if math.isnan(cells[i]) else f"{cells[i]:.2f}{seeds[i]}"  # noqa: E731
     gain = lambda v: "—" if math.isnan(v) or math.isnan(cells[0]) or math.isnan(cells[2]) \
-        else report_w2s_clip.pgr_text(cells[0], v, cells[2])  # noqa: E731
+        else report.pgr_text(cells[0], v, cells[2])  # noqa: E731
     delta = cells[4] - cells[3]
     return (f"| {label} | " + " | ".join(map(fmt, range(3))) + f" | {best or '—'} {fmt(3)} | "
             f"{fmt(4)} | {'—' if math.isnan(delta) else f'{delta:.2f}'} | {gain(cells[3])} | "
@@ -462,11 +459,11 @@ def pretraining_table(levels, tables_dir):
             print(f"note: --pretraining-table {labels[i]} and {labels[folders.index(folder)]} "
                   f"read the same folder {levels[i][1]}")
     for label, out_dir in levels:
-        rows = report_w2s_clip.load_results(out_dir)
+        rows = report.load_results(out_dir)
         if not rows:
             raise UserError(f"--pretraining-table {label}={out_dir}: no results.json there; "
                             f"run w2s_clip.py with --out-dir {out_dir} first")
-        rows, notes = report_w2s_clip.comparable_runs(rows)  # one setting per row, named if not
+        rows, notes = report.comparable_runs(rows)  # one setting per row, named if not
         for note in notes:
             print(f"note: {label}: {note}")
         for domain in sorted({r["domain"] for r in rows}):  # one row per domain, never averaged
@@ -478,18 +475,18 @@ def pretraining_table(levels, tables_dir):
     png = pretraining_figure(points)
     if png is not None:
         files["pretraining.png"] = png
-    checks_w2s_clip.check_writable(tables_dir, "--tables-dir")
+    checks.check_writable(tables_dir, "--tables-dir")
     for name, content in files.items():
-        store_w2s_clip.atomic_save(content, Path(tables_dir) / name)
+        files.atomic_save(content, Path(tables_dir) / name)
     return text
 
 
 def pretraining_figure(points):
     """pretraining.png: against the zero-shot accuracy of each level (x, mean over seeds), every
     method's D'_test accuracy (mean ± std over seeds, a band), and CPL − best baseline with its
-    95% paired bootstrap interval (report_w2s_clip.differences). One domain: the first in `points`.
+    95% paired bootstrap interval (report.differences). One domain: the first in `points`.
     Returns the PNG bytes, or None without matplotlib or without zero-shot runs."""
-    plt = report_w2s_clip.pyplot()
+    plt = report.pyplot()
     domain = points[0][1] if points else None
     levels = [(label, rows) for label, d, rows in points if d == domain
               and any(r["method"] == "zero-shot" for r in rows)]
@@ -501,7 +498,7 @@ def pretraining_figure(points):
     methods = [m for m in dict.fromkeys(m for _, a, _ in acc for m in a) if " (" not in m]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for m in methods:
-        pts = [(x[i], report_w2s_clip.mean_std(list(acc[i][1][m].values()))) for i in order
+        pts = [(x[i], report.mean_std(list(acc[i][1][m].values()))) for i in order
                if acc[i][1].get(m)]
         xs, ys, sd = [p[0] for p in pts], [p[1][0] for p in pts], [p[1][1] for p in pts]
         style = dict(lw=2.5, color="black") if m == "cpl" else dict(lw=1)
@@ -514,8 +511,8 @@ def pretraining_figure(points):
     diffs = []
     for i in order:
         rows = acc[i][2]
-        baselines = [m for m in acc[i][1] if report_w2s_clip.is_baseline(m) and " (" not in m]
-        d = report_w2s_clip.differences(rows, "domain", [domain], baselines).get(
+        baselines = [m for m in acc[i][1] if report.is_baseline(m) and " (" not in m]
+        d = report.differences(rows, "domain", [domain], baselines).get(
             ("best baseline", domain)) if baselines and "cpl" in acc[i][1] else None
         if d is not None:
             diffs.append((x[i], acc[i][0], *d[1]))
@@ -531,7 +528,7 @@ def pretraining_figure(points):
               title="CPL − best baseline")
     for ax in (left, right):
         ax.title.set_fontsize(9)
-    return report_w2s_clip.png_bytes(fig, plt)
+    return report.png_bytes(fig, plt)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -545,11 +542,11 @@ def parse_args(argv=None):
                    "pretrained checkpoints DIR/tiny-clip-<N>steps.pt")
     p.add_argument("--pretrain-steps", type=int, nargs="*", default=[], metavar="N",
                    help="pretraining steps of each checkpoint (0 = the seeded random init)")
-    p.add_argument("--pretrain-batch", type=checks_w2s_clip.positive(int), default=128,
+    p.add_argument("--pretrain-batch", type=w2s_clip.positive(int), default=128,
                    help="images per pretraining step (not from the paper: small CPU budget)")
-    p.add_argument("--pretrain-lr", type=checks_w2s_clip.positive(float), default=2e-3,
+    p.add_argument("--pretrain-lr", type=w2s_clip.positive(float), default=2e-3,
                    help="peak AdamW learning rate of the pretraining (not from the paper)")
-    p.add_argument("--caption-noise", type=checks_w2s_clip.in_range(0, 0.5), nargs=2, default=[0.2, 0.2],
+    p.add_argument("--caption-noise", type=w2s_clip.in_range(0, 0.5), nargs=2, default=[0.2, 0.2],
                    metavar=("WRONG", "NONE"),
                    help="shares of captions that name a wrong class and that name no class")
     p.add_argument("--layout", choices=LAYOUTS, default="folder",
@@ -559,11 +556,11 @@ def parse_args(argv=None):
                    help="paper: weak and ceiling as far apart per domain as in the paper's Table 2, "
                         "QuickDraw unseen in pretraining; easy: the first miniature, a strong model "
                         "far above its weak supervisor (docs/miniature.md)")
-    p.add_argument("--test-per-class", type=checks_w2s_clip.positive(int), default=300,
+    p.add_argument("--test-per-class", type=w2s_clip.positive(int), default=300,
                    help="D_test images per class and domain (D'_test is a fifth of D_test)")
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
     p.add_argument("--pretraining-table", nargs="+", metavar="LABEL=DIR", default=None,
-                   type=checks_w2s_clip.label_dir,
+                   type=checks.label_dir,
                    help="only write TABLES_DIR/pretraining.md from w2s_clip result folders")
     p.add_argument("--tables-dir", default="results", help="where --pretraining-table writes")
     return p.parse_args(argv)

@@ -1,9 +1,9 @@
 """Model weights for w2s_clip: fetch every checkpoint a grid needs (`make weights`), and tell at
 once when one is missing on a machine without network.
 
-    python weights_w2s_clip.py                    # the paper's grid: fetch what is not cached
-    python weights_w2s_clip.py --check            # only report, never download (exit 1 if missing)
-    python weights_w2s_clip.py --clip-tags openai --weak-models resnet18
+    python -m w2s_clip_lab.weights                    # the paper's grid: fetch what is not cached
+    python -m w2s_clip_lab.weights --check            # only report, never download (exit 1 if missing)
+    python -m w2s_clip_lab.weights --clip-tags openai --weak-models resnet18
 
 Every weight is fetched by its own library (open_clip, timm, transformers) into that library's
 standard cache (Hugging Face's HF_HOME; open_clip's ~/.cache/clip for URL-only tags), which is where

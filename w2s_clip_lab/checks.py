@@ -1,7 +1,8 @@
-"""Checks before any work, for w2s_clip.py: flag types, model names, checkpoint files, the device.
+"""Checks before any work, for the runner: model names, checkpoint files, images, folders, the
+device and the split flags (the flag types themselves are w2s_clip.py's, beside its parser).
 
 Each mistake becomes one line naming the flag or file and what to do (a `UserError`); nothing here
-changes a result. w2s_clip.py imports this module only where it needs it (the command line).
+changes a result.
 """
 import argparse
 import errno
@@ -10,7 +11,6 @@ import logging
 import math
 import os
 import pickle
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,100 +18,20 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hf_w2s_clip import check_hf_weak_model, import_transformers
 from w2s_clip import UserError, resolve_precision
+from w2s_clip_lab.hf import check_hf_weak_model, import_transformers
+from w2s_clip_lab.weights import offline_problem
 
 
 # ------------------------------------------------------------------------------------------------
-# Flag types and --help: a bad value is one line naming the flag
+# A table script's flag type, and one-line messages
 # ------------------------------------------------------------------------------------------------
-def finite(text):
-    """argparse type: a float that is neither NaN nor +-inf."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def positive(kind):
-    """argparse type: a finite number of `kind` (int or float) that must be > 0."""
-    def parse(text):
-        value = finite(text) if kind is float else kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def non_negative_int(text):
-    """argparse type: an int >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def in_range(low, high):
-    """argparse type: a finite float in [low, high] (high may be inf: no upper bound)."""
-    def parse(text):
-        value = finite(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
-        return value
-    return parse
-
-
 def label_dir(text):
     """argparse type: `LABEL=DIR` (a table row's label and its results folder) -> (label, dir)."""
     label, sep, folder = text.partition("=")
     if not sep or not label or not folder:
         raise argparse.ArgumentTypeError(f"expected LABEL=DIR, got {text!r}")
     return label, folder
-
-
-def prompt_template(text):
-    """argparse type: a prompt with exactly one `{}` for the class name."""
-    if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
-        raise argparse.ArgumentTypeError(f"needs exactly one {{}} for the class name and no other "
-                                         f"braces, got {text!r}")
-    return text
-
-
-def seed_value(text):
-    """argparse type: a seed torch.Generator.manual_seed takes, an int in [0, 2**64 - 1]."""
-    value = int(text)
-    if not 0 <= value < 2 ** 64:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1] (torch.Generator), got {text}")
-    return value
-
-
-def available_cpus():
-    """CPUs this process may run on (its affinity mask, which cgroups and SLURM set), else all."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with each default shown once: not for None, a switch's off state or a help text that
-    already names its default; the description and the examples as written."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (action.default is None or action.default is False or action.default == argparse.SUPPRESS
-                or "default:" in text
-                or isinstance(action, argparse._StoreFalseAction)):
-            return text
-        return super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (`error: argument --x: ...; see --help`),
-    exit status 2, instead of the usage block and the error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see --help\n")
 
 
 def one_line(error, limit=160):
@@ -164,7 +84,6 @@ def check_models(args):
         raise UserError(f"--clip-model {name}: TP and CPL need open_clip's CLIP text transformer "
                         f"with a causal mask and end-of-text pooling; pick a model like ViT-B-32")
     check_clip_files(name, tag)
-    from weights_w2s_clip import offline_problem  # a weight missing offline: say so at once
     problem = offline_problem(name, tag, args.weak_model, args.weak_pretrained)
     if problem:
         raise UserError(problem)
@@ -320,7 +239,7 @@ def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):
 
 
 # ------------------------------------------------------------------------------------------------
-# Folders, notes, and all of it before a run
+# Folders and notes, checked and printed before a run (the runner's preflight)
 # ------------------------------------------------------------------------------------------------
 def small_test_note(n, limit=1000):
     """A note when D'_test (n images) is too small to rank methods a few points apart: one image
@@ -358,62 +277,3 @@ def check_split_flags(args):
         flag = "--split-share" if args.split_share != 0.8 else "--split-seed"
         raise UserError(f"{flag} applies to --dataset officehome only; {args.dataset} has its own "
                         f"train and test split: leave it out")
-
-
-def preflight(args):
-    """Everything a run of one domain checks and prints before any work: the device line, the
-    data (split files written first for another --dataset), notes on its size, the models, the
-    folders and the class descriptions. Stops with one line (UserError) on the first problem.
-
-    Returns:
-        dict: device, precision, hardware (`hardware_report`), data (`load_domain`), descriptions.
-    """
-    from report_w2s_clip import split_count_note
-    from store_w2s_clip import check_images_once, remove_stale_temps
-    from datasets_w2s_clip import load_domain
-    from w2s_clip import protocol_splits
-    check_split_flags(args)
-    device, precision, hardware = choose_device(args.device, args.precision)
-    print(device_line(hardware), flush=True)
-    split_root = None
-    if args.dataset != "domainnet":  # another layout: DomainNet-format split files written first
-        from datasets_w2s_clip import write_splits
-        check_writable(args.out_dir, "--out-dir")
-        check_writable(args.cache_dir, "--cache-dir")
-        split_root = os.path.join(args.out_dir, "splits", args.dataset)
-        skipped, first = write_splits(
-            args.dataset, args.data_root, args.domain, split_root, args.split_share,
-            args.split_seed, check=lambda root, paths: check_images_once(root, paths,
-                                                                         args.cache_dir, args.domain))
-        if skipped:
-            print(f"note: skipped {skipped} files that are not images by their extension, "
-                  f"e.g. {first}", flush=True)
-    data = load_domain(args.data_root, args.domain, split_root)
-    n_train, n_test = len(data["train_labels"]), len(data["test_labels"])
-    warning = args.device is None and device == "cpu" and cpu_cost_warning(
-        n_train, n_test, len(args.seeds), args.weak_epochs)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    note = args.dataset == "domainnet" and split_count_note(args.domain, n_train, n_test,
-                                                             len(data["classnames"]))
-    if note:
-        print(note, flush=True)
-    check_models(args)
-    check_writable(args.out_dir, "--out-dir")
-    check_writable(args.cache_dir, "--cache-dir")
-    remove_stale_temps(args.cache_dir)  # left by a full disk or a killed run
-    sizes = {name: len(i) for name, i in protocol_splits(n_test, 0).items()}
-    if min(sizes.values()) == 0:
-        raise UserError(f"{args.data_root}/{args.domain}_test.txt lists {n_test} images, too few: "
-                        f"the splits {sizes} must all be non-empty")
-    if args.class_descriptions and args.prototype_init != "cpe":
-        raise UserError("--class-descriptions enriches CPE's ensemble: add --prototype-init cpe")
-    descriptions = None
-    if args.class_descriptions:
-        from cpe_w2s_clip import read_class_descriptions
-        descriptions = read_class_descriptions(args.class_descriptions, data["classnames"])
-    note = small_test_note(sizes["test"])
-    if note:
-        print(note, flush=True)
-    return {"device": device, "precision": precision, "hardware": hardware, "data": data,
-            "descriptions": descriptions}

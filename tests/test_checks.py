@@ -1,4 +1,4 @@
-"""Tests for checks_w2s_clip.py: flag types, model and file checks, the device; shared fixtures in conftest.py."""
+"""Tests for w2s_clip_lab/checks.py: flag types, model and file checks, the device; shared fixtures in conftest.py."""
 
 import os
 
@@ -9,9 +9,8 @@ import open_clip
 import pytest
 import torch
 
-import checks_w2s_clip
-import minidomainnet
 import w2s_clip
+from w2s_clip_lab import checks, miniature
 from conftest import CU130, cli_args, main_error
 
 
@@ -22,15 +21,15 @@ def test_cli_error_clip_checkpoint_not_loadable(demo, tmp_path, kind):
     config = str(demo / "tiny-clip.json")
     torch.manual_seed(0)
     good = tmp_path / "good.pt"
-    torch.save(open_clip.CLIP(**minidomainnet.TINY_CLIP).state_dict(), good)
-    checks_w2s_clip.check_clip_files(config, str(good))  # the truth that the check is not too strict
+    torch.save(open_clip.CLIP(**miniature.TINY_CLIP).state_dict(), good)
+    checks.check_clip_files(config, str(good))  # the truth that the check is not too strict
     ckpt = tmp_path / f"{kind}.pt"
     if kind == "garbage":
         ckpt.write_bytes(b"these bytes are not a checkpoint" * 8)
     elif kind == "truncated":
         ckpt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     elif kind == "wrong-shapes":
-        torch.save(open_clip.CLIP(**{**minidomainnet.TINY_CLIP, "embed_dim": 32}).state_dict(), ckpt)
+        torch.save(open_clip.CLIP(**{**miniature.TINY_CLIP, "embed_dim": 32}).state_dict(), ckpt)
     else:
         torch.save([1, 2, 3], ckpt)
     main_error(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache",
@@ -43,13 +42,13 @@ def test_cli_error_clip_checkpoint_not_loadable(demo, tmp_path, kind):
     ("auto", "cuda", (9, 0), "bf16"), ("auto", "cuda", (7, 0), "fp16"), ("auto", "cuda", (7, 5), "fp16"),
     ("fp32", "cuda", (8, 0), "fp32"), ("bf16", "cuda", (7, 0), "bf16")])
 def test_resolve_precision(requested, device, capability, expected):
-    assert checks_w2s_clip.resolve_precision(requested, device, capability) == expected
+    assert checks.resolve_precision(requested, device, capability) == expected
 
 
 @pytest.mark.parametrize("requested", ["bf16", "fp16"])
 def test_half_precision_on_the_cpu_is_a_user_error(requested):
     with pytest.raises(w2s_clip.UserError, match=f"--precision {requested} needs a CUDA device"):
-        checks_w2s_clip.resolve_precision(requested, "cpu")
+        checks.resolve_precision(requested, "cpu")
 
 
 @pytest.mark.parametrize("capability, arch_list, runs", [
@@ -58,7 +57,7 @@ def test_half_precision_on_the_cpu_is_a_user_error(requested):
     ((12, 1), CU130, True), ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80"], True),
     ((9, 0), ["sm_80", "compute_80"], True), ((9, 0), ["sm_80", "sm_86"], False), ((8, 0), [], False)])
 def test_gpu_build_problem_against_the_arch_list(capability, arch_list, runs):
-    problem = checks_w2s_clip.gpu_build_problem(capability, arch_list, version="2.14.1+cu130")
+    problem = checks.gpu_build_problem(capability, arch_list, version="2.14.1+cu130")
     assert (problem is None) == runs, problem
     if not runs:
         assert f"sm_{10 * capability[0] + capability[1]}" in problem and "2.14.1+cu130" in problem
@@ -67,15 +66,15 @@ def test_gpu_build_problem_against_the_arch_list(capability, arch_list, runs):
 def test_device_line_names_device_gpu_capability_and_precision():
     gpu = {"device": "cuda:0", "name": "NVIDIA A100-SXM4-40GB", "capability": "sm_80",
            "precision": "bf16"}
-    assert checks_w2s_clip.device_line(gpu) == "device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16"
-    cpu = checks_w2s_clip.hardware_report("cpu", "fp32")
-    assert checks_w2s_clip.device_line(cpu) == "device: cpu, fp32"
+    assert checks.device_line(gpu) == "device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16"
+    cpu = checks.hardware_report("cpu", "fp32")
+    assert checks.device_line(cpu) == "device: cpu, fp32"
     assert cpu["torch"] == torch.__version__ and cpu["threads"] == torch.get_num_threads()
 
 
 def test_cpu_cost_warning_only_for_a_large_domain():
-    assert checks_w2s_clip.cpu_cost_warning(320, 800, 2, 5) is None
-    warning = checks_w2s_clip.cpu_cost_warning(48212, 20916, 5, 3)  # sketch, Table 1
+    assert checks.cpu_cost_warning(320, 800, 2, 5) is None
+    warning = checks.cpu_cost_warning(48212, 20916, 5, 3)  # sketch, Table 1
     assert warning.startswith("warning: no usable GPU") and " h for 69128 images and 5 seeds" in warning
 
 
@@ -87,6 +86,6 @@ def test_cpu_cost_warning_only_for_a_large_domain():
 def test_split_flags_that_would_empty_a_split_or_be_ignored_are_one_line(flags, fragment):
     args = w2s_clip.parse_args(["--domain", "sketch", *flags])
     with pytest.raises(w2s_clip.UserError, match=fragment):
-        checks_w2s_clip.check_split_flags(args)
-    checks_w2s_clip.check_split_flags(w2s_clip.parse_args(["--dataset", "officehome", "--domain", "Art",
+        checks.check_split_flags(args)
+    checks.check_split_flags(w2s_clip.parse_args(["--dataset", "officehome", "--domain", "Art",
                                                            "--split-share", "0.5"]))

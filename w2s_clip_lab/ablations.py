@@ -5,17 +5,15 @@ Hugging Face Trainer) moves the result, one flag changed at a time from the pape
 `w2s_clip.py` once per alternative into <out-dir>/<alternative>/ and then this file, which builds
 the table from the results.json files alone:
 
-    python ablations_w2s_clip.py --out-dir runs/ablations --output results/ablations.md
+    python -m w2s_clip_lab.ablations --out-dir runs/ablations --output results/ablations.md
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-import checks_w2s_clip
-import report_w2s_clip
-import store_w2s_clip
 import w2s_clip
+from w2s_clip_lab import checks, files, report, store
 
 # The flags of the paper's letter and their alternatives (docs/deviations.md), in the order the
 # table lists them: flag -> value. Any other changed flag is a variant too, listed after these.
@@ -35,7 +33,7 @@ ALTERNATIVES = {"cpl_logit_scale": 100.0,      # Eq. 3: cos; CLIP's 100 * cos
 # Settings that say what was run on, not how, and flags that never change a result (in the
 # "config" of older files without settings): never a variant.
 NOT_VARIANTS = ("data_root", "splits", "clip", "clip_model", "clip_pretrained", "device", "workers",
-                "domain") + store_w2s_clip.RUN_FLAGS
+                "domain") + store.RUN_FLAGS
 
 
 def flag_text(name, value):
@@ -101,7 +99,7 @@ def ablation_table(out_dir, defaults=None):
     """
     defaults = json.loads(json.dumps(defaults or vars(w2s_clip.parse_args([])), default=str))
     defaults.pop("precision", None)  # "auto" is resolved in each file: never "at the default"
-    rows = report_w2s_clip.load_results(out_dir)
+    rows = report.load_results(out_dir)
     if not rows:
         raise w2s_clip.UserError(f"no readable results.json under {out_dir}; run `make ablations` "
                                  f"first")
@@ -114,7 +112,7 @@ def ablation_table(out_dir, defaults=None):
     for r, s in zip(rows, settings):
         key = (r["domain"], variant_of(s, reference, defaults=defaults) or ref_name, r["method"])
         acc.setdefault(key, []).append(100 * r["test_accuracy"])
-    stats = {key: report_w2s_clip.mean_std(v) for key, v in acc.items()}
+    stats = {key: report.mean_std(v) for key, v in acc.items()}
     order = [ref_name] + [flag_text(f, v) for f, v in ALTERNATIVES.items()]
     lines = ["# Faithfulness ablation: accuracy (%) on D'_test, one flag changed at a time", ""]
     if off_paper:
@@ -124,7 +122,7 @@ def ablation_table(out_dir, defaults=None):
         variants = {k[1] for k in acc if k[0] == domain}
         variants = [v for v in order if v in variants] + sorted(variants - set(order))
         ran = {k[2] for k in acc if k[0] == domain}
-        methods = [m for m in dict.fromkeys(report_w2s_clip.TABLE2_ROWS + w2s_clip.METHODS) if m in ran]
+        methods = [m for m in dict.fromkeys(report.TABLE2_ROWS + w2s_clip.METHODS) if m in ran]
         methods += sorted(ran - set(methods))  # Table 2's order, then e.g. "cpl (ensemble init)"
         lines += [f"### {domain}", "", "| variant | " + " | ".join(methods) + " |",
                   "|" + "---|" * (len(methods) + 1)]
@@ -151,8 +149,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         text = ablation_table(args.out_dir)
-        checks_w2s_clip.check_writable(Path(args.output).parent, "--output")
-        store_w2s_clip.atomic_save(text, args.output)
+        checks.check_writable(Path(args.output).parent, "--output")
+        files.atomic_save(text, args.output)
     except w2s_clip.UserError as e:
         sys.exit(f"error: {e}")
     print(text)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checks_w2s_clip import one_line
 from w2s_clip import UserError, text_prototypes
+from w2s_clip_lab.checks import one_line
 
 
 def prompt_embeddings(clip_model, tokenizer, classnames, templates, batch_size=256):

@@ -1,4 +1,4 @@
-"""Tests for cpe_w2s_clip.py: CMM and CPE prototypes; shared fixtures in conftest.py."""
+"""Tests for w2s_clip_lab/cpe.py: CMM and CPE prototypes; shared fixtures in conftest.py."""
 
 import os
 
@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cpe_w2s_clip
-import datasets_w2s_clip
 import w2s_clip
+from w2s_clip_lab import cpe, datasets
 from conftest import (DEMO_NAMES, PROMPT_NAMES, assert_user_error, cli_args, planted_templates,
                       run_cli)
 
@@ -32,7 +31,7 @@ def test_class_matching_margin_hand_example():
     m0 = ((1 - 0.0) + (c(60) - c(30))) / 2
     # class 1: 120 deg rival c2 (cos 60); 80 deg rival c0 (cos 80); 150 deg rival c2 (cos 30)
     m1 = ((c(30) - c(60)) + (c(10) - c(80)) + (c(60) - c(30))) / 3
-    margins, confused = cpe_w2s_clip.class_matching_margin(feats, protos, torch.tensor(labels), 3)
+    margins, confused = cpe.class_matching_margin(feats, protos, torch.tensor(labels), 3)
     assert margins[:2].tolist() == pytest.approx([m0, m1], abs=1e-6)
     assert math.isnan(margins[2].item())  # class 2 has no image
     assert confused[:2].tolist() == [1, 2]
@@ -40,11 +39,11 @@ def test_class_matching_margin_hand_example():
 
 def test_cpe_drops_a_template_naming_the_wrong_class_and_beats_the_uniform_ensemble():
     x, y, emb = planted_templates()
-    weights, worst = cpe_w2s_clip.cpe_weights(emb, x)
+    weights, worst = cpe.cpe_weights(emb, x)
     assert weights[-1] == 0 and worst.argmin() == 3 and torch.isclose(weights.sum(), torch.tensor(1.0))
     acc = lambda p: ((F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T).argmax(1) == y).float().mean()
-    uniform = cpe_w2s_clip.weighted_prototypes(emb, torch.full((4,), 0.25), normalize=True)
-    assert acc(cpe_w2s_clip.weighted_prototypes(emb, weights, normalize=True)) > acc(uniform) + 0.02
+    uniform = cpe.weighted_prototypes(emb, torch.full((4,), 0.25), normalize=True)
+    assert acc(cpe.weighted_prototypes(emb, weights, normalize=True)) > acc(uniform) + 0.02
 
 
 def test_cpe_weights_closed_form_and_weighted_prototypes_with_descriptions():
@@ -62,11 +61,11 @@ def test_cpe_weights_closed_form_and_weighted_prototypes_with_descriptions():
         per_class = [margin[pseudo == c].mean() for c in range(k) if (pseudo == c).any()]
         m.append(torch.stack(sorted(per_class))[:3].mean())
     m = torch.stack(m)
-    weights, worst = cpe_w2s_clip.cpe_weights(emb, x, k_worst=3)
+    weights, worst = cpe.cpe_weights(emb, x, k_worst=3)
     torch.testing.assert_close(worst, m)
     torch.testing.assert_close(weights, (m - m.min()) / (m - m.min()).sum())
     extra = torch.randn(2, emb.shape[2])
-    protos = cpe_w2s_clip.weighted_prototypes(emb, weights, descriptions={4: extra})
+    protos = cpe.weighted_prototypes(emb, weights, descriptions={4: extra})
     torch.testing.assert_close(protos[4], ((weights[:, None] * emb[4]).sum(0) + extra.sum(0) / T) / (1 + 2 / T))
     torch.testing.assert_close(protos[3], (weights[:, None] * emb[3]).sum(0))
 
@@ -74,12 +73,12 @@ def test_cpe_weights_closed_form_and_weighted_prototypes_with_descriptions():
 @pytest.mark.parametrize("norm", ["raw", "unit"])
 def test_cpe_with_one_template_equals_the_single_template_prototypes(clip, norm):
     model, tokenizer = clip
-    emb = cpe_w2s_clip.prompt_embeddings(model, tokenizer, PROMPT_NAMES, ["a photo of a {}"])
-    weights, _ = cpe_w2s_clip.cpe_weights(emb, torch.randn(50, emb.shape[-1]))
+    emb = cpe.prompt_embeddings(model, tokenizer, PROMPT_NAMES, ["a photo of a {}"])
+    weights, _ = cpe.cpe_weights(emb, torch.randn(50, emb.shape[-1]))
     assert weights.tolist() == [1.0]
     single = w2s_clip.text_prototypes(model, tokenizer, PROMPT_NAMES, ["a photo of a {}"],
                                       normalize=norm == "unit")
-    torch.testing.assert_close(cpe_w2s_clip.weighted_prototypes(emb, weights, norm == "unit"), single)
+    torch.testing.assert_close(cpe.weighted_prototypes(emb, weights, norm == "unit"), single)
 
 
 def test_cli_cpe_weights_use_no_true_label(demo, tmp_path, monkeypatch):
@@ -91,14 +90,14 @@ def test_cli_cpe_weights_use_no_true_label(demo, tmp_path, monkeypatch):
     r = json.loads((tmp_path / "a" / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
     assert r["cpe"]["k_worst"] == 2 and len(r["cpe"]["weights"]) == len(open_clip.OPENAI_IMAGENET_TEMPLATES)
     assert r["cpe"]["templates"][0] == open_clip.OPENAI_IMAGENET_TEMPLATES[0]("{}")
-    real = datasets_w2s_clip.load_domain
+    real = datasets.load_domain
 
     def scrambled(*a, **kw):
         data = real(*a, **kw)
         data["test_labels"] = data["test_labels"][torch.randperm(len(data["test_labels"]),
                                                                  generator=torch.Generator().manual_seed(1))]
         return data
-    monkeypatch.setattr(datasets_w2s_clip, "load_domain", scrambled)
+    monkeypatch.setattr(datasets, "load_domain", scrambled)
     w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "b", tmp_path / "c2", **flags)])
     r2 = json.loads((tmp_path / "b" / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
     assert r2["cpe"]["weights"] == r["cpe"]["weights"]
@@ -113,12 +112,11 @@ def test_cli_class_descriptions_enrich_the_named_class_only(demo, tmp_path):
     names = [n.replace("_", " ") for n in DEMO_NAMES]
     feats = torch.randn(40, model.visual.output_dim, generator=torch.Generator().manual_seed(0))
     protos = {}
-    for tag, desc in (("plain", None), ("described", cpe_w2s_clip.read_class_descriptions(path, names))):
-        strong = {"clip": model, "tokenizer": tokenizer, "hold_features": feats}
-        protos[tag] = w2s_clip.zero_shot_prototypes(strong, names, "cpe", descriptions=desc)
+    for tag, desc in (("plain", None), ("described", cpe.read_class_descriptions(path, names))):
+        protos[tag], report = cpe.cpe_prototypes(model, tokenizer, names, feats, descriptions=desc)
     changed = (protos["plain"] - protos["described"]).abs().amax(dim=1) > 0
     assert changed.tolist() == [n == "zebra" for n in names]
-    assert strong["cpe"]["described_classes"] == ["zebra"]
+    assert report["described_classes"] == ["zebra"]
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -144,7 +142,7 @@ def test_class_descriptions_naming_one_class_twice_are_refused(tmp_path, content
     path.write_text(content)
     names = ["aircraft carrier", "zebra"]
     with pytest.raises(w2s_clip.UserError, match="both name the class") as info:
-        cpe_w2s_clip.read_class_descriptions(path, names)
+        cpe.read_class_descriptions(path, names)
     assert str(path) in str(info.value) and "merge their sentences" in str(info.value)
 
 
@@ -152,11 +150,11 @@ def test_class_descriptions_naming_one_class_twice_are_refused(tmp_path, content
 def test_class_descriptions_empty_or_plain_are_read(tmp_path, content, want):
     path = tmp_path / "d.json"
     path.write_text(content)
-    assert cpe_w2s_clip.read_class_descriptions(path, ["aircraft carrier", "zebra"]) == want
+    assert cpe.read_class_descriptions(path, ["aircraft carrier", "zebra"]) == want
 
 
 def test_class_descriptions_that_are_an_empty_list_are_not_an_object(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("[]")
     with pytest.raises(w2s_clip.UserError, match="expected an object"):
-        cpe_w2s_clip.read_class_descriptions(path, ["zebra"])
+        cpe.read_class_descriptions(path, ["zebra"])

@@ -1,10 +1,10 @@
-"""Tests for minidomainnet.py: the miniature, the tiny CLIP's pretraining and its checkpoint.
+"""Tests for w2s_clip_lab/miniature.py: the miniature, the tiny CLIP's pretraining and its checkpoint.
 
 Truths used: open_clip's own `encode_text` and its whole-table training (the plain computation the
 speed-ups must equal), the contrastive loss on images never trained on, chance accuracy, the
 weights as saved, and w2s_clip's command line run as a user would type it:
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q test_minidomainnet.py
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_miniature.py
 """
 import os
 
@@ -20,12 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import datasets_w2s_clip
-import minidomainnet as M
-import store_w2s_clip
 import w2s_clip
+from w2s_clip_lab import datasets, files
+from w2s_clip_lab import miniature as M
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository, where w2s_clip.py is
 NAMES = M.DEMO_CLASSES[:4]
 
 
@@ -181,7 +180,7 @@ def test_end_to_end_pretrained_strong_model_beats_its_weak_supervisor(pretrained
 def test_generator_keeps_domainnet_layout_and_label_order(tmp_path):
     M.make_synthetic_domainnet(tmp_path, domains=("clipart", "quickdraw"), classes=NAMES,
                                n_train=2, n_test=3)
-    data = datasets_w2s_clip.load_domain(tmp_path, "quickdraw")
+    data = datasets.load_domain(tmp_path, "quickdraw")
     names = [c.replace("_", " ") for c in NAMES]
     assert data["classnames"] == names != sorted(names)  # the label-order trap
     assert len(data["train_paths"]) == 8 and len(data["test_paths"]) == 12
@@ -227,7 +226,7 @@ def test_pretraining_table_rows_best_baseline_delta_and_pgr(tmp_path):
     for level, methods in accs.items():
         for method, values in methods.items():
             for seed, acc in enumerate(values):
-                store_w2s_clip.atomic_save(
+                files.atomic_save(
                     {"domain": "sketch", "method": method, "seed": seed, "test_accuracy": acc / 100,
                      "worst10_accuracy": 0.0, "config": {"weak_model": "w", "clip_model": "c",
                                                          "clip_pretrained": level}},

@@ -1,4 +1,4 @@
-"""Tests for regret_w2s_clip.py: tuning rules judged by the regret of the point they pick."""
+"""Tests for w2s_clip_lab/regret.py: tuning rules judged by the regret of the point they pick."""
 import json
 import subprocess
 import sys
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import regret_w2s_clip as R
 import w2s_clip
+from w2s_clip_lab import regret as R
 from conftest import cli_args, run_cli
 
 
@@ -90,8 +90,8 @@ def test_regret_from_the_recorded_rows_equals_a_brute_force_recomputation_from_r
 
 
 def test_the_command_writes_the_table_and_refuses_folders_without_tuned_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "regret_w2s_clip.py", "--levels", f"x={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "w2s_clip_lab.regret", "--levels", f"x={tmp_path}",
                            "--output", str(tmp_path / "r.md")], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
+                          cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 1 and proc.stderr.startswith("error: no run with a tuning grid")
     assert "Traceback" not in proc.stderr and not (tmp_path / "r.md").exists()

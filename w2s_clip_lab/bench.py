@@ -1,8 +1,8 @@
 """Speed and memory of w2s_clip on a generated domain (`make bench`); prints a markdown table.
 
-    python bench_w2s_clip.py                      # CPU or the first GPU: ViT-B-32, resnet18, k=345
-    python bench_w2s_clip.py --device cuda --images 20000 --json bench.json
-    python bench_w2s_clip.py --steps-only         # only the text-tower step table (a minute or two)
+    python -m w2s_clip_lab.bench                      # CPU or the first GPU: ViT-B-32, resnet18, k=345
+    python -m w2s_clip_lab.bench --device cuda --images 20000 --json bench.json
+    python -m w2s_clip_lab.bench --steps-only         # only the text-tower step table (a minute or two)
 
 Models are random-init (no download): speed does not depend on the weights.
 """
@@ -18,12 +18,8 @@ from pathlib import Path
 
 import torch
 
-import checks_w2s_clip
-import datasets_w2s_clip
-import minidomainnet
-import report_w2s_clip
-import store_w2s_clip
 import w2s_clip as W
+from w2s_clip_lab import checks, datasets, hf, miniature, report, store
 
 
 def parse_args():
@@ -161,14 +157,14 @@ def decode_counts(folder, seeds=5, epochs=3, short=256):
     Returns:
         {setting: decodes per image}, and the counts (n_train, n_test)."""
     root = Path(folder) / "decodes"
-    minidomainnet.make_synthetic_domainnet(root / "data", domains=("sketch",),
+    miniature.make_synthetic_domainnet(root / "data", domains=("sketch",),
                                            classes=DOMAINNET_CLASSES[:4], n_train=8, n_test=20)
-    (root / "tiny-clip.json").write_text(json.dumps(minidomainnet.TINY_CLIP))
-    data = datasets_w2s_clip.load_domain(root / "data", "sketch")
+    (root / "tiny-clip.json").write_text(json.dumps(miniature.TINY_CLIP))
+    data = datasets.load_domain(root / "data", "sketch")
     n_train, n_test = len(data["train_paths"]), len(data["test_paths"])
-    count, real = [0], datasets_w2s_clip.decode_image
+    count, real = [0], datasets.decode_image
     counted = lambda path: count.__setitem__(0, count[0] + 1) or real(path)  # noqa: E731
-    datasets_w2s_clip.decode_image = store_w2s_clip.decode_image = counted
+    datasets.decode_image = store.decode_image = counted
     per_image = {}
     try:
         for name, flags in (("paper defaults, no pixel cache", ["--no-eval-image-cache"]),
@@ -184,7 +180,7 @@ def decode_counts(folder, seeds=5, epochs=3, short=256):
                     "--out-dir", str(root / f"runs-{len(per_image)}"), "--force", *flags])
             per_image[name] = count[0] / (n_train + n_test)
     finally:
-        datasets_w2s_clip.decode_image = store_w2s_clip.decode_image = real
+        datasets.decode_image = store.decode_image = real
     return per_image, (n_train, n_test)
 
 
@@ -195,7 +191,7 @@ def grid_decodes(seeds=5, epochs=3, weak_models=5, pretrain_tags=3):
     `weak_models` Hugging Face weak models on clipart (their processors are not cached), the
     pretraining table `pretrain_tags` CLIP passes on sketch, Table 4 none (all cached).
     Returns {setting: (decodes, per image)}."""
-    table1 = report_w2s_clip.PAPER_TABLE1
+    table1 = report.PAPER_TABLE1
     images = sum(a + b for a, b in table1.values())
     ct, cv = table1["clipart"]
     extra_clip = pretrain_tags * table1["sketch"][1]
@@ -220,11 +216,11 @@ def print_steps(rows, k, name):
 def main():
     a = parse_args()
     try:
-        device, precision, hardware = checks_w2s_clip.choose_device(a.device, "auto")
+        device, precision, hardware = checks.choose_device(a.device, "auto")
         device = torch.device(device)
     except W.UserError as e:
         sys.exit(f"error: {e}")
-    print(checks_w2s_clip.device_line(hardware), flush=True)
+    print(checks.device_line(hardware), flush=True)
     names = list(DOMAINNET_CLASSES[:a.classes])
     k = len(names)
     name = (hardware["name"] if device.type == "cuda"
@@ -238,17 +234,17 @@ def main():
         return
     root = Path(a.dir) / f"domainnet{k}-n{a.images}-w{a.weak_images}"
     if not (root / "data" / "sketch_test.txt").exists():
-        minidomainnet.make_synthetic_domainnet(
+        miniature.make_synthetic_domainnet(
             root / "data", domains=("sketch",), classes=names,
             n_train=-(-a.weak_images // k), n_test=-(-a.images // k), size=64)
     rows = []
     clip_model, preprocess, tokenizer = W.load_clip(a.clip_model, None, device)
-    data = datasets_w2s_clip.load_domain(root / "data", "sketch")
+    data = datasets.load_domain(root / "data", "sketch")
     n = len(data["test_paths"])
 
     # 1. CLIP image features, decoding included; one pass over D_test takes n / rate.
     m = min(n, a.clip_images)
-    loader = datasets_w2s_clip.make_loader(datasets_w2s_clip.ImageList(root / "data", data["test_paths"][:m], data["test_labels"][:m],
+    loader = datasets.make_loader(datasets.ImageList(root / "data", data["test_paths"][:m], data["test_labels"][:m],
                                        preprocess), 256, device, a.workers)
     W.encode_images(clip_model, [next(iter(loader))], device, precision)  # warm-up
     _, seconds = timed(lambda: W.encode_images(clip_model, loader, device, precision))
@@ -257,8 +253,8 @@ def main():
                  f"one pass over {n} images: {clip_s:.1f} s"))
 
     # 2. Weak-model training: a warm-up epoch, then one timed epoch over D_train.
-    model, train_tf, _ = W.create_weak_model(a.weak_model, k, pretrained=False)
-    wl = datasets_w2s_clip.make_loader(datasets_w2s_clip.ImageList(root / "data", data["train_paths"], data["train_labels"], train_tf),
+    model, train_tf, _ = hf.load_weak_model(a.weak_model, k, pretrained=False)
+    wl = datasets.make_loader(datasets.ImageList(root / "data", data["train_paths"], data["train_labels"], train_tf),
                        128, device, a.workers, shuffle=True)
     W.train_weak_model(model, wl, 1, 1e-3, 0.1, device, precision=precision)
     _, weak_s = timed(lambda: W.train_weak_model(model, wl, 1, 1e-3, 0.1, device,

@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from w2s_clip import UserError
+from w2s_clip_lab.files import atomic_save
 
 def file_digest(*paths):
     """SHA-1 of the files' bytes, in order (16 hex digits)."""
@@ -237,7 +238,7 @@ def load_domain(data_root, domain, split_root=None):
     image paths relative to `data_root`); return a dict with paths, labels, names."""
     get, image_root = f"`make data DOMAIN={domain} DATA={data_root}`", data_root
     if split_root is not None:
-        data_root = split_root  # written by datasets_w2s_clip from the images under data_root
+        data_root = split_root  # written by datasets from the images under data_root
     if os.path.exists(data_root) and not os.path.isdir(data_root):
         raise UserError(f"--data-root {data_root} is a file, not a folder; pass the folder that "
                         f"holds <domain>_train.txt and <domain>_test.txt")
@@ -411,7 +412,6 @@ def write_splits(dataset, root, domain, split_dir, share=0.8, seed=0, check=None
     DomainNet's format (`<path> <label>`, paths relative to `root`), after `check(root, paths)`
     has passed on every image; nothing is written before. Returns the number of skipped files
     and the first of them."""
-    from store_w2s_clip import atomic_save
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data-root {root} is not a folder; pass the folder that holds the "

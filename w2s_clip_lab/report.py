@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from checks_w2s_clip import check_writable
-from store_w2s_clip import (atomic_save, cache_key, describe_difference,
-                            filled_settings, method_settings, read_result, refuse_link,
-                            remove_stale_temps, result_files, result_path, same_settings,
-                            settings_key, temp_path)
 from w2s_clip import DOMAINS, LOSS_NAMES, METHOD_HEAD_LOSS, UserError, pgr
+from w2s_clip_lab.checks import check_writable
+from w2s_clip_lab.files import atomic_save, cache_key, refuse_link, remove_stale_temps, temp_path
+from w2s_clip_lab.store import (describe_difference, filled_settings, method_settings, read_result,
+                                result_files, result_path, same_settings, settings_key)
 
 
 def pgr_text(weak, strong, ceiling):

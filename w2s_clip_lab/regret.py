@@ -7,18 +7,16 @@ values (what `--tune none` trains) and its D'_test accuracy (for this analysis, 
 A rule's regret on one run is the D'_test accuracy of the grid's best point minus that of the point
 the rule picks: 0 when it picks the best, never negative. `make demo-tuning` writes the table:
 
-    python regret_w2s_clip.py --levels paper=demo/tuning/paper easy=demo/tuning/easy \\
+    python -m w2s_clip_lab.regret --levels paper=demo/tuning/paper easy=demo/tuning/easy \\
         --output demo/results/tuning_regret.md
 """
 import argparse
 import sys
 from pathlib import Path
 
-import checks_w2s_clip
-import report_w2s_clip
-import store_w2s_clip
 import w2s_clip
 from w2s_clip import UserError
+from w2s_clip_lab import checks, files, report, store
 
 RULES = (*w2s_clip.TUNING_RULES, "none")  # "none": the flags' values, no tuning
 
@@ -46,8 +44,8 @@ def regret_records(out_dir, label):
     """One record per run under out_dir with a tuning grid of two or more points and every rule's
     scores: {level, method, domain, seed, regret: {rule: points in [0, 1] or None}}."""
     records = []
-    for row in report_w2s_clip.load_results(out_dir):
-        tuning = (store_w2s_clip.read_result(Path(row["path"])) or {}).get("tuning") or []
+    for row in report.load_results(out_dir):
+        tuning = (store.read_result(Path(row["path"])) or {}).get("tuning") or []
         trained = [t for t in tuning if "diverged" not in t]
         if len(trained) < 2 or not all(isinstance(t.get("scores"), dict) for t in trained):
             continue  # nothing tuned (CE, weak, ceiling), or a file older than the rules' scores
@@ -113,7 +111,7 @@ def regret_table(records):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--levels", nargs="+", required=True, metavar="LABEL=DIR",
-                   type=checks_w2s_clip.label_dir,
+                   type=checks.label_dir,
                    help="result folders of runs with --tune hold-val, each with a label")
     p.add_argument("--output", default="results/tuning_regret.md", help="the markdown file written")
     return p.parse_args(argv)
@@ -125,8 +123,8 @@ def main(argv=None):
         records = [rec for label, folder in args.levels for rec in regret_records(folder, label)]
         text, winner = regret_table(records)
         out = Path(args.output)
-        checks_w2s_clip.check_writable(out.parent, "--output")
-        store_w2s_clip.atomic_save(text, out)
+        checks.check_writable(out.parent, "--output")
+        files.atomic_save(text, out)
         print(text, end="")
         print(f"wrote {out}")
     except UserError as e:

@@ -5,7 +5,7 @@ Needs the optional `transformers` package.
 import torch.nn as nn
 from PIL import Image
 
-from w2s_clip import UserError
+from w2s_clip import UserError, create_weak_model
 
 
 def import_transformers(flag_value):
@@ -80,3 +80,11 @@ def check_hf_weak_model(name):
                         f"({str(e).splitlines()[0]}); check the id and the network")
     if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
         raise UserError(f"--weak-model {name}: a {config.model_type} model, not an image classifier")
+
+
+def load_weak_model(name, num_classes, pretrained=True):
+    """--weak-model's classifier and transforms: `hf:<id>` a transformers one
+    (`create_hf_weak_model`), any other name timm's (`w2s_clip.create_weak_model`)."""
+    if name.startswith("hf:"):
+        return create_hf_weak_model(name[3:], num_classes, pretrained)
+    return create_weak_model(name, num_classes, pretrained)

@@ -1,8 +1,8 @@
 """`make gpu-check`: a self-check of a machine's GPU path for w2s_clip, with no network and no data.
 
-    python gpu_check.py                       # the first GPU, --precision auto (about two minutes)
-    python gpu_check.py --device cuda:1
-    python gpu_check.py --device cpu          # the dry run: the same checks on the CPU
+    python -m w2s_clip_lab.gpu_check                       # the first GPU, --precision auto (about two minutes)
+    python -m w2s_clip_lab.gpu_check --device cuda:1
+    python -m w2s_clip_lab.gpu_check --device cpu          # the dry run: the same checks on the CPU
 
 Each check prints one line, PASS or FAIL, with what it measured; the last line is `N passed, M
 failed` and the exit status is 1 if any check failed. The checks:
@@ -27,12 +27,10 @@ from pathlib import Path
 
 import torch
 
-import checks_w2s_clip
-import hf_w2s_clip
-import minidomainnet
 import w2s_clip as W
+from w2s_clip_lab import bench, checks, hf, miniature
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository, where w2s_clip.py is
 NAMES = ["aircraft carrier", "zebra", "The Eiffel Tower", "t-shirt"]
 
 
@@ -44,7 +42,7 @@ def run_check(name, fn, passed):
     except torch.cuda.OutOfMemoryError:
         detail, ok = "out of GPU memory; --real-batch 256 shows the rate on a smaller card", False
     except Exception as e:  # a check that fails is a finding, not a crash
-        detail, ok = f"{type(e).__name__}: {checks_w2s_clip.one_line(e, 200)}", False
+        detail, ok = f"{type(e).__name__}: {checks.one_line(e, 200)}", False
     passed.append(ok)
     print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail} ({time.time() - start:.1f} s)", flush=True)
 
@@ -90,7 +88,7 @@ def tiny_clip():
     """The miniature's tiny CLIP at a seeded random init, and the ViT-B-32 tokenizer."""
     import open_clip
     torch.manual_seed(0)
-    return open_clip.CLIP(**minidomainnet.TINY_CLIP).eval(), open_clip.get_tokenizer("ViT-B-32")
+    return open_clip.CLIP(**miniature.TINY_CLIP).eval(), open_clip.get_tokenizer("ViT-B-32")
 
 
 def head_losses(kind, loss, device, clip_model, tokenizer, epochs=2):
@@ -134,10 +132,10 @@ def check_cli(device, folder):
     """`--method all` on a generated folder with tiny models, the same command again, and a rerun
     into a fresh output folder from the warm caches."""
     root = Path(folder)
-    minidomainnet.make_synthetic_domainnet(root / "data", domains=("sketch",),
+    miniature.make_synthetic_domainnet(root / "data", domains=("sketch",),
                                            classes=tuple(n.replace(" ", "_") for n in NAMES),
                                            n_train=8, n_test=20, size=32)
-    (root / "tiny-clip.json").write_text(json.dumps(minidomainnet.TINY_CLIP))
+    (root / "tiny-clip.json").write_text(json.dumps(miniature.TINY_CLIP))
     flags = ["--data-root", root / "data", "--domain", "sketch", "--method", "all", "--seeds", "0",
              "--clip-model", root / "tiny-clip.json", "--clip-pretrained", "none",
              "--weak-model", "test_resnet", "--no-weak-pretrained", "--weak-epochs", "1",
@@ -171,7 +169,7 @@ def weak_step_rate(name, device, precision, batch, size=224, classes=345):
     torch.manual_seed(0)
     if name == "cvt-13":  # Table 3's CvT-13: transformers' default CvtConfig is CvT-13
         import transformers
-        model = hf_w2s_clip.HFLogits(transformers.CvtForImageClassification(
+        model = hf.HFLogits(transformers.CvtForImageClassification(
             transformers.CvtConfig(num_labels=classes)))
     else:
         import timm
@@ -215,9 +213,8 @@ def tp_step_time(device, batch):
     """Seconds of one TP training step over DomainNet's 345 class names with ViT-B/32's text tower
     (random init, packed text path), `batch` image features, and peak memory."""
     import open_clip
-    import bench_w2s_clip
     model = random_vit_b32(device)
-    names = [n.replace("_", " ") for n in bench_w2s_clip.DOMAINNET_CLASSES]
+    names = [n.replace("_", " ") for n in bench.DOMAINNET_CLASSES]
     head = W.make_head("tp", model, open_clip.get_tokenizer("ViT-B-32"), names, 512).to(device)
     opt = torch.optim.AdamW([head.ctx], lr=1e-3)
     x, weak = torch.randn(batch, 512, device=device), torch.randn(batch, len(names), device=device)
@@ -239,16 +236,16 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; default: cuda if usable")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="as w2s_clip.py's --precision")
-    p.add_argument("--real-batch", type=checks_w2s_clip.positive(int), default=None,
+    p.add_argument("--real-batch", type=W.positive(int), default=None,
                    help="batch of the real-size checks (default 512 on a GPU, 8 on the CPU)")
     args = p.parse_args(argv)
     try:
-        device, precision, hardware = checks_w2s_clip.choose_device(args.device, args.precision)
+        device, precision, hardware = checks.choose_device(args.device, args.precision)
     except W.UserError as e:
         sys.exit(f"error: {e}")
     device = torch.device(device)
     batch = args.real_batch or (512 if device.type == "cuda" else 8)
-    print(checks_w2s_clip.device_line(hardware), flush=True)
+    print(checks.device_line(hardware), flush=True)
     passed = []
     run_check("kernels", lambda: check_kernels(device, precision), passed)
     run_check("heads and losses as on the CPU", lambda: check_heads(device), passed)
