@@ -13,7 +13,6 @@ import functools
 import inspect
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -355,6 +354,7 @@ def test_prompt_head_only_ctx_trains_and_logits_are_scaled_cosines(clip):
 def test_prompt_head_gradient_step_on_ctx_changes_text_features(clip):
     """ctx gets a non-zero gradient, the CLIP weights none, and an SGD step moves the features."""
     model, tok = clip
+    model.zero_grad(set_to_none=True)  # the text-tower tests above leave gradients on it
     head = w2s_clip.PromptHead(model, tok, PROMPT_NAMES)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 64, generator=g), torch.randint(len(PROMPT_NAMES), (8,), generator=g)
@@ -1291,7 +1291,9 @@ def test_copied_functions_run_alone_with_the_papers_defaults(clip):
         name = todo.pop()
         if name not in wanted:
             wanted.append(name)
-            todo += [m for m in re.findall(r"[A-Za-z_]\w*", defs[name]) if m in defs and m != name]
+            names = [n for n in ast.walk(ast.parse(defs[name])) if isinstance(n, ast.Name)]
+            local = {n.id for n in names if isinstance(n.ctx, ast.Store)}  # its own variables
+            todo += sorted(({n.id for n in names} - local - {name}) & set(defs))  # code, not text
     extra = sorted(set(wanted) - {"PrototypeHead", "cpl_loss", "text_prototypes", "train_head"})
     assert len(extra) <= 4 and not {"TextTower", "UserError", "parse_args"} & set(extra), extra
     space = {}

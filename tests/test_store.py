@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import w2s_clip
-from w2s_clip_lab import checks, datasets, files, hf, store
+from w2s_clip_lab import checks, datasets, files, hf, runner, store
 from conftest import cli_args, corrupt_copy, folder_copy, good_result, main_error, varied_images
 
 
@@ -259,7 +259,7 @@ def test_a_result_written_meanwhile_with_other_settings_is_kept(demo, tmp_path, 
         if method == "cpl":
             files.atomic_save(foreign, path)
         return result
-    monkeypatch.setattr(w2s_clip, "run_method", concurrent)
+    monkeypatch.setattr(runner, "run_method", concurrent)  # as run_and_save calls it
     main_error(cli_args(demo, demo / "data", out, cache, **{"--tune": "none"}),
                str(path), "another command", "lr: 123.0 -> 0.01")
     assert json.loads(path.read_text()) == foreign
@@ -333,7 +333,7 @@ def test_a_job_killed_while_holding_a_cache_lock_leaves_it_free(tmp_path):
     import time
     path = tmp_path / "entry.pt"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, store\n"
+        "import sys, time\nfrom w2s_clip_lab import files\n"
         "with files.file_lock(sys.argv[1]):\n"
         "    print('held', flush=True); time.sleep(600)\n"), str(path)],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)

@@ -471,12 +471,12 @@ def pretraining_table(levels, tables_dir):
             lines.append(pretraining_row(f"{label} ({domain})", seed_means(subset)))
             points.append((label, domain, subset))
     text = "\n".join(lines) + "\n"
-    files = {"pretraining.md": text}
+    outputs = {"pretraining.md": text}
     png = pretraining_figure(points)
     if png is not None:
-        files["pretraining.png"] = png
+        outputs["pretraining.png"] = png
     checks.check_writable(tables_dir, "--tables-dir")
-    for name, content in files.items():
+    for name, content in outputs.items():
         files.atomic_save(content, Path(tables_dir) / name)
     return text
 
