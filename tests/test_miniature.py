@@ -213,6 +213,12 @@ def test_make_demo_refuses_a_folder_it_did_not_write(tmp_path):
     assert split.stat().st_mtime_ns == mtime
     M.make_demo(ours, **{**kwargs, "n_test": 4})
     assert len(split.read_text().splitlines()) == 16
+    # a folder an earlier version wrote (its manifest under the earlier name) is still ours
+    mtime = split.stat().st_mtime_ns
+    (ours / M.MANIFEST).replace(ours / M.EARLIER_MANIFESTS[0])
+    M.make_demo(ours, **{**kwargs, "n_test": 4})
+    assert split.stat().st_mtime_ns == mtime  # recognised, and its data kept
+    assert (ours / M.MANIFEST).is_file() and not (ours / M.EARLIER_MANIFESTS[0]).exists()
 
 
 def test_pretraining_table_rows_best_baseline_delta_and_pgr(tmp_path):

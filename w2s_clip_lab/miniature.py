@@ -76,6 +76,7 @@ DOMAIN_WORDS = {"clipart": "clipart", "infograph": "infographic", "painting": "p
                 "quickdraw": "drawing", "real": "photo", "sketch": "sketch"}
 GENERATOR_VERSION = 2  # part of every cache key: bump when render() changes
 MANIFEST = "miniature.json"  # marks a folder this module wrote
+EARLIER_MANIFESTS = ("minidomainnet.json",)  # its name in earlier versions: still ours, renamed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,6 +192,10 @@ def make_demo(folder, flag="--make-demo", **kwargs):
     """
     folder = Path(folder)
     manifest = folder / MANIFEST
+    for name in EARLIER_MANIFESTS:  # a folder an earlier version wrote: keep it, under the new name
+        earlier = folder / name
+        if earlier.is_file() and not earlier.is_symlink() and not manifest.exists():
+            earlier.replace(manifest)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file; pick a new or empty folder")
     if folder.is_dir() and any(folder.iterdir()) and not manifest.is_file():
