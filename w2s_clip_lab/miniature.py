@@ -195,7 +195,10 @@ def make_demo(folder, flag="--make-demo", **kwargs):
     for name in EARLIER_MANIFESTS:  # a folder an earlier version wrote: keep it, under the new name
         earlier = folder / name
         if earlier.is_file() and not earlier.is_symlink() and not manifest.exists():
-            earlier.replace(manifest)
+            try:
+                earlier.replace(manifest)
+            except OSError:  # a folder it may not write: read the manifest where it is
+                manifest = earlier
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file; pick a new or empty folder")
     if folder.is_dir() and any(folder.iterdir()) and not manifest.is_file():
