@@ -193,7 +193,7 @@ def test_generator_keeps_domainnet_layout_and_label_order(tmp_path):
     assert sat["clipart"] > sat["quickdraw"] + 0.05
 
 
-def test_make_demo_refuses_a_folder_it_did_not_write(tmp_path):
+def test_make_demo_refuses_a_folder_it_did_not_write(tmp_path, monkeypatch):
     folder = tmp_path / "mine"
     (folder / "data").mkdir(parents=True)
     keep = folder / "data" / "sketch_train.txt"
@@ -219,6 +219,15 @@ def test_make_demo_refuses_a_folder_it_did_not_write(tmp_path):
     M.make_demo(ours, **{**kwargs, "n_test": 4})
     assert split.stat().st_mtime_ns == mtime  # recognised, and its data kept
     assert (ours / M.MANIFEST).is_file() and not (ours / M.EARLIER_MANIFESTS[0]).exists()
+    # where the earlier manifest cannot be renamed, it is read where it is and the data kept
+    (ours / M.MANIFEST).replace(ours / M.EARLIER_MANIFESTS[0])
+
+    def refuse(self, target):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(type(ours), "replace", refuse)
+    M.make_demo(ours, **{**kwargs, "n_test": 4})
+    assert split.stat().st_mtime_ns == mtime and (ours / M.EARLIER_MANIFESTS[0]).is_file()
+    assert not (ours / M.MANIFEST).exists()
 
 
 def test_pretraining_table_rows_best_baseline_delta_and_pgr(tmp_path):
