@@ -5,34 +5,47 @@ Weak-to-Strong Generalization for CLIP-based Classification", TMLR 2025 (arXiv:2
 model fine-tuned on true labels labels held-out images; a frozen open_clip image tower plus one
 trainable head (LP, TP or CPL) learns from those weak labels only. Manual: README.md.
 
-    make demo  # the miniature on the CPU, no download (~2 min)
     python w2s_clip.py --domain sketch --method cpl  # DomainNet sketch, five seeds (GPU)
     python w2s_clip.py --domain sketch --method all --seeds 0  # every method; caches shared
-    python w2s_clip.py --build-tables --out-dir runs --tables-dir results  # Tables 2-4
+    python w2s_clip.py --data-root my_domainnet --domain clipart --method weak zero-shot ceiling cpl
+    make demo  # the CPU miniature, no download (w2s_clip_lab/, a few minutes)
 
-This file is the method, in the paper's order, and its command line; it imports nothing of the
-project but, in `main`, the runner of the package beside it (w2s_clip_lab/: the checks, caches and
-results files, reports, data layouts, Hugging Face weak models, CPE, the miniature; README).
+This file is the paper whole and alone: its method in the paper's order, then the protocol of
+Section 5 on DomainNet's files (splits, weak model, weak labels, CLIP features, heads, results.json
+per method and seed) and its command line. It imports nothing of the project; w2s_clip_lab/ builds
+on it (tables, the miniature, other layouts, Hugging Face weak models, CPE; README).
 """
 import argparse
+import contextlib
 import copy
+import csv
+import errno
+import hashlib
+import io
+import json
 import logging
 import math
 import os
 import pickle
+import posixpath
 import random
+import re
+import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")  # DomainNet's
-DATASETS = ("domainnet", "officehome", "folder")  # layouts: w2s_clip_lab/datasets.py for the others
+PACKAGE_COMMAND = "python -m w2s_clip_lab.run"  # the same flags plus the package's own
 
 
 class UserError(Exception):
@@ -46,8 +59,207 @@ def set_seed(seed):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data and splits (paper Section 5, step 0)
+# Data and splits (paper Section 5, step 0): DomainNet's split files, its images, D_test's splits
 # ------------------------------------------------------------------------------------------------
+def read_split_file(path):
+    """Parse an official DomainNet split file, one `<domain>/<class>/<file> <label>` per line (UTF-8,
+    a byte-order mark accepted, each image once; paths normalised as written by posixpath.normpath).
+
+    Returns:
+        (paths, labels): relative image paths (list of n str) and labels (LongTensor [n]).
+    """
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"split file {path} not found; get it with `make data DOMAIN=<domain>`") from None
+    except UnicodeDecodeError as e:
+        lineno = e.object[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save it as UTF-8 or "
+                        f"re-download it") from None
+    paths, labels, first = [], [], {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(None, 1)
+        image = posixpath.normpath(parts[0]) if len(parts) == 2 else ""
+        if image.lstrip("/").count("/") < 2 or not re.fullmatch(r"-?\d+", parts[-1]):
+            raise UserError(f"{path}:{lineno}: expected '<domain>/<class>/<file> <label>', got "
+                            f"{line.strip()!r}; re-download the split file")
+        if not -2 ** 63 <= int(parts[1]) < 2 ** 63:  # beyond torch's int64
+            raise UserError(f"{path}:{lineno}: label {parts[1]} is far too large for a class index; "
+                            f"re-download the split file")
+        if image in first:
+            raise UserError(f"{path}:{lineno} lists {image} again (first at line {first[image]}); "
+                            f"each image must appear once: re-download the split file")
+        first[image] = lineno
+        paths.append(image)
+        labels.append(int(parts[1]))
+    if not paths:
+        raise UserError(f"{path} is empty; re-download it with `make data`")
+    return paths, torch.tensor(labels)
+
+
+def classnames_from_splits(paths, labels, source="split files"):
+    """Class names in label order, from the class folder of each file (`_` -> space): DomainNet's
+    label order is not `sorted(folders)`. A label used for two folders, or one outside 0..k-1 (k
+    class folders), is a UserError. Returns a list of k names."""
+    folders = {}  # label -> its class folders
+    for p, y in zip(paths, labels.tolist()):
+        folders.setdefault(y, set()).add(p.split("/")[-2])
+    for y in sorted(folders):
+        if len(folders[y]) > 1:
+            a, b = sorted(folders[y])[:2]
+            raise UserError(f"{source}: label {y} is used for both '{a.replace('_', ' ')}' and "
+                            f"'{b.replace('_', ' ')}'")
+    k = len({f for fs in folders.values() for f in fs})
+    bad = sorted(y for y in folders if not 0 <= y < k)
+    if bad:
+        raise UserError(f"{source}: label {bad[0]} is outside 0..{k - 1} ({k} class folders)")
+    return [next(iter(folders[y])).replace("_", " ") for y in range(k)]
+
+
+def load_domain(data_root, domain, split_root=None):
+    """Read `<domain>_train.txt` (D_train) and `<domain>_test.txt` (D_test) from `split_root`
+    (default `data_root`; image paths relative to `data_root`).
+
+    Returns:
+        dict: train_paths, train_labels [n_train], test_paths, test_labels [n_test], classnames
+        (label order), digest (of the two split files).
+    """
+    get, folder = f"`make data DOMAIN={domain} DATA={data_root}`", split_root or data_root
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--data-root {folder} is a file, not a folder; pass the folder that holds "
+                        f"<domain>_train.txt and <domain>_test.txt")
+    if not os.path.isdir(folder):
+        raise UserError(f"data root {folder} not found; run {get} or pass --data-root")
+    files = [os.path.join(folder, f"{domain}_{s}.txt") for s in ("train", "test")]
+    for f in files:
+        if not os.path.isfile(f):
+            raise UserError(f"split file {f} not found; get it with {get}")
+    (tr_paths, tr_labels), (te_paths, te_labels) = map(read_split_file, files)
+    both = sorted(set(tr_paths) & set(te_paths))
+    if both:  # the weak model would be trained on images it then labels
+        raise UserError(f"{len(both)} images are listed in both {domain}_train.txt and "
+                        f"{domain}_test.txt under {folder}, first {both[0]}; the splits must be "
+                        f"disjoint: re-download them")
+    names = classnames_from_splits(tr_paths + te_paths, torch.cat([tr_labels, te_labels]),
+                                   source=f"{domain}_train.txt + {domain}_test.txt")
+    return {"train_paths": tr_paths, "train_labels": tr_labels, "test_paths": te_paths,
+            "test_labels": te_labels, "classnames": names, "digest": file_digest(*files)}
+
+
+def file_digest(*paths):
+    """SHA-1 of the files' bytes, in order (16 hex digits)."""
+    h = hashlib.sha1()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):  # a checkpoint can be gigabytes
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_images(root, paths, workers=16):
+    """Stop before any training if a listed image is missing, not an image (header check) or
+    larger than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
+    def bad(rel):
+        try:
+            with Image.open(os.path.join(root, rel)):
+                return None
+        except Image.DecompressionBombError:
+            return rel, "has more pixels than PIL opens (decompression-bomb limit); shrink it or"
+        except (OSError, ValueError):
+            return rel, ("is missing;" if not os.path.exists(os.path.join(root, rel))
+                         else "is unreadable; replace it or")
+    with ThreadPoolExecutor(workers) as pool:
+        for found in pool.map(bad, paths, chunksize=256):
+            if found is not None:
+                raise UserError(f"image {os.path.join(root, found[0])} {found[1]} remove it from "
+                                f"the split files (DomainNet: re-download it with `make data`)")
+
+
+def image_stats_digest(root, paths, workers=16):
+    """A digest of each listed image's size and modification time (os.stat; -1 for a missing
+    file), part of the cache keys, so that a cache notices images replaced under the same paths."""
+    def stat(rel):
+        try:
+            st = os.stat(os.path.join(root, rel))
+            return f"{st.st_size} {st.st_mtime_ns}\n"
+        except OSError:
+            return "-1 -1\n"
+    h = hashlib.sha1()
+    with ThreadPoolExecutor(workers) as pool:
+        for line in pool.map(stat, paths, chunksize=1024):
+            h.update(line.encode())
+    return h.hexdigest()[:16]
+
+
+def decode_image(path):
+    """The image file at `path` decoded to RGB (PIL), or a UserError naming it."""
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path} ({e}); replace or remove it (DomainNet: "
+                        f"re-download with `make data`)") from None
+
+
+class ImageList(Dataset):
+    """Images `root/paths[i]` with labels, through `transform`; a bad file raises UserError.
+
+    With a `seed`, the transform's random draws (torch and Python's `random`, what torchvision and
+    timm use) come from a generator seeded by (seed, epoch, i) for each sample, so augmentation does
+    not depend on which data-loader worker loads it; index epoch * n + i is image i in that epoch
+    (`EpochSampler`). `pixels[i]`, if given, is image i already decoded (a PIL image).
+    """
+
+    def __init__(self, root, paths, labels, transform, seed=None, pixels=None):
+        self.root, self.paths, self.labels, self.transform = root, paths, labels, transform
+        self.seed, self.pixels = seed, pixels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        i, epoch = index % len(self.paths), index // len(self.paths)
+        image = (self.pixels[i] if self.pixels is not None
+                 else decode_image(os.path.join(self.root, self.paths[i])))
+        if self.seed is None:
+            return self.transform(image), self.labels[i]
+        sample_seed = int(hashlib.sha1(f"{self.seed} {epoch} {i}".encode()).hexdigest()[:15], 16)
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            x = self.transform(image)
+        random.setstate(state)
+        return x, self.labels[i]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per pass, as indices epoch * n + i, so that each sample knows its epoch."""
+
+    def __init__(self, n, seed):
+        self.n, self.g, self.epoch = n, torch.Generator().manual_seed(seed), 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.g) + self.epoch * self.n
+        self.epoch += 1
+        return iter(order.tolist())
+
+
+def make_loader(dataset, batch_size, device, workers, shuffle=False, seed=0):
+    """A DataLoader with workers and pinned memory on CUDA; for training a seeded shuffle
+    (`EpochSampler`, the dataset then takes indices epoch * n + i as ImageList does). Its own
+    generator seeds the workers, so the global RNG is not drawn from."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      sampler=EpochSampler(len(dataset), seed) if shuffle else None,
+                      generator=torch.Generator().manual_seed(seed),
+                      pin_memory=torch.device(device).type == "cuda",
+                      persistent_workers=workers > 0 and shuffle, drop_last=False)
+
+
 def protocol_splits(n_test, seed, hold_frac=0.8, train_frac=0.8):
     """Split D_test into hold-train / hold-val (D_hold = 80%, then 80/20) and D'_test (20%).
 
@@ -1042,7 +1254,547 @@ def d_test_report(test_logits, weak_logits, labels, splits):
 
 
 # ------------------------------------------------------------------------------------------------
-# The command line: flag types, the flags, and main (the runner, w2s_clip_lab/runner.py, does the rest)
+# Files on disk: caches keyed by what made them, written whole (a temporary file renamed), locked
+# ------------------------------------------------------------------------------------------------
+def cache_key(**parts):
+    """A short stable hash of keyword arguments (anything json can print, str as fallback)."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def temp_path(path):
+    """Where a write of `path` goes first: `.<name>.<pid>@<host>.tmp` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.tmp")
+
+
+def remove_stale_temps(folder, name="*"):
+    """Delete the temporary files (`temp_path`) of `name` in `folder` that a killed process of this
+    machine left; another machine's (a shared folder) and a running process's are kept."""
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        match = re.fullmatch(r"\.(.+?)\.(\d+)@(.+)\.tmp", tmp.name)
+        if match and match[3] == socket.gethostname() and int(match[2]) != os.getpid():
+            try:
+                os.kill(int(match[2]), 0)  # raises if no such process
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except (OSError, OverflowError):
+                pass  # another user's process: leave it
+
+
+def refuse_link(path):
+    """A UserError when `path` is a symbolic link, which a write would replace (never written
+    through either): what the user made is not touched."""
+    if os.path.islink(path):
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}), which is never "
+                        f"replaced or written through; remove the link or write elsewhere")
+
+
+def atomic_save(obj, path):
+    """torch.save (JSON for a .json path; str or bytes as they are) to a temporary file renamed into
+    place: `path` is whole or absent. A failed write leaves no temporary file; a full disk or an
+    unwritable folder is a UserError naming it."""
+    path = Path(path)
+    refuse_link(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    tmp = temp_path(path)
+    try:
+        if path.suffix == ".json":
+            data = json.dumps(obj, indent=1, default=str).encode()
+        elif isinstance(obj, (str, bytes)):
+            data = obj.encode() if isinstance(obj, str) else obj
+        else:
+            buffer = io.BytesIO()  # torch's own writer hides the errno of a failed write
+            torch.save(obj, buffer)
+            data = buffer.getbuffer()
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on {path.parent} (writing {path.name}); free some "
+                            f"space or point --cache-dir / --out-dir elsewhere") from None
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); check the folder") from None
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive lock (fcntl.flock) on `.<name>.lock` beside `path` for the block: processes
+    writing one file take turns (a file system without locks: a warning, no lock)."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            print(f"warning: cannot lock {path} ({e.strerror}); writing it without a lock",
+                  file=sys.stderr, flush=True)
+        yield
+
+
+def load_cache(path):
+    """The object in cache file `path` (torch or .json), or None with a one-line warning if it
+    cannot be loaded (truncated, damaged): caches are derived data, recomputed."""
+    try:
+        if str(path).endswith(".json"):
+            return json.loads(Path(path).read_text())
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # any failure to read derived data means: compute it again
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        print(f"warning: cache file {path} cannot be loaded ({reason}); recomputing it",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def cached(path, compute, force=False):
+    """Load `path` if it exists and loads (and not `force`), else compute it under a lock, save it
+    whole and return it: a second process asking for the same entry waits, then loads it."""
+    for attempt in ("unlocked", "locked"):
+        with file_lock(path) if attempt == "locked" else contextlib.nullcontext():
+            obj = load_cache(path) if os.path.exists(path) and not force else None
+            if obj is not None:
+                return obj
+            if attempt == "locked":
+                obj = compute()
+                atomic_save(obj, path)
+                log_computed(path)
+                return obj
+
+
+def log_computed(path):
+    """Append `path` to the file $W2S_CLIP_CACHE_LOG names, if set: which process computed which
+    cache entry (the tests of concurrent runs read it)."""
+    if os.environ.get("W2S_CLIP_CACHE_LOG"):
+        with contextlib.suppress(OSError), open(os.environ["W2S_CLIP_CACHE_LOG"], "a") as f:
+            f.write(f"{os.getpid()} {path}\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings: what a result depends on (its key), and when an existing result is stale
+# ------------------------------------------------------------------------------------------------
+RUN_FLAGS = ("seeds", "method", "device", "out_dir", "cache_dir", "force", "workers")  # no effect
+CLIP_SETTINGS = ("clip", "data_root", "splits", "domain", "device", "precision")  # CLIP's features
+# All that decides a weak run; dataset, split_share, split_seed and train_image_cache are set only
+# by w2s_clip_lab's layouts and pixel cache, and only when they are not at their defaults.
+WEAK_SETTINGS = ("weak_model", "weak_pretrained", "weak_epochs", "weak_lr", "batch_size",
+                 "warmup_ratio", "weight_decay", "lr_schedule", "max_grad_norm", "weak_micro_batch",
+                 "train_image_cache", "data_root", "splits", "domain", "dataset", "split_share",
+                 "split_seed", "device", "precision")
+
+
+def run_settings(args, data, device, precision):
+    """Everything but the seed and method that shapes a result, as a JSON dict: the flags (not
+    RUN_FLAGS), the data's real path and split files' digest, the device type, the precision in
+    use, and the CLIP config and checkpoint by content. Paths are real paths."""
+    flags = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
+    real = lambda path: os.path.realpath(path) if os.path.isfile(path) else path  # noqa: E731
+    pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
+    clip = (file_digest(args.clip_model) if args.clip_model.endswith(".json") else args.clip_model,
+            file_digest(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained)
+    flags.update(precision=precision, data_root=os.path.realpath(args.data_root),
+                 splits=data["digest"], clip_model=real(args.clip_model),
+                 clip_pretrained=real(args.clip_pretrained), device=torch.device(device).type,
+                 clip=clip)
+    return json.loads(json.dumps(flags, default=str))  # as results.json holds it
+
+
+def unused_flags(method):
+    """The settings `method`'s result does not depend on: the losses' hyperparameters and grids it
+    does not use, cpl-text's text lr elsewhere, the ceiling's data elsewhere, the tuning flags
+    for zero-shot and the ceiling, and the head's training flags for zero-shot (no step)."""
+    kinds, losses = {"zero-shot": (["cpl"], ["cpl"]), "ceiling": (["lp", "tp", "cpl"], ["ce"])
+                     }.get(method, ([], []))
+    if method in METHOD_HEAD_LOSS:
+        kinds, losses = [METHOD_HEAD_LOSS[method][0]], [METHOD_HEAD_LOSS[method][1]]
+    used = {h for loss in losses for h in LOSSES[loss][1].values()}
+    unused = {h for h in HYPERPARAMETERS if h not in used}
+    unused |= {f"{h}_grid" for h in unused} | ({"text_lr", "text_lr_grid"} if "cpl-text" not in kinds
+                                               else set())
+    unused |= {"ceiling_data"} if method != "ceiling" else set()
+    if method in ("zero-shot", "ceiling"):  # nothing tuned
+        unused |= {f"{h}_grid" for h in HYPERPARAMETERS} | {"text_lr_grid", "tune", "tune_by"}
+    if method == "zero-shot":  # CPL's head before any step
+        unused |= {"lr", "strong_epochs", "select_by", "select_from"}
+    return unused
+
+
+def method_settings(method, settings):
+    """The part of `settings` (run_settings' dict) that `method`'s result depends on; a flag this
+    file has and the dict lacks (an older file) counts at its default. A hash (str) is returned."""
+    if not isinstance(settings, dict):
+        return settings
+    defaults = {k: v for k, v in vars(parse_args([])).items() if k not in RUN_FLAGS}
+    filled = {**json.loads(json.dumps(defaults, default=str)), **settings}
+    if method == "weak":
+        return {k: v for k, v in filled.items() if k in WEAK_SETTINGS}
+    return {k: v for k, v in filled.items() if k not in unused_flags(method)}
+
+
+def settings_key(settings, method=None):
+    """The hash of `settings`, or of the part `method` depends on; a hash (an older results.json)
+    is returned as it is; None for no settings."""
+    if isinstance(settings, dict):
+        return cache_key(**(method_settings(method, settings) if method else settings))
+    return settings if isinstance(settings, str) else None
+
+
+def describe_difference(old, new, method):
+    """`name: old -> new` for each setting `method` depends on in which `old` and `new` differ."""
+    if not isinstance(old, dict):
+        return "a results.json that records only a hash of its settings, or none"
+    old, new = method_settings(method, old), method_settings(method, new)
+    cut = lambda v: (str(v)[:37] + "...") if len(str(v)) > 40 else str(v)  # noqa: E731
+    return ", ".join(f"{k}: {cut(old.get(k))} -> {cut(new.get(k))}"
+                     for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k))
+
+
+# ------------------------------------------------------------------------------------------------
+# The protocol's cached stages: the weak model and its logits (steps 1-2), CLIP's features
+# ------------------------------------------------------------------------------------------------
+def image_datasets(args, data, seed, train_tf, eval_tf):
+    """The weak model's training images (D_train, augmentation seeded per image) and evaluation
+    images (D_test, in order), decoded from the files."""
+    root = args.data_root
+    return (ImageList(root, data["train_paths"], data["train_labels"], train_tf, seed=seed),
+            ImageList(root, data["test_paths"], data["test_labels"], eval_tf))
+
+
+def weak_stage(args, data, seed, device, precision, settings, create=create_weak_model,
+               datasets=image_datasets):
+    """Steps 1-2: `create(name, k, pretrained)`'s model fine-tuned on D_train (`datasets`), then
+    its logits on all of D_test. Cached under a key of the weak settings (WEAK_SETTINGS), the seed
+    and the images' sizes and times.
+
+    Returns:
+        (logits [n_test, k], history: the training's rows per epoch, or None from an older cache).
+    """
+    key = cache_key(**method_settings("weak", settings), k=len(data["classnames"]), seed=seed,
+                    images=data.get("images"))
+    name = args.weak_model.replace(":", "-").replace("/", "-")
+    stem = Path(args.cache_dir) / f"weak-{args.domain}-{name}-seed{seed}-{key}"
+    history_path, history = Path(f"{stem}-history.json"), []
+
+    def train_and_label():
+        set_seed(seed)
+        model, train_tf, eval_tf = create(args.weak_model, len(data["classnames"]), args.weak_pretrained)
+        train_set, eval_set = datasets(args, data, seed, train_tf, eval_tf)
+
+        def train():
+            loader = make_loader(train_set, args.batch_size, device, args.workers, shuffle=True,
+                                 seed=seed)
+            model_ = train_weak_model(model, loader, args.weak_epochs, args.weak_lr, args.warmup_ratio,
+                                      device, args.weight_decay, args.lr_schedule, args.max_grad_norm,
+                                      precision, history, args.weak_micro_batch)
+            atomic_save(history, history_path)
+            return model_.cpu().state_dict()
+        model.load_state_dict(cached(f"{stem}-model.pt", train, args.force))
+        return predict_logits(model, make_loader(eval_set, args.batch_size, device, args.workers),
+                              device)
+    logits = cached(f"{stem}-logits.pt", train_and_label, args.force)
+    return logits, (history or (load_cache(history_path) if history_path.exists() else None))
+
+
+def feature_stage(args, data, device, precision, settings):
+    """{"clip": the CLIP model, "tokenizer", "feats": image features of all of D_test [n, d] on
+    `device`}; the features cached under a key of CLIP_SETTINGS, the transform and the images."""
+    pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
+    clip_model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
+    key = cache_key(**{k: settings[k] for k in CLIP_SETTINGS}, transform=repr(preprocess),
+                    images=data.get("images"))
+    path = Path(args.cache_dir) / f"clip-{args.domain}-{Path(args.clip_model).stem}-{key}.pt"
+    loader = make_loader(ImageList(args.data_root, data["test_paths"], data["test_labels"], preprocess),
+                         args.batch_size, device, args.workers)
+    feats = cached(path, lambda: encode_images(clip_model, loader, device, precision), args.force)
+    return {"clip": clip_model, "tokenizer": tokenizer, "feats": feats.to(device)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Results: <out-dir>/<domain>/<method>/seed<seed>/{results.json, head.pt, epochs.csv}, written whole
+# ------------------------------------------------------------------------------------------------
+def result_path(out_dir, domain, method, seed):
+    """Where a run's results.json goes."""
+    return Path(out_dir) / domain / method / f"seed{seed}" / "results.json"
+
+
+def read_result(path, then="skipped"):
+    """A results.json as a dict, or None with a one-line warning naming it and `then` if it is not
+    a JSON object with a test accuracy."""
+    try:
+        r = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(r, dict) and isinstance(r.get("test_accuracy"), (int, float)):
+            return r
+    except (OSError, ValueError):
+        pass
+    print(f"warning: {path} cannot be read as a results file; {then}", file=sys.stderr, flush=True)
+    return None
+
+
+def pending_runs(args, methods, settings):
+    """{seed: the methods still to run}: a finished results.json made with the same `settings`
+    is kept (resumed); one made with other settings stops the command (unless --force)."""
+    todo = {}
+    for seed in args.seeds:
+        todo[seed] = []
+        for m in methods:
+            path = result_path(args.out_dir, args.domain, m, seed)
+            old = read_result(path, "the run is redone") if path.exists() and not args.force else None
+            if old is not None and settings_key(old.get("settings"), m) != settings_key(settings, m):
+                changed = describe_difference(old.get("settings"), settings, m)
+                raise UserError(f"{path} was made with other settings ({changed}); pass --force to "
+                                f"replace it or use another --out-dir")
+            if old is None:
+                for name in ("head.pt", "results.json", "epochs.csv"):  # before hours of training
+                    refuse_link(path.with_name(name))
+                todo[seed].append(m)
+    return todo
+
+
+EPOCH_FIELDS = ("head", *(name for name, h in HYPERPARAMETERS.items() if h[1]), "text_lr", "epoch",
+                "step", "loss", "val_loss", "val_score", "train_true_acc", "train_agreement",
+                "test_acc")  # epochs.csv
+
+
+@contextlib.contextmanager
+def epochs_log(path):
+    """A function that appends a row to the epochs.csv beside results `path` as training goes,
+    into a temporary file: removed if the block fails, renamed by `save_run`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, "epochs.csv")
+    log_path = temp_path(path.with_name("epochs.csv"))
+    try:
+        with open(log_path, "w", newline="") as log:
+            writer = csv.DictWriter(log, EPOCH_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+
+            def write(row):
+                try:
+                    writer.writerow(row)
+                    log.flush()
+                except OSError as e:
+                    raise UserError(f"cannot write {path.with_name('epochs.csv')} ({e.strerror}); "
+                                    f"free some space or point --out-dir elsewhere") from None
+            yield write
+    except BaseException:  # no log without its results.json
+        log_path.unlink(missing_ok=True)
+        raise
+
+
+def save_run(path, result, head, settings, force=False):
+    """Write a run's head.pt, results.json and its epochs.csv under a lock; a results.json that
+    another command wrote meanwhile with other settings is kept (a UserError) unless `force`."""
+    log_path = temp_path(path.with_name("epochs.csv"))
+    try:
+        with file_lock(path):
+            for name in ("head.pt", "results.json", "epochs.csv"):
+                refuse_link(path.with_name(name))
+            other = read_result(path, "replaced") if path.exists() else None
+            method = result["method"]
+            if (other is not None and not force
+                    and settings_key(other.get("settings"), method) != settings_key(settings, method)):
+                raise UserError(f"{path} was written by another command meanwhile, with other "
+                                f"settings ({describe_difference(other.get('settings'), settings, method)}"
+                                f"); kept it: rerun with another --out-dir")
+            if head is not None:  # before results.json: a finished run has its head
+                atomic_save(head, path.with_name("head.pt"))
+            atomic_save(result, path)
+            os.replace(log_path, path.with_name("epochs.csv"))
+    finally:
+        log_path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The device a run uses, checked and recorded
+# ------------------------------------------------------------------------------------------------
+def gpu_build_problem(capability, arch_list, version=None):
+    """Why this torch build cannot run a GPU of compute capability (major, minor), or None: it can
+    with the GPU's sm_XY, one of the same major and a lower minor, or PTX compute_XY at most it."""
+    cc = 10 * capability[0] + capability[1]
+    sm = {int(a[3:]) for a in arch_list if a.startswith("sm_") and a[3:].isdigit()}
+    ptx = {int(a[8:]) for a in arch_list if a.startswith("compute_") and a[8:].isdigit()}
+    if any(a // 10 == cc // 10 and a <= cc for a in sm) or any(p <= cc for p in ptx):
+        return None
+    return (f"the installed torch {version or torch.__version__} has GPU kernels for "
+            f"{' '.join(sorted(arch_list)) or 'no GPU'}, not for this GPU's sm_{cc}")
+
+
+def choose_device(requested, precision):
+    """(device, precision, hardware report) of a run: --device after a one-element allocation on
+    it, or CUDA when usable, else the CPU; a GPU this torch build has no kernels for, a device
+    that is not usable here and bf16/fp16 on a CPU are UserErrors."""
+    try:
+        dev = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
+            capability = torch.cuda.get_device_capability(dev)  # before any kernel runs on it
+            problem = None if torch.version.hip else gpu_build_problem(capability,
+                                                                      torch.cuda.get_arch_list())
+            if problem:
+                raise UserError(f"--device {dev}: {problem}; install a torch build for it (`make venv "
+                                f"TORCH_INDEX=...`) or pass --device cpu")
+        if dev.type == "meta":
+            raise RuntimeError("the meta device holds no data")
+        torch.zeros(1, device=dev)
+    except (RuntimeError, AssertionError, NotImplementedError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise UserError(f"--device {requested}: not usable here ({reason}); pass --device cpu, "
+                        f"cuda or cuda:<index>") from None
+    capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    precision = resolve_precision(precision, dev.type, capability)
+    report = {"device": str(dev), "precision": precision, "torch": torch.__version__}
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        report.update(device=f"cuda:{index}", name=torch.cuda.get_device_name(index),
+                      capability=f"sm_{capability[0]}{capability[1]}", cuda=torch.version.cuda,
+                      cudnn=torch.backends.cudnn.version())
+    else:
+        report.update(name=dev.type, threads=torch.get_num_threads())
+    return str(dev), precision, report
+
+
+def device_line(report):
+    """`device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16` or `device: cpu, fp32`."""
+    parts = [report["device"], report.get("name"), report.get("capability"), report["precision"]]
+    return "device: " + ", ".join(p for p in dict.fromkeys(parts) if p)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run: Section 5 for one domain, every seed and method, on DomainNet's files
+# ------------------------------------------------------------------------------------------------
+def domain_data(args, device):
+    """Preflight of one domain before any work: the folders writable, the model names known, the
+    split files read (`load_domain`), every image checked. Returns load_domain's dict, with the
+    images' `image_stats_digest` (part of the cache keys)."""
+    if args.weak_model.startswith("hf:"):
+        raise UserError(f"--weak-model {args.weak_model}: Hugging Face weak models are "
+                        f"w2s_clip_lab's; run `{PACKAGE_COMMAND}` with the same flags")
+    import open_clip
+    import timm
+    if not timm.is_model(args.weak_model):
+        raise UserError(f"--weak-model {args.weak_model}: not a timm model (timm.list_models())")
+    if not args.clip_model.endswith(".json") and args.clip_model not in open_clip.list_models():
+        raise UserError(f"--clip-model {args.clip_model}: not an open_clip model (list_models())")
+    for folder, flag in ((args.out_dir, "--out-dir"), (args.cache_dir, "--cache-dir")):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = Path(folder) / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"{flag} {folder} is not writable ({e.strerror}); pick another folder")
+    data = load_domain(args.data_root, args.domain)
+    sizes = {name: len(i) for name, i in protocol_splits(len(data["test_labels"]), 0).items()}
+    if min(sizes.values()) == 0:
+        raise UserError(f"{args.domain}_test.txt lists {len(data['test_labels'])} images, too few: "
+                        f"the splits {sizes} must all be non-empty")
+    check_images(args.data_root, data["train_paths"] + data["test_paths"])
+    return {**data, "images": image_stats_digest(args.data_root, data["train_paths"] + data["test_paths"])}
+
+
+HOOKS = {  # what w2s_clip_lab replaces to extend a run: other layouts, checks, models, images, CPE
+    "data": domain_data,  # (args, device) -> load_domain's dict after the preflight
+    "settings": run_settings,  # (args, data, device, precision) -> the settings of every result
+    "weak_model": create_weak_model,  # (name, k, pretrained) -> (model, train and eval transforms)
+    "datasets": image_datasets,  # (args, data, seed, train_tf, eval_tf) -> two Datasets
+    "seed": None,  # (args, strong, data, splits, methods): before a seed's methods (CPE)
+    "on_head": None,  # (strong, data, splits, weak_logits) -> run_method's on_head (CMM)
+    "after_seed": None,  # (args, seed, methods, settings, results): e.g. a box of the seed
+}
+
+
+def run_experiment(args, hooks=HOOKS):
+    """The paper's protocol for one domain (Section 5): for each seed the splits (step 0), the weak
+    model and its logits (steps 1-2), then every requested method (steps 3-5) on CLIP features
+    computed once; each result saved as it finishes; finished runs are kept; then a table of the
+    seeds. `hooks` (HOOKS) are the stages another entry point may replace."""
+    methods = list(dict.fromkeys(m for name in args.method for m in METHOD_GROUPS.get(name, [name])))
+    device, precision, hardware = choose_device(args.device, args.precision)
+    print(device_line(hardware), flush=True)
+    data = hooks["data"](args, device)
+    settings = hooks["settings"](args, data, device, precision)
+    todo, strong = pending_runs(args, methods, settings), None
+    for seed in (seed for seed, seed_methods in todo.items() if seed_methods):
+        splits = protocol_splits(len(data["test_labels"]), seed)
+        try:
+            weak = weak_stage(args, data, seed, device, precision, settings, hooks["weak_model"],
+                              hooks["datasets"])
+        except FloatingPointError as e:
+            raise UserError(f"{args.domain} seed {seed} weak: {e}; lower --weak-lr (now "
+                            f"{args.weak_lr:g})") from None
+        if strong is None and set(todo[seed]) - {"weak"}:
+            strong = feature_stage(args, data, device, precision, settings)
+        if hooks["seed"] and strong is not None:
+            hooks["seed"](args, strong, data, splits, todo[seed])
+        on_head = hooks["on_head"] and strong and hooks["on_head"](strong, data, splits, weak[0])
+        results = {m: run_and_save(m, seed, args, data, splits, weak, strong, settings, hardware,
+                                   on_head) for m in todo[seed]}
+        if hooks["after_seed"]:
+            hooks["after_seed"](args, seed, methods, settings, results)
+    if not any(todo.values()):
+        print(f"all runs exist under {args.out_dir}/{args.domain}; --force recomputes them")
+    print(seeds_table(args.out_dir, args.domain, args.seeds, methods, settings))
+
+
+def run_and_save(method, seed, args, data, splits, weak, strong, settings, hardware, on_head=None):
+    """One method on one seed (`run_method`), its epochs logged as training goes, its results,
+    head and log saved together (`save_run`) with what made them; returns the results."""
+    device = hardware["device"]
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    start, path = time.time(), result_path(args.out_dir, args.domain, method, seed)
+    try:
+        with epochs_log(path) as on_epoch:
+            result = run_method(method, args, data, splits, weak[0], strong, seed, on_epoch, on_head)
+    except FloatingPointError as e:
+        raise UserError(f"{args.domain} seed {seed} {method}: {e}; lower --lr (now {args.lr:g}) or "
+                        f"check --tau-grid, --cpl-logit-scale, --kd-temperature-grid") from None
+    for warning in result.get("warnings", []):
+        print(f"warning: {args.domain} seed {seed} {method}: {warning}", file=sys.stderr, flush=True)
+    head = result.pop("_head", None)
+    if method == "weak":
+        result["weak_training"] = weak[1]  # per epoch; None from an older cache
+    result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
+                  hardware=hardware, n_weak_train=len(data["train_labels"]),
+                  **{f"n_{s}": len(i) for s, i in splits.items()}, seconds=time.time() - start,
+                  settings=settings, settings_key=settings_key(settings), config=vars(args))
+    if device.startswith("cuda"):
+        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    save_run(path, result, head, settings, args.force)
+    tuned = "".join(f", {name} {value:g}" for name, value in result["tuned"].items())
+    print(f"{args.domain} seed {seed} {method}: {100 * result['test_accuracy']:.2f}% on D'_test in "
+          f"{result['seconds']:.1f} s{tuned} -> {path}", flush=True)
+    return result
+
+
+def seeds_table(out_dir, domain, seeds, methods, settings):
+    """The D'_test accuracy (%) of each method (weak first, the ceiling last) per seed, their mean
+    ± std over seeds and the PGR of the means (Burns et al. 2023), from the results.json files
+    made with `settings`; a run not there is `-`."""
+    order = ["weak", *[m for m in methods if m not in ("weak", "ceiling")], "ceiling"]
+    acc = {m: {} for m in order}
+    for m in order:
+        for s in seeds:
+            path = result_path(out_dir, domain, m, s)
+            r = read_result(path, "left out of the table") if path.exists() else None
+            if r is not None and settings_key(r.get("settings"), m) == settings_key(settings, m):
+                acc[m][s] = 100 * r["test_accuracy"]
+    mean = {m: sum(a.values()) / len(a) for m, a in acc.items() if a}
+    lines = [f"{domain}: accuracy on D'_test (%) per seed, mean and std over seeds, PGR of the means",
+             f"{'method':<14}" + "".join(f"{f'seed {s}':>8}" for s in seeds) + f"{'mean':>8}{'std':>6}{'PGR':>7}"]
+    for m in (m for m in order if m in mean):
+        values = list(acc[m].values())
+        std = math.sqrt(sum((v - mean[m]) ** 2 for v in values) / max(1, len(values) - 1))
+        gap = "" if m in ("weak", "ceiling") or not {"weak", "ceiling"} <= mean.keys() else (
+            f"{pgr(mean['weak'], mean[m], mean['ceiling']):7.2f}")
+        lines.append(f"{m:<14}" + "".join(f"{acc[m][s]:8.2f}" if s in acc[m] else f"{'-':>8}" for s in seeds)
+                     + f"{mean[m]:8.2f}{std:6.2f}{gap}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: flag types, the flags, and main
 # ------------------------------------------------------------------------------------------------
 def finite(text):
     """argparse type: a float that is neither NaN nor +-inf."""
@@ -1060,14 +1812,6 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
     return parse
-
-
-def non_negative_int(text):
-    """argparse type: an int >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def in_range(low, high):
@@ -1096,14 +1840,6 @@ def seed_value(text):
     return value
 
 
-def available_cpus():
-    """CPUs this process may run on (its affinity mask, which cgroups and SLURM set), else all."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with each default shown once: not for None, a switch's off state or a help text that
     already names its default; the description and the examples as written."""
@@ -1119,58 +1855,41 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (`error: argument --x: ...; see --help`),
-    exit status 2, instead of the usage block and the error."""
+    exit status 1, instead of the usage block and the error."""
 
     def error(self, message):
-        self.exit(2, f"error: {message}; see --help\n")
+        self.exit(1, f"error: {message}; see --help\n")
 
 
-def parse_args(argv=None):
-    """The command line; every flag is documented in docs/reference.md."""
+def build_parser():
+    """The command line of the paper's protocol, flags grouped by stage (docs/reference.md);
+    w2s_clip_lab's command adds its own flags to it."""
     examples = [line for line in __doc__.splitlines() if line.startswith("    ")]
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                       epilog="examples:\n" + "\n".join(examples) + "\nmanual: README.md, docs/")
     data = p.add_argument_group("data: which images, which domain, which splits")
-    data.add_argument("--dataset", choices=DATASETS, default="domainnet",
-                      help="layout of --data-root: domainnet (split files), officehome "
-                           "(<Domain>/<Class>/<image>, split here) or folder "
-                           "(<domain>/{train,test}/<class>/<image>); see w2s_clip_lab/datasets.py")
     data.add_argument("--data-root", default="data/domainnet",
                       help="folder with <domain>/<class>/<file>.jpg and <domain>_{train,test}.txt "
-                           "(DomainNet), or of the --dataset layout")
-    data.add_argument("--domain", default="sketch",
-                      help=f"the data set's domain: for DomainNet one of {', '.join(DOMAINS)}")
-    data.add_argument("--split-share", type=in_range(0, 1), default=0.8,
-                      help="officehome only (no official split): share of each class's images in the "
-                           "weak model's train split, the rest is D_test (DomainBed's 80/20)")
-    data.add_argument("--split-seed", type=seed_value, default=0,
-                      help="officehome only: seed of that split, the same for every --seeds run")
+                           "(DomainNet's official files)")
+    data.add_argument("--domain", default="sketch", help=f"DomainNet's domain: {', '.join(DOMAINS)}")
     data.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2, 3, 4],
                       help="one run per seed: the D_test split, weak model and head all follow it")
     data.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
-                      default=min(8, available_cpus()),
+                      default=min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else os.cpu_count() or 1),
                       help="data-loader worker processes for image decoding (no effect on results)")
     weak = p.add_argument_group("weak model: fine-tuned on D_train with true labels")
     weak.add_argument("--weak-model", default="resnet18",
-                      help="any timm model name, or hf:<Hugging Face id or folder> for a transformers "
-                           "image classifier (Table 3: hf:microsoft/resnet-18 ... hf:microsoft/cvt-13)")
+                      help="any timm model name (Table 3's Hugging Face ones, hf:<id>: "
+                           f"`{PACKAGE_COMMAND}`)")
     weak.add_argument("--no-weak-pretrained", dest="weak_pretrained", action="store_false",
-                      help="random-init weak model instead of ImageNet weights (offline use; for hf: "
-                           "random init from the model's config)")
+                      help="random-init weak model instead of ImageNet weights (offline use)")
     weak.add_argument("--weak-epochs", type=positive(int), default=3, help="weak fine-tuning epochs on D_train")
     weak.add_argument("--weak-lr", type=positive(float), default=1e-3, help="weak fine-tuning learning rate")
     weak.add_argument("--weak-micro-batch", type=positive(int), default=None, metavar="N",
                       help="run each weak-training batch of --batch-size in parts of N images, "
                            "gradients added up: the paper's batch of 512 on a smaller card "
                            "(BatchNorm then normalises over N images); default: the whole batch")
-    weak.add_argument("--train-image-cache", type=non_negative_int, default=0, metavar="PIXELS",
-                      help="decode each D_train image once and keep it at this short side (uint8, "
-                           "bicubic, never enlarged) for weak training's crops: faster, a slightly "
-                           "different augmentation (deviation 22); 0: decode every epoch (paper)")
-    weak.add_argument("--eval-image-cache", action=argparse.BooleanOptionalAction, default=True,
-                      help="keep the weak model's evaluation images up to their center crop (uint8, "
-                           "in --cache-dir) so that each seed's weak logits read them instead of "
-                           "decoding again: the same tensors bit for bit (timm models)")
     strong = p.add_argument_group("strong model: open_clip CLIP, image tower frozen")
     strong.add_argument("--clip-model", default="ViT-B-32",
                         help="open_clip model name, or a path to an open_clip JSON model config")
@@ -1187,15 +1906,9 @@ def parse_args(argv=None):
                             "L2-normalised (open_clip's zero-shot classifier)")
     heads.add_argument("--lp-input", choices=("raw", "normalized"), default="raw",
                        help="LP input: the raw image feature (Eq. 1) or the L2-normalised one")
-    heads.add_argument("--prototype-init", choices=("single", "ensemble", "cpe"), default="single",
-                       help="CPL init: --prompt-template (Algorithm 1), open_clip's 80 ImageNet "
-                            "templates, or those weighted by CPE (Shao et al. 2023: worst-k CMM with "
-                            "pseudo-labels on hold-train, no true label)")
-    heads.add_argument("--cpe-k", type=positive(int), default=10,
-                       help="CPE: the k worst classes whose mean CMM weighs a template")
-    heads.add_argument("--class-descriptions", metavar="FILE",
-                       help="CPE: JSON {class name: [sentences]}, each sentence one more prompt of its "
-                            "class (e.g. written by a language model beforehand)")
+    heads.add_argument("--prototype-init", choices=("single", "ensemble"), default="single",
+                       help="CPL init: --prompt-template (Algorithm 1) or the mean over open_clip's 80 "
+                            f"ImageNet templates (Table 4; CPE-weighted: `{PACKAGE_COMMAND}`)")
     heads.add_argument("--prompt-template", type=prompt_template, default="a photo of a {}",
                        help="CPL's and cpl-text's prompt, one {} for the class name (Algorithm 1, line 2, "
                             "no period)")
@@ -1256,33 +1969,42 @@ def parse_args(argv=None):
     out.add_argument("--out-dir", default="runs", help="results go to <out-dir>/<domain>/<method>/")
     out.add_argument("--cache-dir", default="cache", help="features, weak models and weak logits")
     out.add_argument("--force", action="store_true", help="recompute caches and finished runs")
-    out.add_argument("--build-tables", action="store_true",
-                     help="only build Tables 2-4 and Figure 2 from the results under --out-dir")
-    out.add_argument("--tables-dir", default="results", help="where --build-tables writes")
-    out.add_argument("--make-demo", metavar="DIR",
-                     help="only write a synthetic dataset (--dataset folder) and a tiny CLIP config")
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    """The flags of `argv` (default sys.argv) by `parser` (default `build_parser()`); a domain
+    typed as a path (`sketch/`) is its name, a real path is refused in one line."""
+    p = parser or build_parser()
     args = p.parse_args(argv)
     args.domain = args.domain.rstrip("/").removeprefix("./")  # `sketch/` from tab completion
     if "/" in args.domain or args.domain in ("", ".", ".."):  # a name: paths go to --data-root
         p.error(f"argument --domain: {args.domain!r} is a path; a domain is one folder name under "
                 f"--data-root")
-    if args.dataset == "domainnet" and args.domain not in DOMAINS and not args.build_tables:
+    if getattr(args, "dataset", "domainnet") == "domainnet" and args.domain not in DOMAINS:
         p.error(f"argument --domain: invalid choice: {args.domain!r} (DomainNet has "
-                f"{', '.join(DOMAINS)}; another data set needs --dataset officehome or folder)")
-    if args.dataset == "officehome":
-        args.domain = args.domain.replace(" ", "_")  # "Real World" is run as Real_World
+                f"{', '.join(DOMAINS)}; other data: `{PACKAGE_COMMAND} --dataset folder`)")
     return args
 
 
 def main(argv=None):
-    """Parse the flags and hand them to the runner (w2s_clip_lab/runner.py: the checks, the caches,
-    the results files), the one place this file imports the project; exit status 1 and one line
-    on stderr for a user's mistake."""
+    """Section 5 for one domain: the flags parsed, then `run_experiment`. A user's mistake is one
+    line on stderr and exit status 1; Ctrl-C exits 130 (finished runs and caches are whole files,
+    the rest is redone by the same command)."""
     args = parse_args(argv)
-    from w2s_clip_lab.runner import run
-    run(args)
+    try:
+        run_experiment(args)
+    except UserError as e:  # also re-raised from data-loader workers, with their traceback
+        sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except OSError as e:  # a full disk outside atomic_save
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        sys.exit(f"error: no space left on {e.filename or f'{args.out_dir} or {args.cache_dir}'} "
+                 f"({e.strerror}); free some space and run the command again")
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("w2s_clip", sys.modules[__name__])  # one UserError for lazy imports
     main()
