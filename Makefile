@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The package's command: w2s_clip.py's flags and protocol, plus other layouts, caches, CPE (README).
+RUN := $(PY) -m w2s_clip_lab.run
 export HF_HUB_OFFLINE ?= 0
 
 DOMAIN ?= sketch
@@ -80,27 +82,33 @@ PT_METHODS := $(T3_METHODS)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-venv: $(VENV)/.installed ## create .venv with requirements.txt
+venv: $(VENV)/.installed ## create .venv with requirements-lab.txt (the file's requirements.txt and the package's)
 
 # Another torch build than PyPI's (CUDA 13: Turing to Blackwell, driver R580+): e.g.
 # TORCH_INDEX=https://download.pytorch.org/whl/cu126 (a V100, or an older driver) or .../whl/cpu.
 TORCH_INDEX ?=
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-lab.txt
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_INDEX),$(PY) -m pip install -q --index-url $(TORCH_INDEX) \
 	  $$(grep -E '^torch(vision)?==' requirements.txt | cut -d' ' -f1))
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-lab.txt
 	touch $@
 
-test: venv ## run the unit tests (CPU, no download)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q test_w2s_clip.py tests
+# test_w2s_clip.py runs beside a copy of w2s_clip.py alone (a w2s_clip_lab/ there raises on
+# import: nothing of the project can hide a dependency), in a temporary folder; then tests/.
+test: venv ## run the unit tests (CPU, no download): the file's alone, then the package's
+	@alone=$$(mktemp -d) && trap 'rm -rf "$$alone"' EXIT && mkdir "$$alone/w2s_clip_lab" && \
+	  echo "raise ImportError('w2s_clip.py must run alone')" > "$$alone/w2s_clip_lab/__init__.py" && \
+	  cp w2s_clip.py test_w2s_clip.py "$$alone/" && cd "$$alone" && \
+	  HF_HUB_OFFLINE=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider test_w2s_clip.py
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 # Each seed's output is printed whole when it ends (the same runs and numbers as one command with
 # --seeds $(DEMO_SEEDS)).
 demo: venv ## the miniature on the CPU, no download: data, a tiny CLIP pretrained on the spot, runs, tables (about 2 minutes on 2 cores)
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=target $(addprefix demo-seed-,$(DEMO_SEEDS))
-	$(DEMO_ENV) $(PY) w2s_clip.py --build-tables --out-dir $(DEMO)/runs --tables-dir $(DEMO)/tables
+	$(DEMO_ENV) $(RUN) --build-tables --out-dir $(DEMO)/runs --tables-dir $(DEMO)/tables
 
 data: ## download and unpack DomainNet's DOMAIN (default sketch) and its split files into DATA
 	mkdir -p $(DATA)
@@ -119,14 +127,14 @@ weights: venv ## fetch every checkpoint the grid needs (network) into the standa
 
 paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet or DATASET=...), then build the tables
 	for d in $(DOMAINS); do \
-	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method all \
+	  $(RUN) --dataset $(DATASET) --data-root $(DATA) --domain $$d --method all \
 	    --seeds $(SEEDS) --out-dir $(OUT) --cache-dir $(CACHE) $(FLAGS) || exit 1; done
 	for w in $(filter-out resnet18,$(WEAK_MODELS)); do \
-	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $(T3_DOMAIN) \
+	  $(RUN) --dataset $(DATASET) --data-root $(DATA) --domain $(T3_DOMAIN) \
 	    --method $(T3_METHODS) --seeds $(SEEDS) --weak-model $$w \
 	    --out-dir "$(OUT)/weak-$$(echo $$w | tr ':/' '--')" --cache-dir $(CACHE) $(FLAGS) || exit 1; done
 	for d in $(DOMAINS); do for i in ensemble cpe; do \
-	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method zero-shot cpl \
+	  $(RUN) --dataset $(DATASET) --data-root $(DATA) --domain $$d --method zero-shot cpl \
 	    --prototype-init $$i --seeds $(SEEDS) --out-dir $(OUT)/$$i-init \
 	    --cache-dir $(CACHE) $(FLAGS) || exit 1; done; done
 	$(MAKE) tables
@@ -135,17 +143,17 @@ paper-tables: venv ## run the full grid of Tables 2-4 (GPU, DomainNet or DATASET
 q = '$(subst ','"'"',$(1))'
 jobs: ## print paper-tables' grid as one command per line, to run in any order and concurrently
 	@for d in $(DOMAINS); do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $$d --method all --seeds $$s --out-dir $(call q,$(OUT)) --cache-dir $(call q,$(CACHE))"; \
+	  echo "$(RUN) $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $$d --method all --seeds $$s --out-dir $(call q,$(OUT)) --cache-dir $(call q,$(CACHE))"; \
 	done; done
 	@for w in $(filter-out resnet18,$(WEAK_MODELS)); do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $(T3_DOMAIN) --method $(T3_METHODS) --seeds $$s --weak-model $$w --out-dir $(call q,$(OUT)/weak-)$$(echo $$w | tr ':/' '--') --cache-dir $(call q,$(CACHE))"; \
+	  echo "$(RUN) $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $(T3_DOMAIN) --method $(T3_METHODS) --seeds $$s --weak-model $$w --out-dir $(call q,$(OUT)/weak-)$$(echo $$w | tr ':/' '--') --cache-dir $(call q,$(CACHE))"; \
 	done; done
 	@for d in $(DOMAINS); do for i in ensemble cpe; do for s in $(SEEDS); do \
-	  echo "$(PY) w2s_clip.py $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $$d --method zero-shot cpl --prototype-init $$i --seeds $$s --out-dir $(call q,$(OUT)/)$$i-init --cache-dir $(call q,$(CACHE))"; \
+	  echo "$(RUN) $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $$d --method zero-shot cpl --prototype-init $$i --seeds $$s --out-dir $(call q,$(OUT)/)$$i-init --cache-dir $(call q,$(CACHE))"; \
 	done; done; done
 
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT
-	$(PY) w2s_clip.py --build-tables --out-dir $(OUT) --tables-dir $(TABLES)
+	$(RUN) --build-tables --out-dir $(OUT) --tables-dir $(TABLES)
 
 demo-tables: venv ## Tables 2-4 and Figure 2 on six synthetic domains, CPU (make demo-pretraining: its table)
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
@@ -155,22 +163,22 @@ demo-tables: venv ## Tables 2-4 and Figure 2 on six synthetic domains, CPU (make
 	$(MAKE) tables OUT=$(DEMO)/tables-runs TABLES=$(DEMO)/results
 
 demo-seed-%:  # one seed of make demo
-	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
 	  --seeds $* --out-dir $(DEMO)/runs
 demo-t2-%:  # one domain of demo-tables' Table 2
-	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $* --method all \
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain $* --method all \
 	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs
 demo-t3-%:  # one weak model of demo-tables' Table 3, on clipart
-	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain clipart --method $(T3_METHODS) \
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain clipart --method $(T3_METHODS) \
 	  --seeds $(DEMO_SEEDS) --weak-model $* --out-dir $(DEMO)/tables-runs/weak-$*
 demo-t4-%:  # one initialisation-domain pair of demo-tables' Table 4 (ensemble-clipart, ...)
-	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $(lastword $(subst -, ,$*)) \
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain $(lastword $(subst -, ,$*)) \
 	  --method zero-shot cpl --prototype-init $(firstword $(subst -, ,$*)) --seeds $(DEMO_SEEDS) \
 	  --out-dir $(DEMO)/tables-runs/$(firstword $(subst -, ,$*))-init
 
 ablations: venv ## CPL and two baselines under each alternative to the paper's choices (GPU, DomainNet)
 	for d in $(ABLATION_DOMAINS); do for a in $(ABLATIONS); do \
-	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $$d --method $(ABLATION_METHODS) --seeds $(SEEDS) \
+	  $(RUN) --dataset $(DATASET) --data-root $(DATA) --domain $$d --method $(ABLATION_METHODS) --seeds $(SEEDS) \
 	    --out-dir $(OUT)/ablations/$$a --cache-dir $(CACHE) $(FLAGS) $(ablation_flags) || exit 1; \
 	done; done
 	$(PY) -m w2s_clip_lab.ablations --out-dir $(OUT)/ablations --output $(TABLES)/ablations.md
@@ -178,7 +186,7 @@ ablations: venv ## CPL and two baselines under each alternative to the paper's c
 demo-ablations: venv ## the same ablation on the demo's synthetic sketch domain, CPU, no download
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	for a in $(ABLATIONS); do \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain sketch --method $(ABLATION_METHODS) \
+	  $(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain sketch --method $(ABLATION_METHODS) \
 	    --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/ablations/$$a $(ablation_flags) || exit 1; done
 	$(PY) -m w2s_clip_lab.ablations --out-dir $(DEMO)/ablations --output $(DEMO)/results/ablations.md
 
@@ -196,16 +204,16 @@ demo-tuning: venv ## the tuning rules' regret, both presets, six domains -> demo
 	  --output $(DEMO)/results/tuning_regret.md
 
 demo-tune-paper-%:  # one domain of demo-tuning, paper preset (demo-tables' runs)
-	$(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --domain $* --method $(TUNING_METHODS) \
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain $* --method $(TUNING_METHODS) \
 	  --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tables-runs
 demo-tune-easy-%:  # one domain of demo-tuning, easy preset
-	$(DEMO_ENV) $(PY) w2s_clip.py $(call demo_flags,$(DEMO)/easy) --domain $* \
+	$(DEMO_ENV) $(RUN) $(call demo_flags,$(DEMO)/easy) --domain $* \
 	  --method $(TUNING_METHODS) --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tuning/easy
 
 demo-pretraining: venv ## the pretraining table and figure on the miniature: DEMO_PRETRAIN_AXIS steps -> demo/results/pretraining.{md,png}
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN_AXIS))
 	for s in $(DEMO_PRETRAIN_AXIS); do \
-	  $(DEMO_ENV) $(PY) w2s_clip.py $(DEMO_FLAGS) --clip-pretrained $(DEMO)/tiny-clip-$${s}steps.pt \
+	  $(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --clip-pretrained $(DEMO)/tiny-clip-$${s}steps.pt \
 	    --domain $(DEMO_PT_DOMAIN) --method $(DEMO_PT_METHODS) --seeds $(DEMO_SEEDS) \
 	    --out-dir $(DEMO)/pretraining-runs/$$s || exit 1; done
 	$(DEMO_ENV) $(PY) -m w2s_clip_lab.miniature --tables-dir $(DEMO)/results --pretraining-table \
@@ -213,7 +221,7 @@ demo-pretraining: venv ## the pretraining table and figure on the miniature: DEM
 
 pretraining-table: venv ## CPL vs the amount of CLIP pretraining: ViT-B-32 with PT_TAGS on DOMAIN (GPU)
 	for t in $(PT_TAGS); do \
-	  $(PY) w2s_clip.py --dataset $(DATASET) --data-root $(DATA) --domain $(DOMAIN) --clip-model ViT-B-32 \
+	  $(RUN) --dataset $(DATASET) --data-root $(DATA) --domain $(DOMAIN) --clip-model ViT-B-32 \
 	    --clip-pretrained $$t --method $(PT_METHODS) --seeds $(SEEDS) \
 	    --out-dir $(OUT)/pretraining/$$t --cache-dir $(CACHE) $(FLAGS) || exit 1; done
 	$(PY) -m w2s_clip_lab.miniature --tables-dir $(TABLES) --pretraining-table \

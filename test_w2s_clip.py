@@ -1,6 +1,11 @@
-"""Tests for w2s_clip.py: the method (losses, heads, training, tuning, protocol) and its command line.
+"""Tests of w2s_clip.py alone: the method (losses, heads, training, tuning) against closed forms,
+float64 references and open_clip's own code, and the protocol run end to end on a generated
+DomainNet-format folder. Needs torch, open_clip, timm and pytest only (no conftest, no package):
+copy it beside w2s_clip.py and run
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q test_w2s_clip.py
+    HF_HUB_OFFLINE=1 python -m pytest -q test_w2s_clip.py
+
+The package's tests (w2s_clip_lab/, its command, the Trainer comparison) are in tests/.
 """
 
 import os
@@ -8,7 +13,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip / timm are imported
 
 import copy
-import csv
 import functools
 import inspect
 import json
@@ -21,14 +25,154 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.distributions import Categorical, kl_divergence
 
 import w2s_clip
-from w2s_clip_lab import miniature
-from conftest import (HERE, LOSS_CASES, LOSS_IDS, PACKED_NAMES, PROMPT_NAMES, assert_user_error,
-                      cli_args, corrupt_copy, encode_text_with_context, logits_pair, main_error,
-                      ref_ce_rows, ref_kl_rows, ref_log_softmax, ref_loss, run_cli, temp_files,
-                      trainer_fit, tree_state, tuning_setup)
+
+HERE = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared inputs: a tiny CLIP, float64 references of the losses, a planted signal
+# ------------------------------------------------------------------------------------------------
+PROMPT_NAMES = ["The Eiffel Tower", "t-shirt", "aircraft carrier", "cat"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """A tiny random-init open_clip CLIP (seeded) and the ViT-B-32 tokenizer that ships with it."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)).eval()
+    return model, open_clip.get_tokenizer("ViT-B-32")
+
+
+def ref_log_softmax(z):
+    """log softmax of float64 rows as z - max - log(sum(exp(z - max)))."""
+    m = z.max(dim=-1, keepdim=True).values
+    return z - m - torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))
+
+
+def ref_kl_rows(w, s):
+    """Per-row KL(softmax(w) || softmax(s)) = sum_j p_j (log p_j - log q_j), float64."""
+    log_p, log_q = ref_log_softmax(w), ref_log_softmax(s)
+    return (torch.exp(log_p) * (log_p - log_q)).sum(dim=-1)
+
+
+def ref_ce_rows(s, target):
+    """Per-row -log softmax(s)[target]."""
+    return -ref_log_softmax(s)[torch.arange(len(s)), target]
+
+
+def ref_loss(name, s, w, **h):
+    """The docstring formula of loss `name` in float64; s may require grad, w must not."""
+    if name == "ce":
+        return ref_ce_rows(s, w.argmax(dim=-1)).mean()
+    if name in ("kd", "cpl"):
+        t = h.get("T", h.get("tau", 1.0))
+        factor = t * t if name == "kd" else 1.0  # KD has Hinton's T^2, CPL (Eq. 4-5) has none
+        return factor * ref_kl_rows(w / t, s / t).mean()
+    if name == "auxconf":
+        a = h["alpha"]
+        soft = -(torch.exp(ref_log_softmax(w)) * ref_log_softmax(s)).sum(dim=-1)
+        self_hard = ref_ce_rows(s, s.detach().argmax(dim=-1))
+        return ((1 - a) * soft + a * self_hard).mean()
+    if name == "adaptconf":
+        T, tau = h["T"], h["tau"]
+        ce_self = ref_ce_rows(s, s.detach().argmax(dim=-1))
+        ce_weak = ref_ce_rows(s, w.argmax(dim=-1))
+        with torch.no_grad():  # beta = e^{a/tau} / (e^{a/tau} + e^{b/tau}), shifted, detached
+            a, b = ce_self / tau, ce_weak / tau
+            m = torch.maximum(a, b)
+            beta = torch.exp(a - m) / (torch.exp(a - m) + torch.exp(b - m))
+        return ((1 - beta) * T * T * ref_kl_rows(w / T, s / T) + beta * ce_self).mean()
+    raise KeyError(name)
+
+
+LOSS_CASES = [("ce", {}), ("kd", {"T": 1.0}), ("kd", {"T": 2.5}), ("auxconf", {"alpha": 0.3}),
+              ("adaptconf", {"T": 2.0, "tau": 0.5}), ("cpl", {"tau": 1.0}), ("cpl", {"tau": 0.7})]
+
+
+LOSS_IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in h.items())}" for n, h in LOSS_CASES]
+
+
+def logits_pair(n, k, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, k, generator=g), scale * torch.randn(n, k, generator=g)
+
+
+# Prompts of very different lengths, one name far longer than the rest, and a single class.
+PACKED_NAMES = {"mixed": ["cat", "The Great Wall of China", "t-shirt", "aircraft carrier", "ant"],
+                "one-long": ["ant", "bee", "cow",
+                             "a very long and winding class name that goes on for many words"],
+                "single": ["The Eiffel Tower"]}
+
+
+@pytest.fixture(scope="module")
+def text_towers(clip):
+    """Random-init CLIPs whose text towers differ: the tiny one, the tiny one with layer scale
+    (random gammas), a ViT-B-32-shaped one (width 512, 8 heads, 12 layers), and a qk-norm one
+    (open_clip's CustomResidualAttentionBlock, which the packed path does not handle)."""
+    def build(**text):
+        torch.manual_seed(0)
+        cfg = {**dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2), **text}
+        model = open_clip.CLIP(embed_dim=text.get("width", 64), text_cfg=cfg, vision_cfg=dict(
+            image_size=32, layers=1, width=64, patch_size=8, head_width=32)).eval()
+        for name, p in model.named_parameters():
+            if ".ls_" in name:
+                p.data.uniform_(0.5, 1.5)
+        return model
+    return {"tiny": clip[0], "tiny-layerscale": build(ls_init_value=1.0),
+            "vit-b-32-text": build(width=512, heads=8, layers=12), "qk-norm": build(qk_norm=True)}
+
+
+def encode_text_with_context(model, tokens, ctx):
+    """open_clip's own encode_text over all 77 tokens, token positions 1..m replaced by ctx [m, w]."""
+    m = ctx.shape[0]
+    hook = model.token_embedding.register_forward_hook(lambda mod, inp, out: torch.cat(
+        [out[:, :1], ctx.expand(len(out), -1, -1), out[:, 1 + m:]], dim=1))
+    try:
+        return model.encode_text(tokens)
+    finally:
+        hook.remove()
+
+
+def planted(seed=0, n=3400, k=10, d=64, spread=0.2, noise=1.0, text_noise=2.0, weak_acc=0.6):
+    """CLIP-like features in a narrow cone around e: x = normalize(e + spread (mu_y + noise)).
+
+    Text prototypes t_c = normalize(e + spread (mu_c + text noise)) are imperfect zero-shot
+    classifiers; weak labels are right with probability weak_acc, else a uniformly random wrong class.
+    """
+    g = torch.Generator().manual_seed(seed)
+    e = F.normalize(torch.randn(d, generator=g), dim=0)
+    mu = F.normalize(torch.randn(k, d, generator=g), dim=-1)
+    t = F.normalize(e + spread * (mu + text_noise * torch.randn(k, d, generator=g) / d ** 0.5), dim=-1)
+    y = torch.randint(k, (n,), generator=g)
+    x = F.normalize(e + spread * (mu[y] + noise * torch.randn(n, d, generator=g) / d ** 0.5), dim=-1)
+    right = torch.rand(n, generator=g) < weak_acc
+    weak = torch.where(right, y, (y + torch.randint(1, k, (n,), generator=g)) % k)
+    tr, va, te = slice(0, 2000), slice(2000, 2400), slice(2400, n)
+    return {"t": t, "x": x, "y": y, "weak": weak, "tr": tr, "va": va, "te": te, "k": k}
+
+
+@pytest.fixture(scope="module")
+def planted_data():
+    return planted()
+
+
+def tuning_setup(planted_data, tune_by="agreement"):
+    """fit_tuned's inputs on the planted data: a CPL head from text prototypes, weak logits."""
+    p = planted_data
+    n = len(p["y"])
+    splits = {"hold_train": torch.arange(0, 600), "hold_val": torch.arange(2000, 2400),
+              "test": torch.arange(2400, n)}
+    strong = {"clip": None, "tokenizer": None, "feats": p["x"], "prototypes": 3.0 * p["t"]}
+    args = w2s_clip.parse_args(["--tau-grid", "0.02", "0.1", "1", "--strong-epochs", "4",
+                                "--batch-size", "128", "--tune-by", tune_by])
+    return 5.0 * F.one_hot(p["weak"], p["k"]).float(), strong, splits, args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,22 +608,6 @@ def test_warmup_linear_closed_form():
     assert w2s_clip.SCHEDULES == {"linear": f, "cosine": w2s_clip.warmup_cosine}
 
 
-@pytest.mark.parametrize("total,ratio", [(100, 0.1), (25, 0.1), (7, 0.3), (40, 0.0), (13, 1.0)])
-def test_schedules_equal_transformers_own(total, ratio):
-    """Each step's lr equals that of transformers' get_{linear,cosine}_schedule_with_warmup with the
-    HF Trainer's warm-up step count ceil(warmup_ratio * total)."""
-    transformers = pytest.importorskip("transformers")
-    for name, hf in (("linear", transformers.get_linear_schedule_with_warmup),
-                     ("cosine", transformers.get_cosine_schedule_with_warmup)):
-        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        sched = hf(opt, num_warmup_steps=math.ceil(ratio * total), num_training_steps=total)
-        for step in range(total):
-            assert w2s_clip.SCHEDULES[name](step, total, ratio) == pytest.approx(
-                opt.param_groups[0]["lr"], abs=1e-12), (name, step)
-            opt.step()
-            sched.step()
-
-
 def test_per_class_and_worst_k_accuracy_hand_example():
     labels = torch.tensor([0, 0, 1, 1, 1, 2])
     preds = torch.tensor([0, 1, 1, 1, 0, 2])
@@ -647,46 +775,6 @@ def test_selection_by_loss_keeps_epoch_0_when_training_only_hurts(planted_data):
     assert trainer["start_would_win"] and fit["start_would_win"]
 
 
-@pytest.mark.parametrize("case", ["val-unlike-train", "start-is-best"])
-def test_train_head_selection_schedule_and_clipping_equal_transformers_trainer(tmp_path, case):
-    """The same float64 linear head, batches and KD loss through train_head and through
-    transformers' Trainer: the same eval losses, the same chosen epoch and the same final weights.
-    "val-unlike-train": hold-val's targets differ from training's, so the best epoch is neither the
-    first nor the last. "start-is-best": hold-val's targets are the untrained head's own logits (eval
-    loss 0 at the start); the Trainer, even with eval_on_start, only loads a checkpoint saved after
-    training, and so does train_head; with start_candidate=True, train_head returns the start."""
-    g = torch.Generator().manual_seed(1)
-    n, d, k, batch_size, epochs, lr = 40, 6, 4, 16, 6, 0.3  # batches of 16, 16 and 8
-    x, x_val = 4 * torch.randn(n, d, generator=g).double(), 4 * torch.randn(24, d, generator=g).double()
-    A = torch.randn(d, k, generator=g).double()
-    targets = x @ A
-    torch.manual_seed(0)
-    start = w2s_clip.LinearHead(d, k).double()
-    with torch.no_grad():  # else hold-val's optimum lies halfway between the start and training's
-        val_targets = start(x_val) if case == "start-is-best" else 0.5 * (x_val @ A + start(x_val))
-    ours, theirs = copy.deepcopy(start), copy.deepcopy(start)
-    fit = w2s_clip.train_head(ours, functools.partial(w2s_clip.kd_loss, T=2.0), x, targets, x_val,
-                              val_targets, epochs=epochs, batch_size=batch_size, lr=lr, seed=0)
-    best_epoch, losses = trainer_fit(tmp_path, theirs, x, targets, x_val, val_targets, epochs,
-                                     batch_size, lr, T=2.0, eval_on_start=case == "start-is-best")
-    ours_losses = [row["val_loss"] for row in fit["curves"][1:]]
-    assert losses[-epochs:] == pytest.approx(ours_losses, rel=1e-6, abs=1e-9)
-    assert fit["best_epoch"] == best_epoch
-    for a, b in zip(ours.parameters(), theirs.parameters()):
-        assert torch.allclose(a, b, atol=1e-8, rtol=0)
-    if case == "val-unlike-train":
-        assert 1 < best_epoch < epochs  # selection matters
-    else:
-        assert fit["curves"][0]["val_loss"] == pytest.approx(0.0, abs=1e-12)
-        assert best_epoch >= 1 and fit["start_would_win"]
-        again = copy.deepcopy(start)
-        old = w2s_clip.train_head(again, functools.partial(w2s_clip.kd_loss, T=2.0), x, targets,
-                                  x_val, val_targets, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  seed=0, start_candidate=True)
-        assert old["best_epoch"] == 0
-        assert all(torch.equal(a, b) for a, b in zip(again.parameters(), start.parameters()))
-
-
 # ------------------------------------------------------------------------------------------------
 # Parameter tuning on hold-val (Section 5, step 4)
 # ------------------------------------------------------------------------------------------------
@@ -841,106 +929,6 @@ def test_cpl_loss_printed_direction_is_kl_of_strong_to_weak():
 
 
 # ------------------------------------------------------------------------------------------------
-# The command line, as a user would type it
-# ------------------------------------------------------------------------------------------------
-def test_cli_smoke_weak_then_cpl(demo, tmp_path):
-    """`--method weak` then `--method cpl`: results.json with the protocol's sizes, label-order
-    class names, the config; the weak model is trained once; the cpl box shows weak and cpl."""
-    out, cache = tmp_path / "runs", tmp_path / "cache"
-    weak = run_cli(cli_args(demo, demo / "data", out, cache, **{"--method": "weak"}))
-    assert weak.returncode == 0, weak.stderr
-    weak_result = json.loads((out / "sketch" / "weak" / "seed0" / "results.json").read_text())
-    assert "weak" in weak.stdout
-    weak_files = {p.name: p.stat().st_mtime_ns for p in cache.glob("weak-*")}
-    assert len(weak_files) == 3  # the weak model, its training history and its logits
-    history = weak_result["weak_training"]
-    assert [row["epoch"] for row in history] == [1] and 0 <= history[0]["train_accuracy"] <= 1
-    assert weak_result["hardware"]["device"] == "cpu" and weak.stdout.startswith("device: cpu, fp32")
-
-    proc = run_cli(cli_args(demo, demo / "data", out, cache))
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads((out / "sketch" / "cpl" / "seed0" / "results.json").read_text())
-    n = 20 * 4
-    hold = 4 * n // 5
-    assert (r["n_test"], r["n_hold_train"], r["n_hold_val"]) == (16, 4 * hold // 5, hold - 4 * hold // 5)
-    assert r["n_weak_train"] == 8 * 4
-    assert 0.0 <= r["test_accuracy"] <= 1.0
-    assert r["classnames"] == ["aircraft carrier", "zebra", "The Eiffel Tower", "t-shirt"]
-    assert len(r["per_class_accuracy"]) == 4
-    assert isinstance(r["config"], dict) and r["config"]["method"] == ["cpl"]
-    assert (r["method"], r["seed"], r["domain"]) == ("cpl", 0, "sketch")
-    assert [row["epoch"] for row in r["curves"]] == [0, 1, 2] and r["best_epoch"] in (0, 1, 2)
-    # both runs used the same cached weak model: same logits, files not rewritten
-    assert r["weak_test_accuracy"] == pytest.approx(weak_result["test_accuracy"])
-    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("weak-*")} == weak_files
-    box = proc.stdout[proc.stdout.index("+-"):]
-    assert "weak" in box and "cpl" in box
-    # zero-shot is CPL's starting point, untrained: its accuracy is CPL's epoch-0 test accuracy
-    zs = run_cli(cli_args(demo, demo / "data", out, cache, **{"--method": "zero-shot"}))
-    assert zs.returncode == 0, zs.stderr
-    z = json.loads((out / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
-    assert set(r) - set(z) == {"cmm_zero_shot"} and z["best_epoch"] == 0 and len(z["curves"]) == 1
-    assert z["test_accuracy"] == pytest.approx(r["curves"][0]["test_acc"])
-    # each trained head's epochs, written as training goes: 5 taus x epochs 0-2
-    log = list(csv.DictReader((out / "sketch" / "cpl" / "seed0" / "epochs.csv").open()))
-    assert len(log) == 15 and [row["epoch"] for row in log[:3]] == ["0", "1", "2"]
-    assert {"train_true_acc", "train_agreement", "test_acc"} <= log[0].keys()
-    assert all(0 <= r["curves"][e][k] <= 1 for e in range(3) for k in ("train_true_acc", "train_agreement"))
-    assert {row["tau"] for row in log} == {str(t) for t in r["config"]["tau_grid"]}
-    last = r["tuning"][-1]  # tau 1: its selected epoch's row holds its hold-val loss
-    assert float(log[12 + last["best_epoch"]]["val_loss"]) == pytest.approx(last["val_loss"])
-    # tuned on hold-val: one row per tau of the grid, the chosen tau the best-scoring one
-    assert [row["values"]["tau"] for row in r["tuning"]] == r["config"]["tau_grid"]
-    best = max(r["tuning"], key=lambda row: row["score"])
-    assert r["tuned"] == best["values"] and z["tuned"] == {} and z["tuning"] == []
-    assert "zero-shot" in zs.stdout[zs.stdout.index("+-"):]
-    # the same command again skips the finished run; other settings stop with a one-line error
-    again = run_cli(cli_args(demo, demo / "data", out, cache))
-    assert again.returncode == 0 and "all runs exist" in again.stdout
-    assert f"| {'cpl':<16}{100 * r['test_accuracy']:6.2f}" in again.stdout  # its box, as printed
-    other = run_cli(cli_args(demo, demo / "data", out, cache, **{"--tau": "0.5"}))
-    lines = other.stderr.strip().splitlines()
-    assert other.returncode != 0 and len(lines) == 1 and "other settings" in lines[0], other.stderr
-    assert json.loads((out / "sketch" / "cpl" / "seed0" / "results.json").read_text()) == r
-
-
-def test_make_jobs_in_parallel_equal_one_by_one_and_compute_each_cache_once(demo, tmp_path):
-    """`make jobs` lines run with `xargs -P 2` give the same results as the same lines run one by
-    one; every cache entry is computed by one process only ($W2S_CLIP_CACHE_LOG counts them);
-    `make tables` builds from them."""
-    flags = (f"--clip-model {demo / 'tiny-clip.json'} --clip-pretrained none --weak-model "
-             f"test_resnet --no-weak-pretrained --weak-epochs 1 --strong-epochs 2 --batch-size 16 "
-             f"--workers 0 --device cpu --tune none")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    outs = {}
-    for mode in ("parallel", "sequential"):
-        out, cache, log = tmp_path / mode / "runs", tmp_path / mode / "cache", tmp_path / f"{mode}.log"
-        lines = subprocess.run(
-            ["make", "-s", "jobs", f"PY={sys.executable}", f"DATA={demo / 'data'}", "DOMAINS=sketch",
-             "SEEDS=0 1", "WEAK_MODELS=", f"OUT={out}", f"CACHE={cache}", f"FLAGS={flags}"],
-            cwd=HERE, capture_output=True, text=True, check=True).stdout.splitlines()
-        assert len(lines) == 2 + 2 * 2  # (all, ensemble, cpe) x 2 seeds
-        job_env = {**env, "W2S_CLIP_CACHE_LOG": str(log)}
-        if mode == "parallel":
-            subprocess.run(["xargs", "-P", "2", "-d", "\n", "-n", "1", "sh", "-c"], input="\n".join(lines),
-                           cwd=HERE, env=job_env, text=True, check=True, capture_output=True)
-        else:
-            for line in lines:
-                subprocess.run(["sh", "-c", line], cwd=HERE, env=job_env, check=True, capture_output=True)
-        computed = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
-        assert len(computed) == len(set(computed)), computed  # no entry computed twice
-        outs[mode] = {str(p.relative_to(out)): json.loads(p.read_text()) for p in out.rglob("results.json")}
-    assert outs["parallel"].keys() == outs["sequential"].keys() and len(outs["parallel"]) > 20
-    for key, r in outs["parallel"].items():
-        other = outs["sequential"][key]
-        assert (r["test_accuracy"], r["predictions"]) == (other["test_accuracy"], other["predictions"]), key
-    tables = subprocess.run(["make", "tables", f"PY={sys.executable}", f"OUT={tmp_path / 'parallel' / 'runs'}",
-                             f"TABLES={tmp_path / 'tables'}"], cwd=HERE, env=env, capture_output=True, text=True)
-    assert tables.returncode == 0, tables.stderr
-    assert "cpl (cpe init)" in (tmp_path / "tables" / "table4.md").read_text()
-
-
-# ------------------------------------------------------------------------------------------------
 # The research instrument: student-supervisor agreement
 # ------------------------------------------------------------------------------------------------
 def test_agreement_report_hand_example():
@@ -957,129 +945,6 @@ def test_agreement_report_hand_example():
     assert right["accuracy_where_weak_wrong"] is None  # no image where the weak model is wrong
 
 
-def test_agreement_identity_and_predictions_on_a_real_run(demo, tmp_path):
-    """weak accuracy * right + (1 - weak accuracy) * wrong = accuracy, from results.json; the
-    per-image predictions give the accuracy; head.pt holds the trained prototypes."""
-    w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache")])
-    run = tmp_path / "out" / "sketch" / "cpl" / "seed0"
-    r = json.loads((run / "results.json").read_text())
-    w = r["weak_test_accuracy"]
-    assert w * r["accuracy_where_weak_right"] + (1 - w) * r["accuracy_where_weak_wrong"] == pytest.approx(
-        r["test_accuracy"], abs=1e-6)
-    assert sum(p == y for p, y in zip(r["predictions"], r["d_test_labels"])) / r["n_test"] == pytest.approx(
-        r["test_accuracy"])
-    head = torch.load(run / "head.pt")
-    assert list(head) == ["prototypes"] and head["prototypes"].shape[0] == 4
-
-
-def test_cli_huge_lr_never_returns_the_untrained_head_unless_the_start_is_a_candidate(demo, tmp_path):
-    """`--lr 1000`: every trained method's best_epoch is >= 1 (the Trainer's candidates);
-    `--select-from start-and-epochs` brings back the old behaviour, epoch 0 wherever the start
-    would have won, and each run records whether it would have."""
-    cache, methods = tmp_path / "cache", ["kd-lp", "kd-tp", "cpl"]
-    best = {}
-    for select_from in ("epochs", "start-and-epochs"):
-        out = tmp_path / select_from
-        proc = run_cli(cli_args(demo, demo / "data", out, cache, **{
-            "--method": methods, "--lr": "1000", "--tau": "0.1", "--tune": "none",
-            "--select-from": select_from}))
-        assert proc.returncode == 0, proc.stderr
-        rs = {m: json.loads((out / "sketch" / m / "seed0" / "results.json").read_text())
-              for m in methods}
-        best[select_from] = {m: (r["best_epoch"], r["start_would_win"]) for m, r in rs.items()}
-    assert all(epoch >= 1 for epoch, _ in best["epochs"].values()), best
-    assert any(won for _, won in best["epochs"].values()), best  # lr 1000 does hurt
-    for m, (epoch, won) in best["start-and-epochs"].items():
-        assert (epoch == 0) == won == best["epochs"][m][1], (m, best)
-
-
-def test_cli_error_missing_data_root(demo, tmp_path):
-    missing = tmp_path / "no-such-folder"
-    proc = run_cli(cli_args(demo, missing, tmp_path / "out", tmp_path / "cache"))
-    assert_user_error(proc, tmp_path / "out", str(missing))
-
-
-def test_cli_error_malformed_split_line(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    split = data / "sketch_train.txt"
-    lines = split.read_text().splitlines()
-    lines[2] = lines[2].rsplit(" ", 1)[0]  # line 3 loses its label
-    split.write_text("\n".join(lines) + "\n")
-    proc = run_cli(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"))
-    assert_user_error(proc, tmp_path / "out", "sketch_train.txt:3")
-
-
-def test_cli_error_missing_image(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    rel = (data / "sketch_test.txt").read_text().splitlines()[25].split()[0]
-    (data / rel).unlink()
-    proc = run_cli(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"))
-    assert_user_error(proc, tmp_path / "out", rel, "missing")
-
-
-def test_cli_error_label_out_of_range(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    split = data / "sketch_test.txt"
-    lines = split.read_text().splitlines()
-    lines[-1] = lines[-1].rsplit(" ", 1)[0] + " 7"  # 4 classes: labels are 0..3
-    split.write_text("\n".join(lines) + "\n")
-    proc = run_cli(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"))
-    assert_user_error(proc, tmp_path / "out", "label 7", "0..3")
-
-
-def test_cli_error_unknown_timm_model(demo, tmp_path):
-    proc = run_cli(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache",
-                            **{"--weak-model": "not_a_model"}))
-    assert_user_error(proc, tmp_path / "out", "--weak-model not_a_model")
-
-
-# ------------------------------------------------------------------------------------------------
-# One-line errors for models, files and folders
-# ------------------------------------------------------------------------------------------------
-def test_cli_error_unknown_open_clip_model(demo, tmp_path):
-    proc = run_cli(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache",
-                            **{"--clip-model": "not-a-clip-model"}))
-    assert_user_error(proc, tmp_path / "out", "--clip-model not-a-clip-model")
-
-
-def test_cli_error_empty_split_file(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    (data / "sketch_test.txt").write_text("\n")
-    proc = run_cli(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"))
-    assert_user_error(proc, tmp_path / "out", "sketch_test.txt", "empty")
-
-
-def test_cli_error_unreadable_image(demo, tmp_path):
-    """A listed file that exists but is not an image is named before any training."""
-    data = corrupt_copy(demo, tmp_path)
-    rel = (data / "sketch_train.txt").read_text().splitlines()[5].split()[0]
-    (data / rel).write_bytes(b"this is not a jpeg")
-    proc = run_cli(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"))
-    assert_user_error(proc, tmp_path / "out", rel, "unreadable")
-    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
-
-
-def test_cli_error_pretrained_tag_the_model_lacks(demo, tmp_path):
-    proc = run_cli(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache",
-                            **{"--clip-model": "ViT-B-32", "--clip-pretrained": "no_such_tag"}))
-    assert_user_error(proc, tmp_path / "out", "--clip-pretrained no_such_tag", "openai")
-
-
-def test_cli_error_output_folder_not_writable(demo, tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    proc = run_cli(cli_args(demo, demo / "data", blocker / "runs", tmp_path / "cache"))
-    assert_user_error(proc, tmp_path, "--out-dir", str(blocker / "runs"))
-
-
-def test_cli_error_too_few_test_images_for_the_splits(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    split = data / "sketch_test.txt"
-    split.write_text("\n".join(split.read_text().splitlines()[:2]) + "\n")
-    proc = run_cli(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"))
-    assert_user_error(proc, tmp_path / "out", "sketch_test.txt", "2 images", "non-empty")
-
-
 @pytest.mark.parametrize("flag,value", [("--aux-alpha", "1.5"), ("--warmup-ratio", "-0.1"),
                                         ("--weight-decay", "-1e-4"), ("--lr", "0"),
                                         ("--max-grad-norm", "-1"), ("--cpl-logit-scale", "0"),
@@ -1087,47 +952,7 @@ def test_cli_error_too_few_test_images_for_the_splits(demo, tmp_path):
 def test_parse_args_refuses_out_of_range_values(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         w2s_clip.parse_args([flag, value])
-    assert e.value.code == 2 and flag in capsys.readouterr().err
-
-
-def test_cli_kill_9_then_rerun_equals_an_uninterrupted_run(demo, tmp_path):
-    """Resume: kill -9 right after the weak model is cached, rerun the same command; the result
-    equals that of an uninterrupted run in fresh folders (so it is also deterministic)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = lambda tag: cli_args(demo, demo / "data", tmp_path / tag / "out", tmp_path / tag / "cache",
-                                **{"--weak-epochs": "2", "--strong-epochs": "4"})
-    proc = subprocess.Popen([sys.executable, "w2s_clip.py", *args("killed")], cwd=HERE, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cache = tmp_path / "killed" / "cache"
-    while proc.poll() is None and not list(cache.glob("weak-*-model.pt")):
-        pass
-    proc.kill()
-    proc.wait()
-    result = Path("sketch/cpl/seed0/results.json")
-    assert not (tmp_path / "killed" / "out" / result).exists(), "the run ended before the kill"
-    assert list(cache.glob("weak-*-model.pt")) and not list(cache.glob("weak-*-logits.pt"))
-    weak_model_mtime = next(cache.glob("weak-*-model.pt")).stat().st_mtime_ns
-    for tag in ("killed", "clean"):
-        done = run_cli(args(tag))
-        assert done.returncode == 0, done.stderr
-    assert next(cache.glob("weak-*-model.pt")).stat().st_mtime_ns == weak_model_mtime  # reused
-    resumed, clean = (json.loads((tmp_path / t / "out" / result).read_text()) for t in ("killed", "clean"))
-    for key in ("test_accuracy", "per_class_accuracy", "weak_test_accuracy", "best_epoch", "curves"):
-        assert resumed[key] == clean[key], key
-
-
-# ------------------------------------------------------------------------------------------------
-# Damaged state, full disks and odd inputs: one line, nothing lost, nothing half-written
-# ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", ["nonsense", "cuda:x", "cuda:99", "meta"])
-def test_cli_error_device_strings(demo, tmp_path, device):
-    """A device string torch cannot parse, or a device this build or machine lacks, stops in one
-    line before anything is read or written."""
-    before = tree_state(demo)
-    main_error(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache",
-                        **{"--device": device}), f"--device {device}", "--device cpu")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
-    assert tree_state(demo) == before
+    assert e.value.code == 1 and flag in capsys.readouterr().err
 
 
 def test_parse_args_seeds_are_what_a_torch_generator_takes(capsys):
@@ -1139,7 +964,7 @@ def test_parse_args_seeds_are_what_a_torch_generator_takes(capsys):
         with pytest.raises(SystemExit) as e:
             w2s_clip.parse_args(["--seeds", bad])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: argument --seeds: ") and bad in err
+        assert e.value.code == 1 and err.startswith("error: argument --seeds: ") and bad in err
         assert len(err.strip().splitlines()) == 1, err
     with pytest.raises((RuntimeError, ValueError)):
         torch.Generator().manual_seed(2 ** 64)  # ... and torch refuses it too
@@ -1152,128 +977,7 @@ def test_parse_args_refuses_bad_values_of_the_new_flags_in_one_line(capsys, flag
     with pytest.raises(SystemExit) as e:
         w2s_clip.parse_args([flag, bad])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith(f"error: argument {flag}: ") and len(err.splitlines()) == 1
-
-
-@pytest.mark.parametrize("config", [[1, 2], {"embed_dim": 64}, {**miniature.TINY_CLIP, "embed_dim": "64"},
-                                    {**miniature.TINY_CLIP, "vision_cfg": {
-                                        **miniature.TINY_CLIP["vision_cfg"], "layers": "two"}},
-                                    {**miniature.TINY_CLIP, "text_cfg": {
-                                        **miniature.TINY_CLIP["text_cfg"], "no_such_key": 1}}],
-                         ids=["list", "missing-keys", "str-embed-dim", "str-layers", "unknown-key"])
-def test_cli_error_clip_config_that_is_not_an_open_clip_config(demo, tmp_path, config):
-    """A --clip-model JSON that is a list, lacks keys or has wrong types stops before training."""
-    bad = tmp_path / "bad-clip.json"
-    bad.write_text(json.dumps(config))
-    main_error(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache",
-                        **{"--clip-model": bad}), f"--clip-model {bad}")
-    assert not (tmp_path / "cache").exists()  # nothing trained, nothing cached
-
-
-def test_cli_error_split_file_not_utf8_names_file_and_line(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    split = data / "sketch_train.txt"
-    lines = split.read_bytes().splitlines(keepends=True)
-    lines[4] = lines[4].replace(b".jpg", b"\xe9.jpg")  # a Latin-1 byte on line 5
-    split.write_bytes(b"".join(lines))
-    before = tree_state(data)
-    main_error(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"),
-               "sketch_train.txt:5", "UTF-8")
-    assert tree_state(data) == before
-
-
-def test_cli_error_image_listed_twice_in_a_split_file(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    split = data / "sketch_train.txt"
-    lines = split.read_text().splitlines()
-    split.write_text("\n".join(lines + [lines[7], lines[3], lines[7]]) + "\n")
-    main_error(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"),
-               "sketch_train.txt", lines[3].split()[0], "3 repeated")
-
-
-def test_cli_error_images_in_both_train_and_test(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    test_lines = (data / "sketch_test.txt").read_text().splitlines()
-    with open(data / "sketch_train.txt", "a") as f:
-        f.write("\n".join(test_lines[10:12]) + "\n")
-    main_error(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"),
-               "2 images", "sketch_train.txt", "sketch_test.txt", test_lines[10].split()[0])
-
-
-def test_cli_error_decompression_bomb(demo, tmp_path, monkeypatch):
-    """PIL's decompression-bomb refusal (its limit lowered so that a 32x32 image trips it) is one
-    line naming the first listed image, before any training."""
-    from PIL import Image
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # refused above 2 x 100 pixels
-    first = (demo / "data" / "sketch_train.txt").read_text().split()[0]
-    before = tree_state(demo)
-    main_error(cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache"),
-               first, "decompression-bomb")
-    assert not list((tmp_path / "cache").glob("weak-*")) and tree_state(demo) == before
-
-
-def test_cli_full_disk_one_line_no_temporary_file_then_rerun(demo, tmp_path, monkeypatch):
-    """A write that fails with ENOSPC half-way (a full disk) ends in 'no space left on <folder>',
-    leaves no temporary file; once there is space, the same command finishes."""
-    import builtins
-    import errno
-    real_open = builtins.open
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(bytes(data)[: len(data) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    def full_open(path, mode="r", *a, **k):
-        f = real_open(path, mode, *a, **k)
-        return FullDisk(f) if "w" in mode and str(path).endswith(".tmp") else f
-
-    args = cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache")
-    monkeypatch.setattr(builtins, "open", full_open)
-    main_error(args, "no space left on", str(tmp_path / "cache"))
-    monkeypatch.undo()
-    assert not temp_files(tmp_path) and not list((tmp_path / "cache").glob("weak-*"))
-    w2s_clip.main([str(a) for a in args])
-    assert (tmp_path / "out" / "sketch" / "cpl" / "seed0" / "results.json").exists()
-    assert not temp_files(tmp_path)
-
-
-def test_cli_rerun_after_damaged_caches_equals_an_undamaged_run(demo, tmp_path, capsys):
-    """Every cache file truncated (a full disk, a killed copy): the next command names each one in
-    a warning, recomputes it, and its result equals that of a run in fresh folders."""
-    args = lambda tag, method: cli_args(demo, demo / "data", tmp_path / tag / "out",
-                                        tmp_path / tag / "cache", **{"--method": method})
-    w2s_clip.main(args("damaged", "weak"))
-    w2s_clip.main(args("damaged", "ce-lp"))  # the CLIP features are cached too
-    damaged = sorted(p for p in (tmp_path / "damaged" / "cache").glob("*.pt")
-                     if not p.name.startswith("pixels-"))
-    assert len(damaged) == 3  # weak model, weak logits, CLIP features
-    (pixels,) = (tmp_path / "damaged" / "cache").glob("pixels-*.u8")  # the weak model's eval crops
-    for p in damaged + [pixels]:
-        p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
-    capsys.readouterr()
-    w2s_clip.main(args("damaged", "cpl"))
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    for p in damaged:
-        assert f"warning: cache file {p} cannot be loaded" in err, p.name
-        torch.load(p, weights_only=True)  # rewritten whole
-    assert f"warning: cache file {pixels} is incomplete or damaged" in err
-    w2s_clip.main(args("clean", "cpl"))
-    result = Path("sketch/cpl/seed0/results.json")
-    redone, clean = (json.loads((tmp_path / t / "out" / result).read_text()) for t in ("damaged", "clean"))
-    for key in ("test_accuracy", "per_class_accuracy", "weak_test_accuracy", "best_epoch", "curves"):
-        assert redone[key] == clean[key], key
+    assert e.value.code == 1 and err.startswith(f"error: argument {flag}: ") and len(err.splitlines()) == 1
 
 
 def test_copied_functions_run_alone_with_the_papers_defaults(clip):
@@ -1337,17 +1041,6 @@ def test_copied_functions_run_alone_with_the_papers_defaults(clip):
             assert defaults(fn)[keyword] == getattr(args, hyper), (loss, keyword)
 
 
-def test_make_clean_keeps_caches_runs_results_data_and_tables_installs_nothing():
-    """make's own dry run: `clean` removes the demo's and the tests' outputs only; `tables`
-    runs no pip (matplotlib comes from requirements.txt)."""
-    dry = lambda target: subprocess.run(["make", "-n", "-o", "venv", "-o", ".venv/.installed",
-                                         target], cwd=HERE, capture_output=True, text=True).stdout
-    removed = [w for line in dry("clean").splitlines() if line.startswith("rm ") for w in line.split()[2:]]
-    assert removed and not {"cache", "runs", "results", "data", "data/domainnet"} & set(removed)
-    assert "pip" not in dry("tables")
-    assert any(line.startswith("matplotlib==") for line in (HERE / "requirements.txt").read_text().splitlines())
-
-
 # ------------------------------------------------------------------------------------------------
 # Numbers that make sense, writes that cannot lose a run, and no traceback (reliability)
 # ------------------------------------------------------------------------------------------------
@@ -1360,7 +1053,7 @@ def test_parse_args_refuses_nan_and_infinity(argv, capsys):
     with pytest.raises(SystemExit) as e:
         w2s_clip.parse_args(argv)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and argv[0].split("=")[0] in err and len(err.splitlines()) == 1, err
+    assert e.value.code == 1 and argv[0].split("=")[0] in err and len(err.splitlines()) == 1, err
     assert "finite" in err
 
 
@@ -1390,97 +1083,6 @@ def test_train_head_warns_when_no_step_had_a_positive_learning_rate():
     assert fit["warnings"] == []
 
 
-def test_cli_non_finite_loss_is_one_line_naming_method_epoch_and_flag(demo, tmp_path):
-    out = tmp_path / "runs"
-    proc = run_cli(cli_args(demo, demo / "data", out, tmp_path / "cache", **{
-        "--method": "kd-lp", "--lr": "1e38", "--tune": "none"}))
-    assert_user_error(proc, out, "kd-lp", "epoch", "--lr")
-
-
-def test_cli_untrained_head_warning_is_printed_and_recorded(demo, tmp_path):
-    """--strong-epochs 1 with one batch and --warmup-ratio 1: the only step has lr 0."""
-    out = tmp_path / "runs"
-    proc = run_cli(cli_args(demo, demo / "data", out, tmp_path / "cache", **{
-        "--method": "kd-lp", "--strong-epochs": "1", "--batch-size": "512", "--warmup-ratio": "1",
-        "--tune": "none"}))
-    assert proc.returncode == 0, proc.stderr
-    assert "warning: sketch seed 0 kd-lp: none of the 1 optimiser steps" in proc.stderr
-    r = json.loads((out / "sketch" / "kd-lp" / "seed0" / "results.json").read_text())
-    assert len(r["warnings"]) == 1 and r["curves"][1]["val_loss"] == r["curves"][0]["val_loss"]
-
-
-def test_cli_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(demo, tmp_path):
-    """SIGINT after the first finished run: exit status 130, one line, no traceback; the same
-    command then finishes the rest."""
-    import signal
-    out, cache = tmp_path / "runs", tmp_path / "cache"
-    args = cli_args(demo, demo / "data", out, cache, **{
-        "--method": ["weak", "kd-lp", "kd-tp", "cpl", "ceiling"], "--seeds": ["0", "1", "2"]})
-    proc = subprocess.Popen([sys.executable, "w2s_clip.py", *args], cwd=HERE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,  # as from a terminal: a job started in the
-                            # background of a script inherits SIGINT ignored
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    first = proc.stdout.readline()  # the device line, then the first finished run
-    while first and "D'_test" not in first:
-        first = proc.stdout.readline()
-    assert "D'_test" in first, first
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines() == ["interrupted; rerun the same command to resume"], err
-    again = run_cli(args)
-    assert again.returncode == 0, again.stderr
-    assert len(list(out.rglob("results.json"))) == 15
-
-
-def test_cli_error_data_root_is_a_file(demo, tmp_path):
-    out = tmp_path / "runs"
-    proc = run_cli(cli_args(demo, demo / "data" / "sketch_train.txt", out, tmp_path / "cache"))
-    assert_user_error(proc, out, "is a file, not a folder", "sketch_train.txt")
-
-
-def test_cli_error_label_too_large_for_int64(demo, tmp_path):
-    data = corrupt_copy(demo, tmp_path)
-    lines = (data / "sketch_train.txt").read_text().splitlines()
-    path, _ = lines[2].rsplit(None, 1)
-    lines[2] = f"{path} {2 ** 70}"
-    (data / "sketch_train.txt").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "runs"
-    proc = run_cli(cli_args(demo, data, out, tmp_path / "cache"))
-    assert_user_error(proc, out, "sketch_train.txt:3", "far too large")
-
-
-def test_bench_error_device_nonsense_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "w2s_clip_lab.bench", "--device", "nonsense"], cwd=HERE,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and "--device nonsense" in lines[0], proc.stderr
-
-
-def test_make_demo_refuses_a_data_folder_that_is_a_symlink(tmp_path):
-    """A user's dataset linked in as DIR/data is never written into nor deleted."""
-    mine = tmp_path / "my-dataset"
-    mine.mkdir()
-    (mine / "keep.txt").write_text("mine")
-    folder = tmp_path / "demo"
-    folder.mkdir()
-    (folder / miniature.MANIFEST).write_text(json.dumps({"written_by": "w2s_clip_lab.miniature"}))
-    (folder / "data").symlink_to(mine)
-    main_error(["--make-demo", folder], "symbolic link", str(folder / "data"))
-    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
-
-
-@pytest.mark.parametrize("flag", ["--out-dir", "--cache-dir"])
-def test_cli_error_output_folder_is_a_file(demo, tmp_path, flag):
-    target = tmp_path / "a-file"
-    target.write_text("x")
-    out = tmp_path / "runs" if flag != "--out-dir" else target
-    main_error(cli_args(demo, demo / "data", tmp_path / "runs", tmp_path / "cache", **{flag: target}),
-               flag, "is a file, not a folder")
-
-
 @pytest.mark.parametrize("argv", [["--tau-grid"], ["--aux-alpha-grid", "1.5"],
                                   ["--text-lr-grid", "0"], ["--kd-temperature-grid", "-1"],
                                   ["--tune", "sometimes"], ["--cpl-kl", "both"]])
@@ -1488,34 +1090,7 @@ def test_parse_args_refuses_bad_grids_and_choices_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
         w2s_clip.parse_args(argv)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and argv[0] in err and len(err.splitlines()) == 1, err
-
-
-# ------------------------------------------------------------------------------------------------
-# The device, the precision and the torch build; runs that resume on any machine
-# ------------------------------------------------------------------------------------------------
-def test_cli_precision_bf16_on_the_cpu_is_one_line(demo, tmp_path):
-    out = tmp_path / "runs"
-    proc = run_cli(cli_args(demo, demo / "data", out, tmp_path / "cache", **{
-        "--device": "cpu", "--precision": "bf16"}))
-    assert_user_error(proc, out, "--precision bf16 needs a CUDA device")
-
-
-def test_weak_model_does_not_depend_on_the_number_of_workers(demo, tmp_path):
-    """Augmentation is seeded per sample (seed, epoch, image), so the weak model trained with 0 and
-    with 2 data-loader workers is the same model: same logits, bit for bit; and a run made with
-    one worker count is a finished run to a command with another."""
-    logits = {}
-    for workers in ("0", "2"):
-        cache = tmp_path / f"cache{workers}"
-        proc = run_cli(cli_args(demo, demo / "data", tmp_path / f"runs{workers}", cache,
-                                **{"--method": "weak", "--workers": workers, "--weak-epochs": "2"}))
-        assert proc.returncode == 0, proc.stderr
-        logits[workers] = torch.load(next(cache.glob("weak-*-logits.pt")))
-    assert torch.equal(logits["0"], logits["2"])
-    again = run_cli(cli_args(demo, demo / "data", tmp_path / "runs0", tmp_path / "cache0",
-                             **{"--method": "weak", "--workers": "2", "--weak-epochs": "2"}))
-    assert again.returncode == 0 and "all runs exist" in again.stdout, again.stderr
+    assert e.value.code == 1 and argv[0] in err and len(err.splitlines()) == 1, err
 
 
 def test_progress_prints_lines_when_not_on_a_terminal(capsys):
@@ -1525,18 +1100,6 @@ def test_progress_prints_lines_when_not_on_a_terminal(capsys):
     assert len(lines) == 10 and lines[0].startswith("stage: 5/50 (10%)") and "50/50 (100%)" in lines[-1]
     list(w2s_clip.progress(range(50), "stage"))  # a short stage stays silent
     assert capsys.readouterr().err == ""
-
-
-def test_gpu_check_dry_run_on_the_cpu():
-    """`make gpu-check DEVICE=cpu`: every check of the GPU self-check runs and passes on the CPU
-    (real-size models at batch 2), and the last line counts them."""
-    proc = subprocess.run([sys.executable, "-m", "w2s_clip_lab.gpu_check", "--device", "cpu", "--real-batch", "2"],
-                          cwd=HERE, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert lines[0] == "device: cpu, fp32" and lines[-1] == "8 passed, 0 failed", proc.stdout
-    assert sum(line.startswith("PASS") for line in lines) == 8
 
 
 def test_weak_micro_batches_give_the_whole_batch_step():
@@ -1563,77 +1126,6 @@ def test_weak_micro_batches_give_the_whole_batch_step():
     for ra, rb in zip(fits[None][1], fits[5][1]):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-10)
         assert ra["train_accuracy"] == rb["train_accuracy"]
-
-
-def project_imports(path):
-    """(function or None, module) for every `import` of the project (w2s_clip, w2s_clip_lab.*) in
-    the file at `path`, read from its syntax tree; None: at module level."""
-    import ast
-    found, tree = [], ast.parse(path.read_text())
-
-    def visit(node, function):
-        for child in ast.iter_child_nodes(node):
-            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
-            if isinstance(child, ast.Import):
-                found.extend((function, a.name) for a in child.names)
-            elif isinstance(child, ast.ImportFrom) and child.level == 0:
-                found.extend((function, f"{child.module}.{a.name}" if child.module == "w2s_clip_lab"
-                              else child.module) for a in child.names)
-            visit(child, inner)
-    visit(tree, None)
-    return [(f, m) for f, m in found if m.split(".")[0] in ("w2s_clip", "w2s_clip_lab")]
-
-
-def test_the_method_imports_only_the_runner_in_main_and_the_package_runs_one_way():
-    """w2s_clip.py imports only torch, torchvision, open_clip, timm (and tqdm, which both of those
-    install) and the standard library at module level and the project only in `main` (the runner); in w2s_clip_lab no module imports
-    the runner and the imports among the files have no circle; at most three .py files at the
-    top; `import w2s_clip` loads nothing of the package; pyproject.toml packages both."""
-    import tomllib
-    tops = sorted(p.name for p in HERE.glob("*.py"))
-    assert tops == ["conftest.py", "test_w2s_clip.py", "w2s_clip.py"]
-    import ast
-    allowed = {"torch", "torchvision", "open_clip", "timm", "tqdm"} | set(sys.stdlib_module_names)
-    for node in ast.parse((HERE / "w2s_clip.py").read_text()).body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-            assert {n.split(".")[0] for n in names} <= allowed, names
-    assert project_imports(HERE / "w2s_clip.py") == [("main", "w2s_clip_lab.runner")]
-    package = sorted((HERE / "w2s_clip_lab").glob("*.py"))
-    graph = {p.stem: {m.split(".")[1] for _, m in project_imports(p) if m.startswith("w2s_clip_lab.")}
-             for p in package}
-    assert not any("runner" in deps for deps in graph.values())
-    done, path = set(), []
-
-    def walk(name):  # depth first: a module met again on the current path closes a circle
-        assert name not in path, f"circle: {' -> '.join(path + [name])}"
-        if name not in done:
-            path.append(name)
-            for dep in sorted(graph[name]):
-                walk(dep)
-            path.pop()
-            done.add(name)
-    for name in graph:
-        walk(name)
-    code = "import sys, w2s_clip; print(' '.join(m for m in sys.modules if m.startswith('w2s_clip_lab')))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.split() == []
-    setup = tomllib.loads((HERE / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert setup["py-modules"] == ["w2s_clip"] and setup["packages"] == ["w2s_clip_lab"]
-
-
-def test_w2s_clip_run_as_a_script_is_one_module(tmp_path):
-    """`python w2s_clip.py` loads no second copy of itself when the runner imports `w2s_clip`
-    (one UserError class, one registry): Python's import log names no module `w2s_clip`, and a
-    user's mistake caught in the runner still ends in its one line."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "w2s_clip.py", "--build-tables",
-                           "--out-dir", str(tmp_path / "none"), "--tables-dir", str(tmp_path / "t")],
-                          cwd=HERE, capture_output=True, text=True, timeout=300)
-    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
-                if line.startswith("import time:")]
-    assert "w2s_clip_lab.runner" in imported and "w2s_clip" not in imported
-    assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith("error: ")
 
 
 def test_fit_head_probes_hold_train_against_true_labels_and_against_its_training_labels(planted_data):
@@ -1666,5 +1158,141 @@ def test_domain_that_is_a_path_is_refused_in_one_line(typed, capsys):
     with pytest.raises(SystemExit) as e:
         w2s_clip.parse_args(["--dataset", "folder", "--domain", typed])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: argument --domain") and "\n" not in err
+    assert e.value.code == 1 and err.startswith("error: argument --domain") and "\n" not in err
     assert "one folder name under --data-root" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# The file alone, end to end: a generated DomainNet-format folder, tiny models, a subprocess
+# ------------------------------------------------------------------------------------------------
+TINY_CLIP = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                             "head_width": 32},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+CLASSES = ("zebra", "The_Eiffel_Tower", "aircraft_carrier", "cat")  # label order, not sorted()
+
+
+def make_domainnet(root, domain="sketch", n_train=8, n_test=20, size=36):
+    """DomainNet's official layout under `root`: <domain>/<class>/<image>.png and
+    <domain>_{train,test}.txt, one `<path> <label>` a line; class y's images are noise around
+    one colour per class, so that a weak model can learn them."""
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[230, 40, 40], [40, 200, 40], [40, 40, 230], [200, 200, 40]])
+    for split, n in (("train", n_train), ("test", n_test)):
+        lines = []
+        for y, name in enumerate(CLASSES):
+            (root / domain / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rel = f"{domain}/{name}/{split}_{i:03d}.png"
+                pixels = (colours[y] + 60 * torch.randn(size, size, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / rel)
+                lines.append(f"{rel} {y}\n")
+        (root / f"{domain}_{split}.txt").write_text("".join(lines))
+    (root / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    return root
+
+
+def alone(tmp_path):
+    """A folder with w2s_clip.py alone, and a w2s_clip_lab/ that raises on import, so that an
+    installed package cannot hide a dependency."""
+    folder = tmp_path / "alone"
+    (folder / "w2s_clip_lab").mkdir(parents=True)
+    (folder / "w2s_clip_lab" / "__init__.py").write_text("raise ImportError('w2s_clip.py must run alone')\n")
+    (folder / "w2s_clip.py").write_text((HERE / "w2s_clip.py").read_text())
+    return folder
+
+
+def run_alone(folder, *flags):
+    """`python w2s_clip.py` in `folder` with tiny models and the given flags, on the CPU."""
+    tiny = ["--data-root", "data", "--domain", "sketch", "--clip-model", "data/tiny-clip.json",
+            "--clip-pretrained", "none", "--weak-model", "test_resnet", "--no-weak-pretrained",
+            "--weak-epochs", "2", "--strong-epochs", "2", "--batch-size", "16", "--workers", "0",
+            "--device", "cpu", "--seeds", "0", "--tau-grid", "0.01", "1", "--kd-temperature-grid", "1", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, "w2s_clip.py", *tiny, *map(str, flags)], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(proc, *fragments):
+    """Exit status 1 and one `error:` line on stderr holding each fragment, no traceback."""
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and err and err[-1].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and all(f in err[-1] for f in fragments), err[-1]
+
+
+def test_the_file_alone_runs_the_protocol_end_to_end_and_resumes(tmp_path):
+    """Section 5 by w2s_clip.py alone on DomainNet's format: each method's results.json with the
+    keys the package reads, a table of the seeds, then the same command finds every run and reads
+    the cached weak logits and features instead of computing them again."""
+    folder = alone(tmp_path)
+    make_domainnet(folder / "data")
+    methods = ["weak", "zero-shot", "ceiling", "kd-lp", "ce-tp", "cpl"]
+    proc = run_alone(folder, "--method", *methods, "--out-dir", "runs", "--cache-dir", "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("device: cpu, fp32")
+    table = proc.stdout[proc.stdout.index("sketch: accuracy on D'_test"):].splitlines()
+    assert [row.split()[0] for row in table[2:]] == ["weak", "zero-shot", "kd-lp", "ce-tp", "cpl", "ceiling"]
+    results = {m: json.loads((folder / "runs" / "sketch" / m / "seed0" / "results.json").read_text())
+               for m in methods}
+    for m, r in results.items():
+        assert r["method"] == m and 0 <= r["test_accuracy"] <= 1 and r["n_test"] == 16
+        assert isinstance(r["settings"], dict) and r["config"]["weak_model"] == "test_resnet"
+        assert len(r["predictions"]) == len(r["d_test_index"]) == 16
+        assert r["classnames"] == [c.replace("_", " ") for c in CLASSES]
+        assert "agreement_with_weak" in r and "weak_test_accuracy" in r
+    assert results["weak"]["weak_training"][-1]["epoch"] == 2
+    assert [row["values"] for row in results["cpl"]["tuning"]] == [{"tau": 0.01}, {"tau": 1.0}]
+    assert set(results["cpl"]["tuning"][0]["scores"]) == set(w2s_clip.TUNING_RULES)
+    assert len(results["cpl"]["curves"]) == 3  # epoch 0 and the two epochs
+    assert results["ceiling"]["ceiling_head"] in ("lp", "tp", "cpl")
+    assert (folder / "runs" / "sketch" / "cpl" / "seed0" / "head.pt").exists()
+    # the same command again: every run found, and the caches read, not recomputed
+    caches = {p: p.stat().st_mtime_ns for p in (folder / "cache").iterdir()}
+    again = run_alone(folder, "--method", *methods, "--out-dir", "runs", "--cache-dir", "cache")
+    assert again.returncode == 0 and "all runs exist" in again.stdout, again.stderr
+    # a new output folder from the warm caches: the same numbers, no cache file rewritten
+    fresh = run_alone(folder, "--method", "weak", "kd-lp", "cpl", "--out-dir", "runs2", "--cache-dir", "cache")
+    assert fresh.returncode == 0, fresh.stderr
+    assert {p: p.stat().st_mtime_ns for p in (folder / "cache").iterdir()} == caches
+    for m in ("weak", "kd-lp", "cpl"):
+        r = json.loads((folder / "runs2" / "sketch" / m / "seed0" / "results.json").read_text())
+        assert r["predictions"] == results[m]["predictions"], m
+    # other settings are not mixed in: one line naming the setting
+    other = run_alone(folder, "--method", "cpl", "--tune", "none", "--out-dir", "runs", "--cache-dir", "cache")
+    one_line_error(other, "made with other settings", "tune: hold-val -> none", "--force")
+
+
+@pytest.mark.parametrize("case", ["no-folder", "no-split-file", "missing-image", "not-an-image",
+                                  "unknown-domain", "unknown-method", "hf-weak-model", "cuda",
+                                  "out-dir-is-a-file"])
+def test_the_file_alone_stops_a_users_mistake_in_one_line(tmp_path, case):
+    """Each mistake: exit status 1, one `error:` line naming the file, flag or value, no traceback."""
+    folder = alone(tmp_path)
+    data = make_domainnet(folder / "data", n_train=2, n_test=5)
+    flags, fragments = ["--method", "weak", "--out-dir", "runs", "--cache-dir", "cache"], []
+    if case == "no-folder":
+        flags, fragments = flags + ["--data-root", "nowhere"], ["data root nowhere not found"]
+    elif case == "no-split-file":
+        (data / "sketch_test.txt").unlink()
+        fragments = ["sketch_test.txt not found"]
+    elif case == "missing-image":
+        (data / "sketch" / "cat" / "test_002.png").unlink()
+        fragments = ["sketch/cat/test_002.png is missing"]
+    elif case == "not-an-image":
+        (data / "sketch" / "cat" / "test_002.png").write_text("not a png")
+        fragments = ["sketch/cat/test_002.png is unreadable"]
+    elif case == "unknown-domain":
+        flags, fragments = flags + ["--domain", "photos"], ["--domain", "'photos'", "w2s_clip_lab.run"]
+    elif case == "unknown-method":
+        flags, fragments = flags + ["--method", "lora"], ["--method", "'lora'"]
+    elif case == "hf-weak-model":
+        flags, fragments = flags + ["--weak-model", "hf:microsoft/resnet-18"], ["python -m w2s_clip_lab.run"]
+    elif case == "cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        flags, fragments = flags + ["--device", "cuda"], ["--device cuda: not usable here"]
+    elif case == "out-dir-is-a-file":
+        (folder / "taken").write_text("")
+        flags, fragments = flags + ["--out-dir", "taken"], ["--out-dir taken is not writable"]
+    proc = run_alone(folder, *flags)
+    one_line_error(proc, *fragments)
+    assert not (folder / "runs").exists() or not list((folder / "runs").rglob("results.json"))

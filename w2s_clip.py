@@ -20,6 +20,7 @@ import contextlib
 import copy
 import csv
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -1422,13 +1423,18 @@ def unused_flags(method):
     return unused
 
 
+@functools.lru_cache(maxsize=None)
+def flag_defaults():
+    """This file's flags at their defaults (not RUN_FLAGS), as JSON text as settings hold them."""
+    return json.dumps({k: v for k, v in vars(parse_args([])).items() if k not in RUN_FLAGS}, default=str)
+
+
 def method_settings(method, settings):
     """The part of `settings` (run_settings' dict) that `method`'s result depends on; a flag this
     file has and the dict lacks (an older file) counts at its default. A hash (str) is returned."""
     if not isinstance(settings, dict):
         return settings
-    defaults = {k: v for k, v in vars(parse_args([])).items() if k not in RUN_FLAGS}
-    filled = {**json.loads(json.dumps(defaults, default=str)), **settings}
+    filled = {**json.loads(flag_defaults()), **settings}
     if method == "weak":
         return {k: v for k, v in filled.items() if k in WEAK_SETTINGS}
     return {k: v for k, v in filled.items() if k not in unused_flags(method)}
@@ -1442,11 +1448,14 @@ def settings_key(settings, method=None):
     return settings if isinstance(settings, str) else None
 
 
-def describe_difference(old, new, method):
-    """`name: old -> new` for each setting `method` depends on in which `old` and `new` differ."""
+def describe_difference(old, new, method=None):
+    """`name: old -> new` for each setting in which `old` and `new` differ (among those `method`
+    depends on, if given)."""
     if not isinstance(old, dict):
-        return "a results.json that records only a hash of its settings, or none"
-    old, new = method_settings(method, old), method_settings(method, new)
+        return ("an older results.json that records only a hash of its settings"
+                if isinstance(old, str) else "a results.json that records no settings")
+    if method:
+        old, new = method_settings(method, old), method_settings(method, new)
     cut = lambda v: (str(v)[:37] + "...") if len(str(v)) > 40 else str(v)  # noqa: E731
     return ", ".join(f"{k}: {cut(old.get(k))} -> {cut(new.get(k))}"
                      for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k))
@@ -1987,13 +1996,13 @@ def parse_args(argv=None, parser=None):
     return args
 
 
-def main(argv=None):
-    """Section 5 for one domain: the flags parsed, then `run_experiment`. A user's mistake is one
-    line on stderr and exit status 1; Ctrl-C exits 130 (finished runs and caches are whole files,
-    the rest is redone by the same command)."""
-    args = parse_args(argv)
+def main(argv=None, parser=None, run=run_experiment):
+    """Section 5 for one domain: the flags parsed (`parse_args`), then `run(args)`. A user's
+    mistake is one line on stderr and exit status 1; Ctrl-C exits 130 (finished runs and caches
+    are whole files, the rest is redone by the same command)."""
+    args = parse_args(argv, parser)
     try:
-        run_experiment(args)
+        run(args)
     except UserError as e:  # also re-raised from data-loader workers, with their traceback
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
     except KeyboardInterrupt:

@@ -1,11 +1,13 @@
-"""Everything around the method of w2s_clip.py, which imports none of it: the runner of its
-command line and what the runner uses, the miniature for the CPU and the tools beside it.
+"""Everything built on w2s_clip.py, which runs alone and imports none of it: the package's command
+(the file's protocol with other layouts, caches, Hugging Face weak models, CPE and CMM), the
+tables, the miniature for the CPU and the tools beside it. Each module imports the file, never
+the reverse.
 
-    runner     python w2s_clip.py: preflight, pending runs, weak stage, features, methods, save, box
-    checks     flags, models, checkpoint files, images and the device, checked before any work
-    files      cache keys, atomic writes, locks, cache files read back
-    datasets   split files, image loading, the other layouts (Office-Home, a folder)
-    store      the cached stages, each run's settings, the results files and their one reader
+    run        python -m w2s_clip_lab.run: w2s_clip.py's flags and protocol plus the package's hooks
+    checks     the thorough preflight: models, checkpoint files, folders, split flags, notes
+    files      the file's cache keys, atomic writes, locks and cache readers, named for the package
+    datasets   the other layouts (Office-Home, a folder) and the thorough split-file checks
+    store      pixel caches, the package's settings, the results files' thorough reader
     report     Tables 2-4, Figure 2, the differences, the box a run prints
     hf         Hugging Face weak models (--weak-model hf:<id>)
     cpe        CMM and CPE prototypes (the worst-categories paper)

@@ -1,5 +1,5 @@
-"""Checks before any work, for the runner: model names, checkpoint files, images, folders, the
-device and the split flags (the flag types themselves are w2s_clip.py's, beside its parser).
+"""The package's thorough checks before any work: model names and tags, checkpoint files, folders,
+the split flags and notes on a run's size (the images and the device are checked by w2s_clip.py).
 
 Each mistake becomes one line naming the flag or file and what to do (a `UserError`); nothing here
 changes a result.
@@ -12,13 +12,11 @@ import math
 import os
 import pickle
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-from PIL import Image
 
-from w2s_clip import UserError, resolve_precision
+from w2s_clip import (UserError, check_images, choose_device, device_line,  # noqa: F401 (re-exported)
+                      gpu_build_problem)
 from w2s_clip_lab.hf import check_hf_weak_model, import_transformers
 from w2s_clip_lab.weights import offline_problem
 
@@ -123,106 +121,9 @@ def check_clip_files(model_name, pretrained):
         logging.disable(logging.NOTSET)
 
 
-def check_images(root, paths, workers=16):
-    """Stop before any training if a listed image is missing, not an image (header check) or
-    larger than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
-    def bad(rel):
-        try:
-            with Image.open(os.path.join(root, rel)):
-                return None
-        except Image.DecompressionBombError:
-            return rel, "bomb"
-        except (OSError, ValueError):
-            return rel, "bad"
-    with ThreadPoolExecutor(workers) as pool:
-        for found in pool.map(bad, paths, chunksize=256):
-            if found is None:
-                continue
-            path = os.path.join(root, found[0])
-            if found[1] == "bomb":
-                raise UserError(f"image {path} has more pixels than PIL opens (decompression-bomb "
-                                f"limit, 2 x Image.MAX_IMAGE_PIXELS); shrink it or remove it from "
-                                f"the split files")
-            what = "missing" if not os.path.exists(path) else "unreadable"
-            raise UserError(f"image {path} is {what}; replace it or remove it (DomainNet: "
-                            f"re-download the domain with `make data`)")
-
-
 # ------------------------------------------------------------------------------------------------
 # The device and its precision
 # ------------------------------------------------------------------------------------------------
-
-
-def check_device(device):
-    """The torch device string `device` after a one-element allocation on it; a UserError if this
-    build or machine has no such device."""
-    try:
-        dev = torch.device(device)
-        if dev.type == "meta":
-            raise RuntimeError("the meta device holds no data")
-        torch.zeros(1, device=dev)
-    except (RuntimeError, AssertionError, NotImplementedError, ValueError) as e:
-        raise UserError(f"--device {device}: not usable here ({one_line(e, 100)}); "
-                        f"pass --device cpu, cuda or cuda:<index>") from None
-    return str(dev)
-
-
-def gpu_build_problem(capability, arch_list, version=None):
-    """Why this torch build cannot run a GPU of compute capability (major, minor), or None.
-
-    It can when its arch list has the GPU's sm_XY, an sm of the same major and a lower minor
-    (binary compatible), or PTX compute_XY with XY at most the GPU's (compiled at load time).
-    """
-    cc = 10 * capability[0] + capability[1]
-    sm = {int(a[3:]) for a in arch_list if a.startswith("sm_") and a[3:].isdigit()}
-    ptx = {int(a[8:]) for a in arch_list if a.startswith("compute_") and a[8:].isdigit()}
-    if any(a // 10 == cc // 10 and a <= cc for a in sm) or any(p <= cc for p in ptx):
-        return None
-    return (f"the installed torch {version or torch.__version__} has GPU kernels for "
-            f"{' '.join(sorted(arch_list)) or 'no GPU'}, not for this GPU's sm_{cc}")
-
-
-def hardware_report(device, precision):
-    """What a run ran on (for results.json and the `device:` line): the device, its name and compute
-    capability, the precision, and the torch / CUDA / cuDNN versions."""
-    dev = torch.device(device)
-    report = {"device": str(dev), "precision": precision, "torch": torch.__version__}
-    if dev.type == "cuda":
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        report.update(device=f"cuda:{index}", name=torch.cuda.get_device_name(index),
-                      capability=f"sm_{major}{minor}", cuda=torch.version.cuda,
-                      cudnn=torch.backends.cudnn.version())
-    else:
-        report.update(name=dev.type, threads=torch.get_num_threads())
-    return report
-
-
-def device_line(report):
-    """`device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16` or `device: cpu, fp32`."""
-    parts = [report["device"], report.get("name"), report.get("capability"), report["precision"]]
-    return "device: " + ", ".join(p for p in dict.fromkeys(parts) if p)
-
-
-def choose_device(requested, precision):
-    """The device (string), precision and hardware report of a run: --device checked, or CUDA when
-    usable, else the CPU; a GPU this torch build has no kernels for is a UserError."""
-    try:
-        dev = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError):
-        dev = None  # check_device names the bad string
-    capability = None
-    if (dev is not None and dev.type == "cuda" and torch.cuda.is_available()
-            and (dev.index or 0) < torch.cuda.device_count()):  # before any kernel runs on it
-        capability = torch.cuda.get_device_capability(dev)
-        problem = None if torch.version.hip else gpu_build_problem(capability,
-                                                                  torch.cuda.get_arch_list())
-        if problem:
-            raise UserError(f"--device {dev}: {problem}; install a torch build for it (README, "
-                            f"Running on a GPU: `make venv TORCH_INDEX=...`) or pass --device cpu")
-    device = check_device(requested) if requested else str(dev)
-    precision = resolve_precision(precision, torch.device(device).type, capability)
-    return device, precision, hardware_report(device, precision)
 
 
 def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):

@@ -1,13 +1,8 @@
-"""Data for w2s_clip.py: DomainNet's split files, image loading, and other layouts read into
-DomainNet's split-file format.
+"""Other data layouts read into DomainNet's split-file format, and the thorough checks of split
+files; DomainNet's own files and the image loading are w2s_clip.py's (`load_domain`, `ImageList`).
 
-    python w2s_clip.py --dataset officehome --data-root data/OfficeHome --domain Art --method all
-    python w2s_clip.py --dataset folder --data-root my_images --domain photos --method all
-
-DomainNet (`load_domain`): `<root>/<domain>_{train,test}.txt`, one `<domain>/<class>/<file> <label>`
-per line; class names and label order come from these files, never from sorted folders.
-Images are decoded by `decode_image` and served by `ImageList`, whose augmentation is seeded per
-(seed, epoch, image), so that no result depends on the number of data-loader workers.
+    python -m w2s_clip_lab.run --dataset officehome --data-root data/OfficeHome --domain Art --method all
+    python -m w2s_clip_lab.run --dataset folder --data-root my_images --domain photos --method all
 
 Other layouts (images are never moved or written; the split files go to `<out-dir>/splits/<dataset>/`):
 - officehome: `<root>/<Domain>/<Class_Name>/<image>`, domains Art, Clipart, Product and Real World
@@ -19,151 +14,16 @@ Class names are the folder names with `_` -> space, as for DomainNet. A layout o
 one function returning (train, test) lists of (relative path, label) and the class folders in label
 order, added to LAYOUTS.
 """
-import hashlib
 import os
-import posixpath
-import random
 import unicodedata
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from w2s_clip import UserError
-from w2s_clip_lab.files import atomic_save
-
-def file_digest(*paths):
-    """SHA-1 of the files' bytes, in order (16 hex digits)."""
-    h = hashlib.sha1()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):  # a checkpoint can be gigabytes
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def decode_image(path):
-    """The image file at `path` decoded to RGB (PIL), or a UserError naming it."""
-    try:
-        return Image.open(path).convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise UserError(f"image {path} is refused by PIL as a decompression bomb ({e}); "
-                        f"shrink it or remove it from the split files")
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({e}); replace or remove it (DomainNet: "
-                        f"re-download with `make data`)")
-
-
-class ImageList(Dataset):
-    """Images `root/paths[i]` with labels, through `transform`; a bad file raises UserError.
-
-    With a `seed`, the transform's random draws (torch and Python's `random`, what torchvision and
-    timm use) come from a generator seeded by (seed, epoch, i) for each sample, so augmentation does
-    not depend on which data-loader worker loads it. Index epoch * n + i is image i in that epoch
-    (`EpochSampler`). With `pixels` (a `PixelCache` of the same images), image i is read from it
-    instead of decoded.
-    """
-
-    def __init__(self, root, paths, labels, transform, seed=None, pixels=None):
-        self.root, self.paths, self.labels, self.transform = root, paths, labels, transform
-        self.seed, self.pixels = seed, pixels
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        i, epoch = index % len(self.paths), index // len(self.paths)
-        image = (self.pixels[i] if self.pixels is not None
-                 else decode_image(os.path.join(self.root, self.paths[i])))
-        if self.seed is None:
-            return self.transform(image), self.labels[i]
-        sample_seed = int(hashlib.sha1(f"{self.seed} {epoch} {i}".encode()).hexdigest()[:15], 16)
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            x = self.transform(image)
-        random.setstate(state)
-        return x, self.labels[i]
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded shuffle per pass, as indices epoch * n + i, so that each sample knows its epoch."""
-
-    def __init__(self, n, seed):
-        self.n, self.g, self.epoch = n, torch.Generator().manual_seed(seed), 0
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=self.g) + self.epoch * self.n
-        self.epoch += 1
-        return iter(order.tolist())
-
-
-def make_loader(dataset, batch_size, device, workers, shuffle=False, seed=0):
-    """A DataLoader that keeps an accelerator busy: workers, pinned memory, and for training a
-    seeded shuffle (`EpochSampler`) that does not depend on the number of workers; the dataset
-    must then take indices epoch * n + i, as ImageList does. Its own generator seeds the workers,
-    so the global RNG is not drawn from (a model with dropout sees the same stream however many
-    workers load its data)."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                      sampler=EpochSampler(len(dataset), seed) if shuffle else None,
-                      generator=torch.Generator().manual_seed(seed),
-                      pin_memory=torch.device(device).type == "cuda",
-                      persistent_workers=workers > 0 and shuffle, drop_last=False)
-
-
-def read_split_file(path):
-    """Parse an official DomainNet split file, one `<domain>/<class>/<file>.jpg <label>` per line.
-
-    The file must be UTF-8 (a leading byte-order mark is accepted) and list each image once. Each
-    path is normalised as written (`posixpath.normpath`: `./`, `..` and doubled slashes go), so that
-    `./clipart/x.jpg` and `clipart/x.jpg` are one image and the class folder is the one named.
-    Returns:
-        (paths, labels): relative image paths (list of n str) and labels (LongTensor [n]).
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"split file {path} not found; get it with `make data DOMAIN=<domain>`")
-    raw = Path(path).read_bytes()
-    try:
-        raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        lineno = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save it as UTF-8 or "
-                        f"re-download it")
-    paths, labels, lines = [], [], []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(None, 1)
-            image = posixpath.normpath(parts[0]) if len(parts) == 2 else ""
-            try:
-                label = int(parts[1]) if image.lstrip("/").count("/") >= 2 else None
-            except ValueError:
-                label = None
-            if label is not None and not -2 ** 63 <= label < 2 ** 63:  # beyond torch's int64
-                raise UserError(f"{path}:{lineno}: label {parts[1]} is far too large for a class "
-                                f"index; re-download the split file")
-            if label is None:
-                raise UserError(f"{path}:{lineno}: expected '<domain>/<class>/<file> <label>', "
-                                f"got {line.strip()!r}; re-download the split file")
-            paths.append(image)
-            labels.append(label)
-            lines.append(lineno)
-    if not paths:
-        raise UserError(f"{path} is empty; re-download it with `make data`")
-    first = repeated(paths)
-    if first is not None:
-        repeats = len(paths) - len(set(paths))
-        raise UserError(f"{path}:{lines[first[1]]} lists {paths[first[1]]} again (first at line "
-                        f"{lines[first[0]]}; {repeats} repeated lines in all); each image must "
-                        f"appear once: re-download the split file")
-    return paths, torch.tensor(labels)
-
+from w2s_clip import (EpochSampler, ImageList, UserError, atomic_save,  # noqa: F401 (re-exported)
+                      classnames_from_splits, decode_image, file_digest, load_domain, make_loader,
+                      read_split_file)
 
 def repeated(keys):
     """(index of the first occurrence, index of the second) of the earliest key in `keys` that
@@ -210,67 +70,28 @@ def same_name_folders(folders, where):
                         f"ignores it); rename or merge one of them")
 
 
-def classnames_from_splits(paths, labels, source="split files"):
-    """Class names in label order, from the class folder of each file (`_` -> space).
-
-    DomainNet's label order is not `sorted(folders)`, so names must come from the split files.
-    Returns a list of k names; raises UserError (the same one whatever the file order) on two
-    class folders that name one class, a label used for two classes, or a label outside 0..k-1.
-    """
-    folders = {}  # label -> its class folders
-    for p, y in zip(paths, labels.tolist()):
-        folders.setdefault(y, set()).add(p.split("/")[-2])
-    same_name_folders({f for fs in folders.values() for f in fs}, source)
-    for y in sorted(folders):
-        if len(folders[y]) > 1:
-            a, b = sorted(folders[y])[:2]
-            raise UserError(f"{source}: label {y} is used for both '{class_name(a)}' and "
-                            f"'{class_name(b)}'")
-    k = len({f for fs in folders.values() for f in fs})  # class folders: a folder of 2 labels
-    bad = sorted(y for y in folders if not 0 <= y < k)  # has one beyond k - 1
-    if bad:
-        raise UserError(f"{source}: label {bad[0]} is outside 0..{k - 1} ({k} class folders)")
-    return [class_name(next(iter(folders[y]))) for y in range(k)]
-
-
-def load_domain(data_root, domain, split_root=None):
-    """Read `<domain>_train.txt` and `<domain>_test.txt` (in `split_root`, default `data_root`;
-    image paths relative to `data_root`); return a dict with paths, labels, names."""
-    get, image_root = f"`make data DOMAIN={domain} DATA={data_root}`", data_root
-    if split_root is not None:
-        data_root = split_root  # written by datasets from the images under data_root
-    if os.path.exists(data_root) and not os.path.isdir(data_root):
-        raise UserError(f"--data-root {data_root} is a file, not a folder; pass the folder that "
-                        f"holds <domain>_train.txt and <domain>_test.txt")
-    if not os.path.isdir(data_root):
-        raise UserError(f"data root {data_root} not found; run {get} or pass --data-root")
-    for split in ("train", "test"):
-        if not os.path.isfile(os.path.join(data_root, f"{domain}_{split}.txt")):
-            raise UserError(f"split file {os.path.join(data_root, f'{domain}_{split}.txt')} "
-                            f"not found; get it with {get}")
-    splits = {s: read_split_file(os.path.join(data_root, f"{domain}_{s}.txt"))
-              for s in ("train", "test")}
-    (tr_paths, tr_labels), (te_paths, te_labels) = splits["train"], splits["test"]
-    ids = {s: image_identities(image_root, paths) for s, (paths, _) in splits.items()}
-    for s, (paths, _) in splits.items():  # one file under two spellings (a link, `..`)
+def check_identities(data_root, domain, data, split_root=None):
+    """The package's thorough check of a domain's split files, beyond `w2s_clip.load_domain`'s:
+    one image listed under two spellings (a link, `..`), or in both splits under two spellings,
+    and two class folders that name one class (`same_name_folders`); a UserError names them."""
+    where = split_root or data_root
+    ids = {s: image_identities(data_root, data[f"{s}_paths"]) for s in ("train", "test")}
+    for s in ids:
         first = repeated(ids[s])
         if first is not None:
-            raise UserError(f"{domain}_{s}.txt under {data_root} lists one image as both "
+            paths = data[f"{s}_paths"]
+            raise UserError(f"{domain}_{s}.txt under {where} lists one image as both "
                             f"{paths[first[0]]} and {paths[first[1]]}; each image must appear "
                             f"once: remove one of the lines")
-    train_ids = dict(zip(ids["train"], tr_paths))
-    both = [(train_ids[i], p) for i, p in zip(ids["test"], te_paths) if i in train_ids]
+    train_ids = dict(zip(ids["train"], data["train_paths"]))
+    both = [(train_ids[i], p) for i, p in zip(ids["test"], data["test_paths"]) if i in train_ids]
     if both:  # the weak model would be trained on images it then labels
         spelled = "" if both[0][0] == both[0][1] else f" (as {both[0][0]} in {domain}_train.txt)"
         raise UserError(f"{len(both)} images are listed in both {domain}_train.txt and "
-                        f"{domain}_test.txt under {data_root}, first {both[0][1]}{spelled}; the "
+                        f"{domain}_test.txt under {where}, first {both[0][1]}{spelled}; the "
                         f"splits must be disjoint: re-download them")
-    names = classnames_from_splits(tr_paths + te_paths, torch.cat([tr_labels, te_labels]),
-                                   source=f"{domain}_train.txt + {domain}_test.txt")
-    return {"train_paths": tr_paths, "train_labels": tr_labels, "test_paths": te_paths,
-            "test_labels": te_labels, "classnames": names,
-            "digest": file_digest(os.path.join(data_root, f"{domain}_train.txt"),
-                                  os.path.join(data_root, f"{domain}_test.txt"))}
+    same_name_folders({p.split("/")[-2] for p in data["train_paths"] + data["test_paths"]},
+                      f"{domain}_train.txt + {domain}_test.txt")
 
 
 OFFICEHOME_DOMAINS = ("Art", "Clipart", "Product", "Real_World")

@@ -10,7 +10,7 @@ drawn apart from the demo's D_train / D_test files. Manual: README.md ("Quick st
 
     # data, tiny CLIP config and a checkpoint pretrained for 300 steps (cached), under a minute
     python -m w2s_clip_lab.miniature --out demo --pretrain-steps 300
-    python w2s_clip.py --dataset folder --data-root demo/data --clip-model demo/tiny-clip.json \\
+    python -m w2s_clip_lab.run --dataset folder --data-root demo/data --clip-model demo/tiny-clip.json \\
         --clip-pretrained demo/tiny-clip-300steps.pt --weak-model test_resnet --no-weak-pretrained \\
         --domain sketch --method weak ceiling kd-lp cpl --device cpu --cache-dir demo/cache
     # the pretraining table from runs made with 0, a few and many pretraining steps

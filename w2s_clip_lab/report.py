@@ -2,7 +2,7 @@
 tables, and the box each run prints, all from the results.json files (never from logs), beside
 the paper's published numbers.
 
-    python w2s_clip.py --build-tables --out-dir runs --tables-dir results
+    python -m w2s_clip_lab.run --build-tables --out-dir runs --tables-dir results
 """
 import csv
 import io

@@ -1,5 +1,5 @@
-"""Fixtures and helpers shared by the test files: tiny models, generated data, hand-made
-results, and the float64 references the losses are checked against."""
+"""Fixtures and helpers of the package's tests: generated data, the command run as a user would,
+hand-made results; the tiny models and float64 references are test_w2s_clip.py's own."""
 
 import os
 
@@ -18,137 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import w2s_clip
-from w2s_clip_lab import files, miniature, store
-
-
-HERE = Path(__file__).resolve().parent
-
-
-PROMPT_NAMES = ["The Eiffel Tower", "t-shirt", "aircraft carrier", "cat"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    """A tiny random-init open_clip CLIP (seeded) and the ViT-B-32 tokenizer that ships with it."""
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)).eval()
-    return model, open_clip.get_tokenizer("ViT-B-32")
-
-
-def ref_log_softmax(z):
-    """log softmax of float64 rows as z - max - log(sum(exp(z - max)))."""
-    m = z.max(dim=-1, keepdim=True).values
-    return z - m - torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))
-
-
-def ref_kl_rows(w, s):
-    """Per-row KL(softmax(w) || softmax(s)) = sum_j p_j (log p_j - log q_j), float64."""
-    log_p, log_q = ref_log_softmax(w), ref_log_softmax(s)
-    return (torch.exp(log_p) * (log_p - log_q)).sum(dim=-1)
-
-
-def ref_ce_rows(s, target):
-    """Per-row -log softmax(s)[target]."""
-    return -ref_log_softmax(s)[torch.arange(len(s)), target]
-
-
-def ref_loss(name, s, w, **h):
-    """The docstring formula of loss `name` in float64; s may require grad, w must not."""
-    if name == "ce":
-        return ref_ce_rows(s, w.argmax(dim=-1)).mean()
-    if name in ("kd", "cpl"):
-        t = h.get("T", h.get("tau", 1.0))
-        factor = t * t if name == "kd" else 1.0  # KD has Hinton's T^2, CPL (Eq. 4-5) has none
-        return factor * ref_kl_rows(w / t, s / t).mean()
-    if name == "auxconf":
-        a = h["alpha"]
-        soft = -(torch.exp(ref_log_softmax(w)) * ref_log_softmax(s)).sum(dim=-1)
-        self_hard = ref_ce_rows(s, s.detach().argmax(dim=-1))
-        return ((1 - a) * soft + a * self_hard).mean()
-    if name == "adaptconf":
-        T, tau = h["T"], h["tau"]
-        ce_self = ref_ce_rows(s, s.detach().argmax(dim=-1))
-        ce_weak = ref_ce_rows(s, w.argmax(dim=-1))
-        with torch.no_grad():  # beta = e^{a/tau} / (e^{a/tau} + e^{b/tau}), shifted, detached
-            a, b = ce_self / tau, ce_weak / tau
-            m = torch.maximum(a, b)
-            beta = torch.exp(a - m) / (torch.exp(a - m) + torch.exp(b - m))
-        return ((1 - beta) * T * T * ref_kl_rows(w / T, s / T) + beta * ce_self).mean()
-    raise KeyError(name)
-
-
-LOSS_CASES = [("ce", {}), ("kd", {"T": 1.0}), ("kd", {"T": 2.5}), ("auxconf", {"alpha": 0.3}),
-              ("adaptconf", {"T": 2.0, "tau": 0.5}), ("cpl", {"tau": 1.0}), ("cpl", {"tau": 0.7})]
-
-
-LOSS_IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in h.items())}" for n, h in LOSS_CASES]
-
-
-def logits_pair(n, k, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(n, k, generator=g), scale * torch.randn(n, k, generator=g)
-
-
-# Prompts of very different lengths, one name far longer than the rest, and a single class.
-PACKED_NAMES = {"mixed": ["cat", "The Great Wall of China", "t-shirt", "aircraft carrier", "ant"],
-                "one-long": ["ant", "bee", "cow",
-                             "a very long and winding class name that goes on for many words"],
-                "single": ["The Eiffel Tower"]}
-
-
-@pytest.fixture(scope="module")
-def text_towers(clip):
-    """Random-init CLIPs whose text towers differ: the tiny one, the tiny one with layer scale
-    (random gammas), a ViT-B-32-shaped one (width 512, 8 heads, 12 layers), and a qk-norm one
-    (open_clip's CustomResidualAttentionBlock, which the packed path does not handle)."""
-    def build(**text):
-        torch.manual_seed(0)
-        cfg = {**dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2), **text}
-        model = open_clip.CLIP(embed_dim=text.get("width", 64), text_cfg=cfg, vision_cfg=dict(
-            image_size=32, layers=1, width=64, patch_size=8, head_width=32)).eval()
-        for name, p in model.named_parameters():
-            if ".ls_" in name:
-                p.data.uniform_(0.5, 1.5)
-        return model
-    return {"tiny": clip[0], "tiny-layerscale": build(ls_init_value=1.0),
-            "vit-b-32-text": build(width=512, heads=8, layers=12), "qk-norm": build(qk_norm=True)}
-
-
-def encode_text_with_context(model, tokens, ctx):
-    """open_clip's own encode_text over all 77 tokens, token positions 1..m replaced by ctx [m, w]."""
-    m = ctx.shape[0]
-    hook = model.token_embedding.register_forward_hook(lambda mod, inp, out: torch.cat(
-        [out[:, :1], ctx.expand(len(out), -1, -1), out[:, 1 + m:]], dim=1))
-    try:
-        return model.encode_text(tokens)
-    finally:
-        hook.remove()
-
-
-def planted(seed=0, n=3400, k=10, d=64, spread=0.2, noise=1.0, text_noise=2.0, weak_acc=0.6):
-    """CLIP-like features in a narrow cone around e: x = normalize(e + spread (mu_y + noise)).
-
-    Text prototypes t_c = normalize(e + spread (mu_c + text noise)) are imperfect zero-shot
-    classifiers; weak labels are right with probability weak_acc, else a uniformly random wrong class.
-    """
-    g = torch.Generator().manual_seed(seed)
-    e = F.normalize(torch.randn(d, generator=g), dim=0)
-    mu = F.normalize(torch.randn(k, d, generator=g), dim=-1)
-    t = F.normalize(e + spread * (mu + text_noise * torch.randn(k, d, generator=g) / d ** 0.5), dim=-1)
-    y = torch.randint(k, (n,), generator=g)
-    x = F.normalize(e + spread * (mu[y] + noise * torch.randn(n, d, generator=g) / d ** 0.5), dim=-1)
-    right = torch.rand(n, generator=g) < weak_acc
-    weak = torch.where(right, y, (y + torch.randint(1, k, (n,), generator=g)) % k)
-    tr, va, te = slice(0, 2000), slice(2000, 2400), slice(2400, n)
-    return {"t": t, "x": x, "y": y, "weak": weak, "tr": tr, "va": va, "te": te, "k": k}
-
-
-@pytest.fixture(scope="module")
-def planted_data():
-    return planted()
+from test_w2s_clip import (HERE, LOSS_CASES, LOSS_IDS, PACKED_NAMES, PROMPT_NAMES,  # noqa: F401
+                           clip, encode_text_with_context, logits_pair, planted, planted_data,
+                           ref_ce_rows, ref_kl_rows, ref_log_softmax, ref_loss, text_towers,
+                           tuning_setup)
+from w2s_clip_lab import files, miniature, run, store
 
 
 class ReplaySampler(torch.utils.data.Sampler):
@@ -200,18 +74,6 @@ def trainer_fit(tmp_path, head, x, targets, x_val, val_targets, epochs, batch_si
     return trainer.state.best_global_step // steps_per_epoch, losses
 
 
-def tuning_setup(planted_data, tune_by="agreement"):
-    """fit_tuned's inputs on the planted data: a CPL head from text prototypes, weak logits."""
-    p = planted_data
-    n = len(p["y"])
-    splits = {"hold_train": torch.arange(0, 600), "hold_val": torch.arange(2000, 2400),
-              "test": torch.arange(2400, n)}
-    strong = {"clip": None, "tokenizer": None, "feats": p["x"], "prototypes": 3.0 * p["t"]}
-    args = w2s_clip.parse_args(["--tau-grid", "0.02", "0.1", "1", "--strong-epochs", "4",
-                                "--batch-size", "128", "--tune-by", tune_by])
-    return 5.0 * F.one_hot(p["weak"], p["k"]).float(), strong, splits, args
-
-
 DEMO_NAMES = miniature.DEMO_CLASSES[:4]
 
 
@@ -235,9 +97,14 @@ def cli_args(root, data, out, cache, **overrides):
             + ["--no-weak-pretrained"])
 
 
-def run_cli(args):
+PACKAGE = ["-m", "w2s_clip_lab.run"]  # the package's command; FILE: w2s_clip.py itself
+FILE = ["w2s_clip.py"]
+
+
+def run_cli(args, entry=PACKAGE):
+    """The command `entry` (the package's by default) with `args`, as a user runs it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "w2s_clip.py", *args], cwd=HERE, env=env,
+    return subprocess.run([sys.executable, *entry, *args], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -373,10 +240,11 @@ def table_row(text, name):
 
 
 def main_error(argv, *fragments):
-    """w2s_clip.main(argv) in process ends in sys.exit("error: ...") -- exit status 1 with that one
-    line on stderr -- naming the fragments; any other exception (a traceback) fails the test."""
+    """The package's command in process (`w2s_clip_lab.run.main(argv)`, the file's main with the
+    package's parser and hooks) ends in sys.exit("error: ...") -- exit status 1 with that one line
+    on stderr -- naming the fragments; any other exception (a traceback) fails the test."""
     with pytest.raises(SystemExit) as e:
-        w2s_clip.main([str(a) for a in argv])
+        run.main([str(a) for a in argv])
     msg = e.value.code
     assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
     for fragment in fragments:
