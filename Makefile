@@ -108,6 +108,9 @@ test: venv ## run the unit tests (CPU, no download): the file's alone, then the 
 demo: venv ## the miniature on the CPU, no download: data, a tiny CLIP pretrained on the spot, runs, tables (about 2 minutes on 2 cores)
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=target $(addprefix demo-seed-,$(DEMO_SEEDS))
+	@echo "--- both seeds (the same command finds their runs) ---"
+	@$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) --seeds $(DEMO_SEEDS) \
+	  --out-dir $(DEMO)/runs
 	$(DEMO_ENV) $(RUN) --build-tables --out-dir $(DEMO)/runs --tables-dir $(DEMO)/tables
 
 data: ## download and unpack DomainNet's DOMAIN (default sketch) and its split files into DATA

@@ -21,7 +21,7 @@ import torch
 import w2s_clip
 from conftest import (HERE, assert_user_error, cli_args, corrupt_copy, main_error, run_cli,
                       temp_files, trainer_fit, tree_state)
-from w2s_clip_lab import miniature
+from w2s_clip_lab import miniature, run
 
 
 @pytest.mark.parametrize("total,ratio", [(100, 0.1), (25, 0.1), (7, 0.3), (40, 0.0), (13, 1.0)])
@@ -674,3 +674,14 @@ def test_w2s_clip_run_as_a_script_is_one_module(tmp_path):
                 if line.startswith("import time:")]
     assert "w2s_clip_lab.runner" in imported and "w2s_clip" not in imported
     assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("flag, bad", [("--train-image-cache", "-3"), ("--train-image-cache", "x"),
+                                       ("--split-share", "1.5"), ("--cpe-k", "0"),
+                                       ("--dataset", "imagenet")])
+def test_the_package_flags_refuse_bad_values_in_one_line(capsys, flag, bad):
+    """The package's own flags, added to the file's parser, report a bad value as the file's do."""
+    with pytest.raises(SystemExit) as e:
+        w2s_clip.parse_args([flag, bad], run.build_parser())
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"error: argument {flag}: ") and len(err.splitlines()) == 1
