@@ -59,9 +59,7 @@ def set_seed(seed):
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
-# ------------------------------------------------------------------------------------------------
-# Data and splits (paper Section 5, step 0): DomainNet's split files, its images, D_test's splits
-# ------------------------------------------------------------------------------------------------
+# ---- Data and splits (Section 5, step 0): DomainNet's split files, its images, D_test's splits ------
 def read_split_file(path):
     """Parse an official DomainNet split file, one `<domain>/<class>/<file> <label>` per line (UTF-8,
     a byte-order mark accepted, each image once; paths normalised as written by posixpath.normpath).
@@ -291,9 +289,7 @@ def progress(iterable, desc, total=None, quiet_seconds=10.0):
                   file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# Weak model (step 1): a timm or Hugging Face model fine-tuned on D_train with true labels
-# ------------------------------------------------------------------------------------------------
+# ---- Weak model (step 1): a timm model fine-tuned on D_train with true labels -----------------------
 def create_weak_model(name, num_classes, pretrained=True):
     """A timm classifier with a fresh k-way head, plus timm's own train and eval transforms (a
     Hugging Face one, `hf:<id>`: `w2s_clip_lab.hf.create_hf_weak_model`, the same triple)."""
@@ -416,9 +412,7 @@ def weak_backward(model, images, labels, scaler, dtype, micro_batch, epoch):
     return loss, hits
 
 
-# ------------------------------------------------------------------------------------------------
-# Weak labels (step 2): the weak model's logits on D_hold
-# ------------------------------------------------------------------------------------------------
+# ---- Weak labels (step 2): the weak model's logits on D_hold -------------------------------------
 @torch.no_grad()
 def predict_logits(model, loader, device, desc="weak logits"):
     """Logits of `model` on every batch of `loader`, in order: FloatTensor [n, k] on the CPU, in
@@ -434,9 +428,7 @@ def predict_logits(model, loader, device, desc="weak logits"):
     return torch.cat(out)
 
 
-# ------------------------------------------------------------------------------------------------
-# CLIP features: the image tower is frozen for every head, so each image is encoded once
-# ------------------------------------------------------------------------------------------------
+# ---- CLIP features: the image tower is frozen for every head, so each image is encoded once ------
 def load_clip(model_name, pretrained, device="cpu"):
     """An open_clip model (eval, frozen), its eval preprocessing and its tokenizer.
 
@@ -483,10 +475,7 @@ def encode_images(clip_model, loader, device, precision="auto"):
     return torch.cat(out)
 
 
-# ------------------------------------------------------------------------------------------------
-# The text tower, packed (TP and cpl-text): the tokens all prompts share run once, each prompt's
-# own tokens packed; equals open_clip's encode_text up to float rounding (tested)
-# ------------------------------------------------------------------------------------------------
+# ---- The text tower, packed (TP and cpl-text): equals open_clip's encode_text up to float rounding ----
 class TextTower(nn.Module):
     """The parts of an open_clip CLIP's text tower after the token embedding (shared, not copied).
 
@@ -655,9 +644,7 @@ def split_prompts(emb, eot, p):
     return emb[0, :p], emb[:, p:][mine], lengths
 
 
-# ------------------------------------------------------------------------------------------------
-# Heads: LP (Eq. 1), TP as CoOp (Eq. 2), CPL prototypes (Eq. 3), text-encoder tuning (Table 4)
-# ------------------------------------------------------------------------------------------------
+# ---- Heads: LP (Eq. 1), TP as CoOp, CPL prototypes (Eq. 3), text-encoder tuning (Table 4) ----------
 class LinearHead(nn.Module):
     """LP, Eq. 1: logits = W x + b on frozen image features x [n, d] -> [n, k].
 
@@ -769,9 +756,7 @@ class TextEncoderHead(nn.Module):
         return self.logit_scale * F.normalize(image_features, dim=-1) @ self.text_features().T
 
 
-# ------------------------------------------------------------------------------------------------
-# Losses: fn(strong_logits [n, k], weak_logits [n, k], **hyper) -> scalar mean over the batch
-# ------------------------------------------------------------------------------------------------
+# ---- Losses: fn(strong_logits [n, k], weak_logits [n, k], **hyper) -> the batch's mean -------------
 def ce_loss(strong_logits, weak_logits):
     """CE to the weak model's hard labels argmax(weak_logits)."""
     return F.cross_entropy(strong_logits, weak_logits.argmax(dim=-1))
@@ -877,9 +862,7 @@ def bind_loss(loss, values):
     return fixed, lambda step, total: {k: warmed_up(v, step, total) for k, v in ramps.items()}
 
 
-# ------------------------------------------------------------------------------------------------
-# Training and evaluation of a head on cached features (step 3; step 4 with true labels)
-# ------------------------------------------------------------------------------------------------
+# ---- Training and evaluation of a head on cached features (step 3; step 4 with true labels) ------
 @torch.no_grad()
 def predict(head, features, batch_size=65536):
     """Head logits for features [n, d] in chunks (a prompt head encodes its text once a chunk)."""
@@ -1062,9 +1045,7 @@ def n_predicted_classes(logits):
     return int(logits.argmax(dim=-1).unique().numel())
 
 
-# ------------------------------------------------------------------------------------------------
-# The protocol (Section 5): weak model -> weak labels -> features -> heads, per seed
-# ------------------------------------------------------------------------------------------------
+# ---- The protocol (Section 5): weak model -> weak labels -> features -> heads, per seed ----------
 def zero_shot_prototypes(strong, classnames, prototype_init="single", prototype_norm="raw",
                          template="a photo of a {}"):
     """CPL's starting prototypes [k, d] (Algorithm 1, line 2): the text embeddings of `template`
@@ -1254,9 +1235,7 @@ def d_test_report(test_logits, weak_logits, labels, splits):
             "predictions": test_logits.argmax(dim=-1).tolist()}  # per image, for later analysis
 
 
-# ------------------------------------------------------------------------------------------------
-# Files on disk: caches keyed by what made them, written whole (a temporary file renamed), locked
-# ------------------------------------------------------------------------------------------------
+# ---- Files on disk: caches keyed by what made them, written whole (renamed into place), locked -----
 def cache_key(**parts):
     """A short stable hash of keyword arguments (anything json can print, str as fallback)."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -1268,18 +1247,24 @@ def temp_path(path):
     return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.tmp")
 
 
-def remove_stale_temps(folder, name="*"):
-    """Delete the temporary files (`temp_path`) of `name` in `folder` that a killed process of this
-    machine left; another machine's (a shared folder) and a running process's are kept."""
+def remove_stale_temps(folder, name="*", other_host_age=86400.0):
+    """Delete the temporary files (`temp_path`) of `name` in `folder` that a failed write or a
+    killed process left: this machine's of a process that is gone (and `.<name>.<pid>.tmp` ones
+    without a host); another machine's (a shared folder) once untouched for `other_host_age` s."""
     for tmp in Path(folder).glob(f".{name}.*.tmp"):
-        match = re.fullmatch(r"\.(.+?)\.(\d+)@(.+)\.tmp", tmp.name)
-        if match and match[3] == socket.gethostname() and int(match[2]) != os.getpid():
-            try:
-                os.kill(int(match[2]), 0)  # raises if no such process
-            except ProcessLookupError:
-                tmp.unlink(missing_ok=True)
-            except (OSError, OverflowError):
-                pass  # another user's process: leave it
+        match = re.fullmatch(r"\.(.+?)\.(\d+)(?:@(.+))?\.tmp", tmp.name)
+        if not match or (int(match[2]) == os.getpid() and match[3] in (None, socket.gethostname())):
+            continue
+        try:
+            if match[3] not in (None, socket.gethostname()):  # a job there may be writing it now
+                if time.time() - tmp.stat().st_mtime > other_host_age:
+                    tmp.unlink(missing_ok=True)
+                continue
+            os.kill(int(match[2]), 0)  # raises if no such process
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (OSError, OverflowError):
+            pass  # another user's process, or not a pid: leave it
 
 
 def refuse_link(path):
@@ -1354,29 +1339,31 @@ def load_cache(path):
 def cached(path, compute, force=False):
     """Load `path` if it exists and loads (and not `force`), else compute it under a lock, save it
     whole and return it: a second process asking for the same entry waits, then loads it."""
-    for attempt in ("unlocked", "locked"):
-        with file_lock(path) if attempt == "locked" else contextlib.nullcontext():
-            obj = load_cache(path) if os.path.exists(path) and not force else None
-            if obj is not None:
-                return obj
-            if attempt == "locked":
+    obj = load_cache(path) if os.path.exists(path) and not force else None
+    if obj is None:
+        with file_lock(path):
+            obj = load_cache(path) if os.path.exists(path) and not force else None  # written meanwhile?
+            if obj is None:
                 obj = compute()
                 atomic_save(obj, path)
                 log_computed(path)
-                return obj
+    return obj
 
 
 def log_computed(path):
     """Append `path` to the file $W2S_CLIP_CACHE_LOG names, if set: which process computed which
-    cache entry (the tests of concurrent runs read it)."""
-    if os.environ.get("W2S_CLIP_CACHE_LOG"):
-        with contextlib.suppress(OSError), open(os.environ["W2S_CLIP_CACHE_LOG"], "a") as f:
-            f.write(f"{os.getpid()} {path}\n")
+    cache entry (the tests of concurrent runs read it); a log that cannot be written is a warning."""
+    log = os.environ.get("W2S_CLIP_CACHE_LOG")
+    if log:
+        try:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {path}\n")
+        except OSError as e:
+            print(f"warning: W2S_CLIP_CACHE_LOG {log} cannot be written ({e.strerror})",
+                  file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# Settings: what a result depends on (its key), and when an existing result is stale
-# ------------------------------------------------------------------------------------------------
+# ---- Settings: what a result depends on (its key), and when an existing result is stale ----------
 RUN_FLAGS = ("seeds", "method", "device", "out_dir", "cache_dir", "force", "workers")  # no effect
 CLIP_SETTINGS = ("clip", "data_root", "splits", "domain", "device", "precision")  # CLIP's features
 # All that decides a weak run; dataset, split_share, split_seed and train_image_cache are set only
@@ -1457,13 +1444,12 @@ def describe_difference(old, new, method=None):
     if method:
         old, new = method_settings(method, old), method_settings(method, new)
     cut = lambda v: (str(v)[:37] + "...") if len(str(v)) > 40 else str(v)  # noqa: E731
-    return ", ".join(f"{k}: {cut(old.get(k))} -> {cut(new.get(k))}"
+    shown = lambda d, k: cut(d[k]) if k in d else "(not set)"  # noqa: E731
+    return ", ".join(f"{k}: {shown(old, k)} -> {shown(new, k)}"
                      for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k))
 
 
-# ------------------------------------------------------------------------------------------------
-# The protocol's cached stages: the weak model and its logits (steps 1-2), CLIP's features
-# ------------------------------------------------------------------------------------------------
+# ---- The protocol's cached stages: the weak model and its logits (steps 1-2), CLIP's features -----
 def image_datasets(args, data, seed, train_tf, eval_tf):
     """The weak model's training images (D_train, augmentation seeded per image) and evaluation
     images (D_test, in order), decoded from the files."""
@@ -1521,9 +1507,7 @@ def feature_stage(args, data, device, precision, settings):
     return {"clip": clip_model, "tokenizer": tokenizer, "feats": feats.to(device)}
 
 
-# ------------------------------------------------------------------------------------------------
-# Results: <out-dir>/<domain>/<method>/seed<seed>/{results.json, head.pt, epochs.csv}, written whole
-# ------------------------------------------------------------------------------------------------
+# ---- Results: <out-dir>/<domain>/<method>/seed<k>/{results.json, head.pt, epochs.csv}, whole ------
 def result_path(out_dir, domain, method, seed):
     """Where a run's results.json goes."""
     return Path(out_dir) / domain / method / f"seed{seed}" / "results.json"
@@ -1615,9 +1599,7 @@ def save_run(path, result, head, settings, force=False):
         log_path.unlink(missing_ok=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# The device a run uses, checked and recorded
-# ------------------------------------------------------------------------------------------------
+# ---- The device a run uses, checked and recorded -------------------------------------------------
 def gpu_build_problem(capability, arch_list, version=None):
     """Why this torch build cannot run a GPU of compute capability (major, minor), or None: it can
     with the GPU's sm_XY, one of the same major and a lower minor, or PTX compute_XY at most it."""
@@ -1669,9 +1651,7 @@ def device_line(report):
     return "device: " + ", ".join(p for p in dict.fromkeys(parts) if p)
 
 
-# ------------------------------------------------------------------------------------------------
-# The run: Section 5 for one domain, every seed and method, on DomainNet's files
-# ------------------------------------------------------------------------------------------------
+# ---- The run: Section 5 for one domain, every seed and method, on DomainNet's files --------------
 def domain_data(args, device):
     """Preflight of one domain before any work: the folders writable, the model names known, the
     split files read (`load_domain`), every image checked. Returns load_domain's dict, with the
@@ -1694,12 +1674,19 @@ def domain_data(args, device):
         except OSError as e:
             raise UserError(f"{flag} {folder} is not writable ({e.strerror}); pick another folder")
     data = load_domain(args.data_root, args.domain)
-    sizes = {name: len(i) for name, i in protocol_splits(len(data["test_labels"]), 0).items()}
-    if min(sizes.values()) == 0:
-        raise UserError(f"{args.domain}_test.txt lists {len(data['test_labels'])} images, too few: "
-                        f"the splits {sizes} must all be non-empty")
+    split_sizes(len(data["test_labels"]), os.path.join(args.data_root, f"{args.domain}_test.txt"))
     check_images(args.data_root, data["train_paths"] + data["test_paths"])
     return {**data, "images": image_stats_digest(args.data_root, data["train_paths"] + data["test_paths"])}
+
+
+def split_sizes(n_test, where):
+    """{hold_train, hold_val, test: images} of a D_test of `n_test` images (`protocol_splits`); a
+    UserError naming `where` (its split file) when one would be empty."""
+    sizes = {name: len(i) for name, i in protocol_splits(n_test, 0).items()}
+    if min(sizes.values()) == 0:
+        raise UserError(f"{where} lists {n_test} images, too few: the splits {sizes} must all be "
+                        f"non-empty")
+    return sizes
 
 
 HOOKS = {  # what w2s_clip_lab replaces to extend a run: other layouts, checks, models, images, CPE
@@ -1709,7 +1696,7 @@ HOOKS = {  # what w2s_clip_lab replaces to extend a run: other layouts, checks, 
     "datasets": image_datasets,  # (args, data, seed, train_tf, eval_tf) -> two Datasets
     "seed": None,  # (args, strong, data, splits, methods): before a seed's methods (CPE)
     "on_head": None,  # (strong, data, splits, weak_logits) -> run_method's on_head (CMM)
-    "after_seed": None,  # (args, seed, methods, settings, results): e.g. a box of the seed
+    "after_seed": None,  # (args, seed, methods, settings, results): a box of each seed run
 }
 
 
@@ -1741,6 +1728,9 @@ def run_experiment(args, hooks=HOOKS):
                                    on_head) for m in todo[seed]}
         if hooks["after_seed"]:
             hooks["after_seed"](args, seed, methods, settings, results)
+    if hooks["after_seed"] and not any(todo.values()):
+        for seed in args.seeds:  # what the runs hold, as the command that made them printed it
+            hooks["after_seed"](args, seed, methods, settings, {})
     if not any(todo.values()):
         print(f"all runs exist under {args.out_dir}/{args.domain}; --force recomputes them")
     print(seeds_table(args.out_dir, args.domain, args.seeds, methods, settings))
@@ -1791,7 +1781,8 @@ def seeds_table(out_dir, domain, seeds, methods, settings):
                 acc[m][s] = 100 * r["test_accuracy"]
     mean = {m: sum(a.values()) / len(a) for m, a in acc.items() if a}
     lines = [f"{domain}: accuracy on D'_test (%) per seed, mean and std over seeds, PGR of the means",
-             f"{'method':<14}" + "".join(f"{f'seed {s}':>8}" for s in seeds) + f"{'mean':>8}{'std':>6}{'PGR':>7}"]
+             f"{'method':<14}" + "".join(f"{f'seed {s}':>8}" for s in seeds)
+             + f"{'mean':>8}{'std':>6}{'PGR':>7}"]
     for m in (m for m in order if m in mean):
         values = list(acc[m].values())
         std = math.sqrt(sum((v - mean[m]) ** 2 for v in values) / max(1, len(values) - 1))
@@ -1802,9 +1793,7 @@ def seeds_table(out_dir, domain, seeds, methods, settings):
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------
-# The command line: flag types, the flags, and main
-# ------------------------------------------------------------------------------------------------
+# ---- The command line: flag types, the flags, and main -------------------------------------------
 def finite(text):
     """argparse type: a float that is neither NaN nor +-inf."""
     value = float(text)
@@ -1893,7 +1882,7 @@ def build_parser():
                            f"`{PACKAGE_COMMAND}`)")
     weak.add_argument("--no-weak-pretrained", dest="weak_pretrained", action="store_false",
                       help="random-init weak model instead of ImageNet weights (offline use)")
-    weak.add_argument("--weak-epochs", type=positive(int), default=3, help="weak fine-tuning epochs on D_train")
+    weak.add_argument("--weak-epochs", type=positive(int), default=3, help="weak fine-tuning epochs (paper)")
     weak.add_argument("--weak-lr", type=positive(float), default=1e-3, help="weak fine-tuning learning rate")
     weak.add_argument("--weak-micro-batch", type=positive(int), default=None, metavar="N",
                       help="run each weak-training batch of --batch-size in parts of N images, "
@@ -1927,7 +1916,7 @@ def build_parser():
     train.add_argument("--lr", type=positive(float), default=1e-2, help="head learning rate (AdamW)")
     train.add_argument("--text-lr", type=positive(float), default=1e-5,
                        help="learning rate of the text tower for cpl-text (Table 4)")
-    train.add_argument("--warmup-ratio", type=in_range(0, 1), default=0.1, help="linear warm-up share of steps")
+    train.add_argument("--warmup-ratio", type=in_range(0, 1), default=0.1, help="warm-up share (paper)")
     train.add_argument("--lr-schedule", choices=("linear", "cosine"), default="linear",
                        help="decay after warm-up, weak and strong: HF Trainer's default linear, or cosine")
     train.add_argument("--max-grad-norm", type=in_range(0, float("inf")), default=1.0,
@@ -1991,8 +1980,10 @@ def parse_args(argv=None, parser=None):
         p.error(f"argument --domain: {args.domain!r} is a path; a domain is one folder name under "
                 f"--data-root")
     if getattr(args, "dataset", "domainnet") == "domainnet" and args.domain not in DOMAINS:
+        other = ("--dataset officehome or folder" if hasattr(args, "dataset")
+                 else f"`{PACKAGE_COMMAND} --dataset officehome` or `folder`")
         p.error(f"argument --domain: invalid choice: {args.domain!r} (DomainNet has "
-                f"{', '.join(DOMAINS)}; other data: `{PACKAGE_COMMAND} --dataset folder`)")
+                f"{', '.join(DOMAINS)}; other data: {other})")
     return args
 
 

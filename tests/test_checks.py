@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import w2s_clip
-from w2s_clip_lab import checks, miniature
+from w2s_clip_lab import checks, miniature, run
 from conftest import CU130, cli_args, main_error
 
 
@@ -42,13 +42,13 @@ def test_cli_error_clip_checkpoint_not_loadable(demo, tmp_path, kind):
     ("auto", "cuda", (9, 0), "bf16"), ("auto", "cuda", (7, 0), "fp16"), ("auto", "cuda", (7, 5), "fp16"),
     ("fp32", "cuda", (8, 0), "fp32"), ("bf16", "cuda", (7, 0), "bf16")])
 def test_resolve_precision(requested, device, capability, expected):
-    assert checks.resolve_precision(requested, device, capability) == expected
+    assert w2s_clip.resolve_precision(requested, device, capability) == expected
 
 
 @pytest.mark.parametrize("requested", ["bf16", "fp16"])
 def test_half_precision_on_the_cpu_is_a_user_error(requested):
     with pytest.raises(w2s_clip.UserError, match=f"--precision {requested} needs a CUDA device"):
-        checks.resolve_precision(requested, "cpu")
+        w2s_clip.resolve_precision(requested, "cpu")
 
 
 @pytest.mark.parametrize("capability, arch_list, runs", [
@@ -67,7 +67,7 @@ def test_device_line_names_device_gpu_capability_and_precision():
     gpu = {"device": "cuda:0", "name": "NVIDIA A100-SXM4-40GB", "capability": "sm_80",
            "precision": "bf16"}
     assert checks.device_line(gpu) == "device: cuda:0, NVIDIA A100-SXM4-40GB, sm_80, bf16"
-    cpu = checks.hardware_report("cpu", "fp32")
+    _, _, cpu = checks.choose_device("cpu", "auto")
     assert checks.device_line(cpu) == "device: cpu, fp32"
     assert cpu["torch"] == torch.__version__ and cpu["threads"] == torch.get_num_threads()
 
@@ -84,8 +84,8 @@ def test_cpu_cost_warning_only_for_a_large_domain():
     (["--dataset", "folder", "--split-share", "0.5"], "--split-share applies to --dataset officehome only"),
     (["--split-seed", "3"], "--split-seed applies to --dataset officehome only")])
 def test_split_flags_that_would_empty_a_split_or_be_ignored_are_one_line(flags, fragment):
-    args = w2s_clip.parse_args(["--domain", "sketch", *flags])
+    args = w2s_clip.parse_args(["--domain", "sketch", *flags], run.build_parser())
     with pytest.raises(w2s_clip.UserError, match=fragment):
         checks.check_split_flags(args)
     checks.check_split_flags(w2s_clip.parse_args(["--dataset", "officehome", "--domain", "Art",
-                                                           "--split-share", "0.5"]))
+                                                  "--split-share", "0.5"], run.build_parser()))

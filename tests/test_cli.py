@@ -7,7 +7,6 @@ make targets, the import graph, and train_head against transformers' own Trainer
 import copy
 import csv
 import functools
-import inspect
 import math
 import json
 import os
@@ -19,8 +18,8 @@ import pytest
 import torch
 
 import w2s_clip
-from conftest import (HERE, assert_user_error, cli_args, corrupt_copy, main_error, run_cli,
-                      temp_files, trainer_fit, tree_state)
+from conftest import (FILE, HERE, PACKAGE, assert_user_error, cli_args, corrupt_copy, main_error,
+                      run_cli, temp_files, trainer_fit, tree_state)
 from w2s_clip_lab import miniature, run
 
 
@@ -376,7 +375,7 @@ def test_cli_error_image_listed_twice_in_a_split_file(demo, tmp_path):
     lines = split.read_text().splitlines()
     split.write_text("\n".join(lines + [lines[7], lines[3], lines[7]]) + "\n")
     main_error(cli_args(demo, data, tmp_path / "out", tmp_path / "cache"),
-               "sketch_train.txt", lines[3].split()[0], "3 repeated")
+               "sketch_train.txt:", lines[7].split()[0], "again (first at line 8)")
 
 
 def test_cli_error_images_in_both_train_and_test(demo, tmp_path):
@@ -441,8 +440,8 @@ def test_cli_rerun_after_damaged_caches_equals_an_undamaged_run(demo, tmp_path, 
     a warning, recomputes it, and its result equals that of a run in fresh folders."""
     args = lambda tag, method: cli_args(demo, demo / "data", tmp_path / tag / "out",
                                         tmp_path / tag / "cache", **{"--method": method})
-    w2s_clip.main(args("damaged", "weak"))
-    w2s_clip.main(args("damaged", "ce-lp"))  # the CLIP features are cached too
+    run.main(args("damaged", "weak"))
+    run.main(args("damaged", "ce-lp"))  # the CLIP features are cached too
     damaged = sorted(p for p in (tmp_path / "damaged" / "cache").glob("*.pt")
                      if not p.name.startswith("pixels-"))
     assert len(damaged) == 3  # weak model, weak logits, CLIP features
@@ -450,14 +449,14 @@ def test_cli_rerun_after_damaged_caches_equals_an_undamaged_run(demo, tmp_path, 
     for p in damaged + [pixels]:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
     capsys.readouterr()
-    w2s_clip.main(args("damaged", "cpl"))
+    run.main(args("damaged", "cpl"))
     err = capsys.readouterr().err
     assert "Traceback" not in err
     for p in damaged:
         assert f"warning: cache file {p} cannot be loaded" in err, p.name
         torch.load(p, weights_only=True)  # rewritten whole
     assert f"warning: cache file {pixels} is incomplete or damaged" in err
-    w2s_clip.main(args("clean", "cpl"))
+    run.main(args("clean", "cpl"))
     result = Path("sketch/cpl/seed0/results.json")
     redone, clean = (json.loads((tmp_path / t / "out" / result).read_text()) for t in ("damaged", "clean"))
     for key in ("test_accuracy", "per_class_accuracy", "weak_test_accuracy", "best_epoch", "curves"):
@@ -472,7 +471,7 @@ def test_make_clean_keeps_caches_runs_results_data_and_tables_installs_nothing()
     removed = [w for line in dry("clean").splitlines() if line.startswith("rm ") for w in line.split()[2:]]
     assert removed and not {"cache", "runs", "results", "data", "data/domainnet"} & set(removed)
     assert "pip" not in dry("tables")
-    assert any(line.startswith("matplotlib==") for line in (HERE / "requirements.txt").read_text().splitlines())
+    assert any(line.startswith("matplotlib==") for line in (HERE / "requirements-lab.txt").read_text().splitlines())
 
 
 def test_cli_non_finite_loss_is_one_line_naming_method_epoch_and_flag(demo, tmp_path):
@@ -624,25 +623,29 @@ def project_imports(path):
     return [(f, m) for f, m in found if m.split(".")[0] in ("w2s_clip", "w2s_clip_lab")]
 
 
-def test_the_method_imports_only_the_runner_in_main_and_the_package_runs_one_way():
-    """w2s_clip.py imports only torch, torchvision, open_clip, timm (and tqdm, which both of those
-    install) and the standard library at module level and the project only in `main` (the runner); in w2s_clip_lab no module imports
-    the runner and the imports among the files have no circle; at most three .py files at the
+def test_the_file_imports_nothing_of_the_project_and_the_package_builds_on_it():
+    """w2s_clip.py imports only torch, torchvision, open_clip, timm, tqdm, PIL and the standard
+    library, and nothing of the project anywhere (main included); in w2s_clip_lab the imports
+    have no circle and no module writes a second protocol loop (none calls protocol_splits or
+    run_method: the package's command runs the file's `run_experiment`); two .py files at the
     top; `import w2s_clip` loads nothing of the package; pyproject.toml packages both."""
-    import tomllib
-    tops = sorted(p.name for p in HERE.glob("*.py"))
-    assert tops == ["conftest.py", "test_w2s_clip.py", "w2s_clip.py"]
     import ast
-    allowed = {"torch", "torchvision", "open_clip", "timm", "tqdm"} | set(sys.stdlib_module_names)
-    for node in ast.parse((HERE / "w2s_clip.py").read_text()).body:
+    import tomllib
+    assert sorted(p.name for p in HERE.glob("*.py")) == ["test_w2s_clip.py", "w2s_clip.py"]
+    allowed = {"torch", "torchvision", "open_clip", "timm", "tqdm", "PIL"} | set(sys.stdlib_module_names)
+    tree = ast.parse((HERE / "w2s_clip.py").read_text())
+    for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
             assert {n.split(".")[0] for n in names} <= allowed, names
-    assert project_imports(HERE / "w2s_clip.py") == [("main", "w2s_clip_lab.runner")]
+    assert project_imports(HERE / "w2s_clip.py") == []
     package = sorted((HERE / "w2s_clip_lab").glob("*.py"))
     graph = {p.stem: {m.split(".")[1] for _, m in project_imports(p) if m.startswith("w2s_clip_lab.")}
              for p in package}
-    assert not any("runner" in deps for deps in graph.values())
+    for p in package:
+        called = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None)
+                  for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Call)}
+        assert not called & {"protocol_splits", "run_method"}, p.name
     done, path = set(), []
 
     def walk(name):  # depth first: a module met again on the current path closes a circle
@@ -663,17 +666,18 @@ def test_the_method_imports_only_the_runner_in_main_and_the_package_runs_one_way
     assert setup["py-modules"] == ["w2s_clip"] and setup["packages"] == ["w2s_clip_lab"]
 
 
-def test_w2s_clip_run_as_a_script_is_one_module(tmp_path):
-    """`python w2s_clip.py` loads no second copy of itself when the runner imports `w2s_clip`
-    (one UserError class, one registry): Python's import log names no module `w2s_clip`, and a
-    user's mistake caught in the runner still ends in its one line."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "w2s_clip.py", "--build-tables",
-                           "--out-dir", str(tmp_path / "none"), "--tables-dir", str(tmp_path / "t")],
+def test_python_w2s_clip_py_loads_nothing_of_the_package(tmp_path):
+    """`python w2s_clip.py` with the package beside it: Python's import log names no module of
+    w2s_clip_lab, and a user's mistake still ends in its one line."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "w2s_clip.py", "--data-root",
+                           str(tmp_path / "none"), "--device", "cpu", "--out-dir", str(tmp_path / "o"),
+                           "--cache-dir", str(tmp_path / "c"), "--weak-model", "test_resnet"],
                           cwd=HERE, capture_output=True, text=True, timeout=300)
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
                 if line.startswith("import time:")]
-    assert "w2s_clip_lab.runner" in imported and "w2s_clip" not in imported
-    assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith("error: ")
+    assert imported and not [m for m in imported if m.startswith("w2s_clip")], imported
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: data root")
 
 
 @pytest.mark.parametrize("flag, bad", [("--train-image-cache", "-3"), ("--train-image-cache", "x"),
@@ -685,3 +689,43 @@ def test_the_package_flags_refuse_bad_values_in_one_line(capsys, flag, bad):
         w2s_clip.parse_args([flag, bad], run.build_parser())
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith(f"error: argument {flag}: ") and len(err.splitlines()) == 1
+
+
+def test_the_file_and_the_package_give_the_same_numbers_and_share_runs_and_caches(demo, tmp_path):
+    """On a generated DomainNet-format folder, `python w2s_clip.py` and `python -m w2s_clip_lab.run`
+    (pixel caches on, thorough preflight, CMM and a box per seed added) write identical metrics
+    for weak, zero-shot, ceiling, kd-lp, ce-tp and cpl; and each finds the other's runs and caches
+    under the same keys: no "other settings" refusal, no cache entry computed again."""
+    methods = ["weak", "zero-shot", "ceiling", "kd-lp", "ce-tp", "cpl"]
+    env_log = tmp_path / "computed.log"
+    runs = {}
+    for name, entry in (("file", FILE), ("package", PACKAGE)):
+        args = cli_args(demo, demo / "data", tmp_path / name, tmp_path / f"cache-{name}",
+                        **{"--method": methods, "--tau-grid": ["0.01", "1"]})
+        proc = run_cli(args, entry)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = {m: json.loads((tmp_path / name / "sketch" / m / "seed0" / "results.json").read_text())
+                      for m in methods}
+    keys = ("test_accuracy", "weak_test_accuracy", "weak_label_accuracy_hold", "worst10_accuracy",
+            "per_class_accuracy", "agreement_with_weak", "predictions", "d_test_index", "tuned",
+            "curves", "settings", "settings_key")
+    for m in methods:
+        for key in keys:
+            assert runs["file"][m].get(key) == runs["package"][m].get(key), (m, key)
+    tuning = lambda r: [{k: v for k, v in row.items()} for row in r["tuning"]]  # noqa: E731
+    assert tuning(runs["file"]["cpl"]) == tuning(runs["package"]["cpl"])
+    assert "cmm" in runs["package"]["cpl"] and "cmm" not in runs["file"]["cpl"]  # the package adds its own
+    for out, cache, entry in (("file", "cache-file", PACKAGE), ("package", "cache-package", FILE)):
+        args = cli_args(demo, demo / "data", tmp_path / out, tmp_path / cache,
+                        **{"--method": methods, "--tau-grid": ["0.01", "1"]})
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "W2S_CLIP_CACHE_LOG": str(env_log)}
+        proc = subprocess.run([sys.executable, *entry, *args], cwd=HERE, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0 and "all runs exist" in proc.stdout, proc.stderr
+        fresh = tmp_path / f"again-{out}"
+        proc = subprocess.run([sys.executable, *entry, *cli_args(demo, demo / "data", fresh, tmp_path / cache,
+                                                                 **{"--method": ["weak", "cpl"]})],
+                              cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    computed = env_log.read_text().splitlines() if env_log.exists() else []
+    assert not [line for line in computed if "weak-" in line or "clip-" in line], computed

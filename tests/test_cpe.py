@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import w2s_clip
-from w2s_clip_lab import cpe, datasets, runner
+from w2s_clip_lab import cpe, datasets, run
 from conftest import (DEMO_NAMES, PROMPT_NAMES, assert_user_error, cli_args, planted_templates,
                       run_cli)
 
@@ -86,7 +86,7 @@ def test_cli_cpe_weights_use_no_true_label(demo, tmp_path, monkeypatch):
     to cpe_weights on the seed's hold-train features; a run with every D_test label scrambled records
     the same weights."""
     flags = {"--method": "zero-shot", "--prototype-init": "cpe", "--cpe-k": "2"}
-    w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "a", tmp_path / "c", **flags)])
+    run.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "a", tmp_path / "c", **flags)])
     r = json.loads((tmp_path / "a" / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
     assert r["cpe"]["k_worst"] == 2 and len(r["cpe"]["weights"]) == len(open_clip.OPENAI_IMAGENET_TEMPLATES)
     assert r["cpe"]["templates"][0] == open_clip.OPENAI_IMAGENET_TEMPLATES[0]("{}")
@@ -97,8 +97,8 @@ def test_cli_cpe_weights_use_no_true_label(demo, tmp_path, monkeypatch):
         data["test_labels"] = data["test_labels"][torch.randperm(len(data["test_labels"]),
                                                                  generator=torch.Generator().manual_seed(1))]
         return data
-    monkeypatch.setattr(runner, "load_domain", scrambled)  # as preflight calls it
-    w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "b", tmp_path / "c2", **flags)])
+    monkeypatch.setattr(datasets, "load_domain", scrambled)  # as preflight calls it
+    run.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / "b", tmp_path / "c2", **flags)])
     r2 = json.loads((tmp_path / "b" / "sketch" / "zero-shot" / "seed0" / "results.json").read_text())
     assert r2["cpe"]["weights"] == r["cpe"]["weights"]
 

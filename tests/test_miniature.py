@@ -198,7 +198,7 @@ def test_make_demo_refuses_a_folder_it_did_not_write(tmp_path, monkeypatch):
     (folder / "data").mkdir(parents=True)
     keep = folder / "data" / "sketch_train.txt"
     keep.write_text("sketch/cat/1.jpg 0\n")
-    proc = run("w2s_clip.py", "--make-demo", folder)
+    proc = run("-m", "w2s_clip_lab.run", "--make-demo", folder)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "did not write" in proc.stderr
     assert str(folder) in proc.stderr

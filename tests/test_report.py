@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import w2s_clip
-from w2s_clip_lab import files, miniature, report, store
+from w2s_clip_lab import files, miniature, report, run, store
 from conftest import (DEMO_NAMES, cli_args, good_result, main_error, put, run_cli, table_row,
                       temp_files, tree_state, write_result, write_result_with_settings)
 
@@ -70,7 +70,7 @@ def test_tables_group_a_sweep_by_the_setting_that_differs(demo, tmp_path):
     """Runs of one cell made with three τ (one out-dir each, under one folder): three rows of
     Table 2 named by τ, runs.csv with a tau column; CPL − weak with an interval in differences.md."""
     for tau in ("0.1", "0.3", "1"):
-        w2s_clip.main([str(a) for a in cli_args(
+        run.main([str(a) for a in cli_args(
             demo, demo / "data", tmp_path / "sweep" / tau, tmp_path / "cache",
             **{"--method": ["weak", "cpl"], "--tune": "none", "--tau": tau})])
     report.build_tables(tmp_path / "sweep", tmp_path / "tables")
@@ -296,14 +296,14 @@ def test_cli_truncated_results_json_is_named_and_redone(demo, tmp_path, capsys):
     """A truncated results.json: the same command names it and redoes the run (equal to the first
     result); --build-tables names and skips such a file; another setting is named when it differs."""
     args = cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache")
-    w2s_clip.main(args)
+    run.main(args)
     path = tmp_path / "out" / "sketch" / "cpl" / "seed0" / "results.json"
     first = json.loads(path.read_text())
     assert first["settings"]["tau"] == 1.0 and first["settings_key"] == store.settings_key(
         first["settings"])
     path.write_text(path.read_text()[:200])
     capsys.readouterr()
-    w2s_clip.main(args)
+    run.main(args)
     assert f"warning: {path} cannot be read" in capsys.readouterr().err
     redone = json.loads(path.read_text())
     for key in ("test_accuracy", "per_class_accuracy", "curves", "settings"):
@@ -314,7 +314,7 @@ def test_cli_truncated_results_json_is_named_and_redone(demo, tmp_path, capsys):
     weak = tmp_path / "out" / "sketch" / "weak" / "seed0" / "results.json"
     weak.parent.mkdir(parents=True)
     weak.write_text('{"domain": "sketch", "meth')
-    w2s_clip.main(["--build-tables", "--out-dir", str(tmp_path / "out"),
+    run.main(["--build-tables", "--out-dir", str(tmp_path / "out"),
                    "--tables-dir", str(tmp_path / "tables")])
     assert f"warning: {weak} cannot be read" in capsys.readouterr().err
     assert table_row((tmp_path / "tables" / "table2.md").read_text(), "cpl")[0].startswith(
@@ -326,7 +326,7 @@ def test_tables_list_every_method_found_in_the_results(tmp_path):
     the paper's rows and before the ceiling; its results are read like any other."""
     for method, acc in (("weak", 0.4), ("cpl", 0.5), ("skl-lp", 0.55), ("ceiling", 0.7)):
         write_result(tmp_path / "runs", "sketch", method, 0, acc, acc / 2)
-    w2s_clip.main(["--build-tables", "--out-dir", str(tmp_path / "runs"), "--tables-dir",
+    run.main(["--build-tables", "--out-dir", str(tmp_path / "runs"), "--tables-dir",
                    str(tmp_path / "t")])
     text = (tmp_path / "t" / "table2.md").read_text()
     names = [line.split("|")[1].strip() for line in text.split("\n\n")[1].splitlines()[2:]]
@@ -398,7 +398,7 @@ def test_tables_are_written_as_a_set_or_not_at_all(tmp_path, monkeypatch):
     user's own file in the folder is left alone."""
     out, tables = tmp_path / "runs", tmp_path / "tables"
     write_result(out, "sketch", "cpl", 0, 0.5, 0.2)
-    w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tables)])
+    run.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tables)])
     assert (tables / "figure2.csv").exists()
     (tables / "mine.md").write_text("a user's file")
     before = tree_state(tables)
@@ -417,7 +417,7 @@ def test_tables_are_written_as_a_set_or_not_at_all(tmp_path, monkeypatch):
     for path in out.rglob("results.json"):  # results without curves: no Figure 2
         r = json.loads(path.read_text())
         files.atomic_save({**r, "curves": []}, path)
-    w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tables)])
+    run.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tables)])
     assert "kd-lp" in (tables / "table2.md").read_text()
     assert not (tables / "figure2.csv").exists() and not (tables / "figure2.png").exists()
     assert (tables / "mine.md").read_text() == "a user's file"
@@ -457,7 +457,7 @@ def test_a_hand_edited_results_json_is_named_and_skipped_by_tables_and_box(tmp_p
     put(out, good_result("ceiling", acc=0.8))
     bad = store.result_path(out, "sketch", "cpl", 0)  # where the box looks for it
     files.atomic_save({**good_result("cpl"), **edit}, bad)
-    w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
+    run.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     err = capsys.readouterr().err
     assert f"warning: {bad} cannot be read as a results file" in err, err
     assert table_row((tmp_path / "t" / "table2.md").read_text(), "cpl")[0] == "— [64.01]"
@@ -527,7 +527,7 @@ def test_make_tables_over_a_folder_that_holds_the_ablations(tmp_path, capsys):
         put(out, good_result("cpl", seed, 0.5), "ablations/paper")
         put(out, good_result("cpl", seed, 0.9, cpl_kl="printed"), "ablations/cpl-kl=printed")
         put(out, good_result("kd-lp", seed, 0.4, cpl_kl="printed"), "ablations/cpl-kl=printed")
-    w2s_clip.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
+    run.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
     printed = capsys.readouterr().out
     assert printed.count("(same settings); counted once") == 2  # the paper folder: the same files
     assert "2 runs repeat another with all the settings they depend on" in printed  # kd-lp

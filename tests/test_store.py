@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import w2s_clip
-from w2s_clip_lab import checks, datasets, files, hf, runner, store
+from w2s_clip_lab import checks, datasets, files, hf, run, store
 from conftest import cli_args, corrupt_copy, folder_copy, good_result, main_error, varied_images
 
 
@@ -60,7 +60,7 @@ def test_folder_images_are_checked_once_per_data_folder(demo, tmp_path, monkeypa
     monkeypatch.setattr(store, "check_images",  # as check_images_once calls it
                         lambda r, p, **kw: calls.append(len(p)) or real(r, p, **kw))
     for seed in ("0", "1"):
-        w2s_clip.main([str(a) for a in cli_args(demo, root, tmp_path / "out", tmp_path / "cache",
+        run.main([str(a) for a in cli_args(demo, root, tmp_path / "out", tmp_path / "cache",
                                                  **{"--dataset": "folder", "--method": "weak",
                                                     "--seeds": seed})])
     assert calls == [(8 + 20) * 4]
@@ -129,14 +129,14 @@ def test_decodes_per_image_reach_one_with_the_caches(demo, tmp_path, monkeypatch
     (each image once); the weak logits are the same tensors."""
     decodes = []
     real = datasets.decode_image
-    for module in (datasets, store):  # ImageList's and the pixel cache's
+    for module in (w2s_clip, store):  # ImageList's and the pixel cache's
         monkeypatch.setattr(module, "decode_image", lambda path: decodes.append(path) or real(path))
     n_train, n_test, epochs, seeds = 8 * 4, 20 * 4, 2, 2
     logits = {}
     for name, flags in (("plain", ["--no-eval-image-cache"]),
                         ("cached", ["--train-image-cache", "1000"])):
         decodes.clear()
-        w2s_clip.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / name, tmp_path / f"c-{name}",
+        run.main([str(a) for a in cli_args(demo, demo / "data", tmp_path / name, tmp_path / f"c-{name}",
                                                 **{"--method": "weak", "--seeds": ["0", "1"],
                                                    "--weak-epochs": str(epochs)})] + flags)
         logits[name] = sorted((p.name, torch.load(p)) for p in (tmp_path / f"c-{name}").glob("*logits.pt"))
@@ -259,7 +259,7 @@ def test_a_result_written_meanwhile_with_other_settings_is_kept(demo, tmp_path, 
         if method == "cpl":
             files.atomic_save(foreign, path)
         return result
-    monkeypatch.setattr(runner, "run_method", concurrent)  # as run_and_save calls it
+    monkeypatch.setattr(w2s_clip, "run_method", concurrent)  # as run_and_save calls it
     main_error(cli_args(demo, demo / "data", out, cache, **{"--tune": "none"}),
                str(path), "another command", "lr: 123.0 -> 0.01")
     assert json.loads(path.read_text()) == foreign
@@ -393,7 +393,7 @@ def test_a_full_disk_when_saving_a_run_leaves_neither_its_log_nor_a_temporary_fi
         if Path(p).name == "head.pt":
             raise w2s_clip.UserError(f"no space left on {Path(p).parent} (writing head.pt)")
         return real(obj, p)
-    monkeypatch.setattr(store, "atomic_save", full)
+    monkeypatch.setattr(w2s_clip, "atomic_save", full)  # as save_run calls it
     with pytest.raises(w2s_clip.UserError, match="no space left"):
         store.save_run(path, good_result(), {"w": torch.zeros(1)}, {})
     assert sorted(p.name for p in path.parent.iterdir()) == [".results.json.lock"]
@@ -422,7 +422,7 @@ def test_a_full_disk_while_the_epochs_log_is_written_names_the_log(tmp_path, mon
 
         def __exit__(self, *exc):
             self.f.close()
-    monkeypatch.setattr(store, "open", lambda p, mode="r", **k: Full(builtins.open(p, mode, **k)),
+    monkeypatch.setattr(w2s_clip, "open", lambda p, mode="r", **k: Full(builtins.open(p, mode, **k)),
                         raising=False)
     with pytest.raises(w2s_clip.UserError, match="epochs.csv") as info:
         with store.epochs_log(path) as on_epoch:
@@ -442,7 +442,7 @@ def test_two_data_sets_in_one_out_dir_are_one_line_naming_the_difference(demo, t
     files.atomic_save(mine, path)
     before = path.read_bytes()
     main_error(cli_args(demo, demo / "data", out, tmp_path / "cache", **{"--method": "weak"}),
-               str(path), "other settings", "dataset: folder -> domainnet", "--out-dir")
+               str(path), "other settings", "dataset: folder -> (not set)", "--out-dir")
     assert path.read_bytes() == before
 
 

@@ -41,7 +41,7 @@ def test_missing_weight_offline_is_one_line_naming_make_weights_and_a_cached_one
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     args = cli_args(demo, demo / "data", tmp_path / "out", tmp_path / "cache",
                     **{"--clip-model": "ViT-B-32", "--clip-pretrained": "openai"})
-    proc = subprocess.run([sys.executable, "w2s_clip.py", *args], cwd=HERE, env=env,
+    proc = subprocess.run([sys.executable, "-m", "w2s_clip_lab.run", *args], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=300)
     assert_user_error(proc, tmp_path / "out", "--clip-pretrained openai", "ViT-B-32 weights",
                       "timm/vit_base_patch32_clip_224.openai", "make weights", "HF_HUB_OFFLINE=1")

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import w2s_clip
 from w2s_clip import (EpochSampler, ImageList, UserError, atomic_save,  # noqa: F401 (re-exported)
-                      classnames_from_splits, decode_image, file_digest, load_domain, make_loader,
-                      read_split_file)
+                      decode_image, file_digest, make_loader, read_split_file)
 
 def repeated(keys):
     """(index of the first occurrence, index of the second) of the earliest key in `keys` that
@@ -68,6 +68,20 @@ def same_name_folders(folders, where):
         raise UserError(f"{where}: class folders {a!r} and {b!r} both name the class "
                         f"{class_name(a)!r} (`_` is a space, case is ignored as CLIP's tokenizer "
                         f"ignores it); rename or merge one of them")
+
+
+def classnames_from_splits(paths, labels, source="split files"):
+    """`w2s_clip.classnames_from_splits` after `same_name_folders`: two class folders that name one
+    class are refused first, in one line naming both, whatever the order of the lines."""
+    same_name_folders({p.split("/")[-2] for p in paths}, source)
+    return w2s_clip.classnames_from_splits(paths, labels, source)
+
+
+def load_domain(data_root, domain, split_root=None):
+    """`w2s_clip.load_domain`, then the thorough checks of `check_identities`: the same dict."""
+    data = w2s_clip.load_domain(data_root, domain, split_root)
+    check_identities(data_root, domain, data, split_root)
+    return data
 
 
 def check_identities(data_root, domain, data, split_root=None):

@@ -16,7 +16,7 @@ import os
 import sys
 
 import w2s_clip
-from w2s_clip import LinearHead, UserError, load_domain, protocol_splits
+from w2s_clip import LinearHead, UserError
 from w2s_clip_lab import checks, datasets, store
 from w2s_clip_lab.cpe import cmm_reports, cpe_prototypes, read_class_descriptions
 from w2s_clip_lab.hf import load_weak_model
@@ -93,8 +93,7 @@ def preflight(args, device):
         if skipped:
             print(f"note: skipped {skipped} files that are not images by their extension, "
                   f"e.g. {first}", flush=True)
-    data = load_domain(args.data_root, args.domain, split_root)
-    datasets.check_identities(args.data_root, args.domain, data, split_root)
+    data = datasets.load_domain(args.data_root, args.domain, split_root)
     n_train, n_test = len(data["train_labels"]), len(data["test_labels"])
     warning = args.device is None and device == "cpu" and checks.cpu_cost_warning(
         n_train, n_test, len(args.seeds), args.weak_epochs)
@@ -108,10 +107,8 @@ def preflight(args, device):
     checks.check_writable(args.out_dir, "--out-dir")
     checks.check_writable(args.cache_dir, "--cache-dir")
     store.remove_stale_temps(args.cache_dir)  # left by a full disk or a killed run
-    sizes = {name: len(i) for name, i in protocol_splits(n_test, 0).items()}
-    if min(sizes.values()) == 0:
-        raise UserError(f"{args.data_root}/{args.domain}_test.txt lists {n_test} images, too few: "
-                        f"the splits {sizes} must all be non-empty")
+    sizes = w2s_clip.split_sizes(n_test, os.path.join(split_root or args.data_root,
+                                                      f"{args.domain}_test.txt"))
     if args.class_descriptions and args.prototype_init != "cpe":
         raise UserError("--class-descriptions enriches CPE's ensemble: add --prototype-init cpe")
     descriptions = (read_class_descriptions(args.class_descriptions, data["classnames"])

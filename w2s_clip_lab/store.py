@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 import w2s_clip
 from w2s_clip import (CLIP_SETTINGS, EPOCH_FIELDS, RUN_FLAGS, WEAK_SETTINGS,  # noqa: F401 (re-exported)
                       UserError, atomic_save, cache_key, check_images, decode_image, describe_difference,
-                      epochs_log, feature_stage, file_lock, image_stats_digest, log_computed,
+                      epochs_log, feature_stage, file_digest, file_lock, image_stats_digest, log_computed,
                       method_settings, pending_runs, progress, refuse_link, remove_stale_temps,
                       result_path, save_run, settings_key, temp_path, unused_flags, weak_stage)
 from w2s_clip_lab.checks import one_line
