@@ -1271,7 +1271,7 @@ def test_the_file_alone_stops_a_users_mistake_in_one_line(tmp_path, case):
         (data / "sketch" / "cat" / "test_002.png").write_text("not a png")
         fragments = ["sketch/cat/test_002.png is unreadable"]
     elif case == "unknown-domain":
-        flags, fragments = flags + ["--domain", "photos"], ["--domain", "'photos'", "w2s_clip_lab.run"]
+        flags, fragments = flags + ["--domain", "photos"], ["--domain photos", "w2s_clip_lab.run"]
     elif case == "unknown-method":
         flags, fragments = flags + ["--method", "lora"], ["--method", "'lora'"]
     elif case == "hf-weak-model":
@@ -1282,7 +1282,7 @@ def test_the_file_alone_stops_a_users_mistake_in_one_line(tmp_path, case):
         flags, fragments = flags + ["--device", "cuda"], ["--device cuda: not usable here"]
     elif case == "out-dir-is-a-file":
         (folder / "taken").write_text("")
-        flags, fragments = flags + ["--out-dir", "taken"], ["--out-dir taken is not writable"]
+        flags, fragments = flags + ["--out-dir", "taken"], ["--out-dir taken is a file, not a folder"]
     proc = run_alone(folder, *flags)
     one_line_error(proc, *fragments)
     assert not (folder / "runs").exists() or not list((folder / "runs").rglob("results.json"))

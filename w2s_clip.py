@@ -443,8 +443,7 @@ def load_clip(model_name, pretrained, device="cpu"):
         cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a random-init model is then the same model in every run
-            if not pretrained:  # asked for: open_clip's "no pretrained weights" warning is noise
-                logging.disable(logging.WARNING)
+            logging.disable(logging.ERROR)  # its warnings and errors: the UserError below says it
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=pretrained, force_quick_gelu=cfg.get("quick_gelu", False))
@@ -452,8 +451,9 @@ def load_clip(model_name, pretrained, device="cpu"):
                 logging.disable(logging.NOTSET)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
             pickle.UnpicklingError) as e:  # no network, bad tag, config or checkpoint file
-        raise UserError(f"cannot load open_clip {name} with weights {pretrained}: "
-                        f"{str(e).splitlines()[0]}; check the network or the --clip-* flags")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"cannot load open_clip {name} with weights {pretrained}: {reason}; check "
+                        f"the network or the --clip-* flags") from None
     return model.to(device).eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
 
 
@@ -1330,7 +1330,7 @@ def load_cache(path):
             return json.loads(Path(path).read_text())
         return torch.load(path, weights_only=True)
     except Exception as e:  # any failure to read derived data means: compute it again
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:120]
         print(f"warning: cache file {path} cannot be loaded ({reason}); recomputing it",
               file=sys.stderr, flush=True)
         return None
@@ -1339,10 +1339,13 @@ def load_cache(path):
 def cached(path, compute, force=False):
     """Load `path` if it exists and loads (and not `force`), else compute it under a lock, save it
     whole and return it: a second process asking for the same entry waits, then loads it."""
-    obj = load_cache(path) if os.path.exists(path) and not force else None
+    stamp = lambda: os.stat(path).st_mtime_ns if os.path.exists(path) else None  # noqa: E731
+    seen = stamp()
+    obj = load_cache(path) if seen is not None and not force else None
     if obj is None:
         with file_lock(path):
-            obj = load_cache(path) if os.path.exists(path) and not force else None  # written meanwhile?
+            if stamp() not in (None, seen) and not force:  # written meanwhile by another process
+                obj = load_cache(path)
             if obj is None:
                 obj = compute()
                 atomic_save(obj, path)
@@ -1416,12 +1419,17 @@ def flag_defaults():
     return json.dumps({k: v for k, v in vars(parse_args([])).items() if k not in RUN_FLAGS}, default=str)
 
 
+def filled_settings(settings):
+    """`settings` with each flag of this file it lacks (one newer than its results.json) at its default."""
+    return {**json.loads(flag_defaults()), **settings}
+
+
 def method_settings(method, settings):
-    """The part of `settings` (run_settings' dict) that `method`'s result depends on; a flag this
-    file has and the dict lacks (an older file) counts at its default. A hash (str) is returned."""
+    """The part of `settings` (run_settings' dict) that `method`'s result depends on, filled
+    (`filled_settings`). A hash (str, an older results.json) is returned as it is."""
     if not isinstance(settings, dict):
         return settings
-    filled = {**json.loads(flag_defaults()), **settings}
+    filled = filled_settings(settings)
     if method == "weak":
         return {k: v for k, v in filled.items() if k in WEAK_SETTINGS}
     return {k: v for k, v in filled.items() if k not in unused_flags(method)}
@@ -1433,6 +1441,15 @@ def settings_key(settings, method=None):
     if isinstance(settings, dict):
         return cache_key(**(method_settings(method, settings) if method else settings))
     return settings if isinstance(settings, str) else None
+
+
+def same_settings(old, new, method):
+    """Whether a result made with settings `old` is valid under `new` for `method`: the settings it
+    depends on agree (an older results.json's `old`, a hash of all its settings, against all of `new`)."""
+    if isinstance(old, str):
+        return old == settings_key(new)
+    key = settings_key(old, method)
+    return key is not None and key == settings_key(new, method)
 
 
 def describe_difference(old, new, method=None):
@@ -1468,7 +1485,7 @@ def weak_stage(args, data, seed, device, precision, settings, create=create_weak
         (logits [n_test, k], history: the training's rows per epoch, or None from an older cache).
     """
     key = cache_key(**method_settings("weak", settings), k=len(data["classnames"]), seed=seed,
-                    images=data.get("images"))
+                    images=data["images"])
     name = args.weak_model.replace(":", "-").replace("/", "-")
     stem = Path(args.cache_dir) / f"weak-{args.domain}-{name}-seed{seed}-{key}"
     history_path, history = Path(f"{stem}-history.json"), []
@@ -1489,7 +1506,11 @@ def weak_stage(args, data, seed, device, precision, settings, create=create_weak
         model.load_state_dict(cached(f"{stem}-model.pt", train, args.force))
         return predict_logits(model, make_loader(eval_set, args.batch_size, device, args.workers),
                               device)
-    logits = cached(f"{stem}-logits.pt", train_and_label, args.force)
+    try:
+        logits = cached(f"{stem}-logits.pt", train_and_label, args.force)
+    except FloatingPointError as e:
+        raise UserError(f"{args.domain} seed {seed} weak: {e}; lower --weak-lr (now "
+                        f"{args.weak_lr:g})") from None
     return logits, (history or (load_cache(history_path) if history_path.exists() else None))
 
 
@@ -1499,7 +1520,7 @@ def feature_stage(args, data, device, precision, settings):
     pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
     clip_model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
     key = cache_key(**{k: settings[k] for k in CLIP_SETTINGS}, transform=repr(preprocess),
-                    images=data.get("images"))
+                    images=data["images"])
     path = Path(args.cache_dir) / f"clip-{args.domain}-{Path(args.clip_model).stem}-{key}.pt"
     loader = make_loader(ImageList(args.data_root, data["test_paths"], data["test_labels"], preprocess),
                          args.batch_size, device, args.workers)
@@ -1535,7 +1556,7 @@ def pending_runs(args, methods, settings):
         for m in methods:
             path = result_path(args.out_dir, args.domain, m, seed)
             old = read_result(path, "the run is redone") if path.exists() and not args.force else None
-            if old is not None and settings_key(old.get("settings"), m) != settings_key(settings, m):
+            if old is not None and not same_settings(old.get("settings"), settings, m):
                 changed = describe_difference(old.get("settings"), settings, m)
                 raise UserError(f"{path} was made with other settings ({changed}); pass --force to "
                                 f"replace it or use another --out-dir")
@@ -1586,8 +1607,7 @@ def save_run(path, result, head, settings, force=False):
                 refuse_link(path.with_name(name))
             other = read_result(path, "replaced") if path.exists() else None
             method = result["method"]
-            if (other is not None and not force
-                    and settings_key(other.get("settings"), method) != settings_key(settings, method)):
+            if other is not None and not force and not same_settings(other.get("settings"), settings, method):
                 raise UserError(f"{path} was written by another command meanwhile, with other "
                                 f"settings ({describe_difference(other.get('settings'), settings, method)}"
                                 f"); kept it: rerun with another --out-dir")
@@ -1628,6 +1648,8 @@ def choose_device(requested, precision):
         if dev.type == "meta":
             raise RuntimeError("the meta device holds no data")
         torch.zeros(1, device=dev)
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)  # the current device: pinned memory, streams, current_device()
     except (RuntimeError, AssertionError, NotImplementedError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
         raise UserError(f"--device {requested}: not usable here ({reason}); pass --device cpu, "
@@ -1653,9 +1675,12 @@ def device_line(report):
 
 # ---- The run: Section 5 for one domain, every seed and method, on DomainNet's files --------------
 def domain_data(args, device):
-    """Preflight of one domain before any work: the folders writable, the model names known, the
-    split files read (`load_domain`), every image checked. Returns load_domain's dict, with the
-    images' `image_stats_digest` (part of the cache keys)."""
+    """Preflight of one DomainNet domain before any work: the model names and files known, the
+    folders writable, the split files read (`load_domain`), every image checked. Returns
+    load_domain's dict with the images' `image_stats_digest` (part of the cache keys)."""
+    if args.domain not in DOMAINS:
+        raise UserError(f"--domain {args.domain}: DomainNet has {', '.join(DOMAINS)}; other data: "
+                        f"`{PACKAGE_COMMAND} --dataset officehome` or `folder`")
     if args.weak_model.startswith("hf:"):
         raise UserError(f"--weak-model {args.weak_model}: Hugging Face weak models are "
                         f"w2s_clip_lab's; run `{PACKAGE_COMMAND}` with the same flags")
@@ -1663,20 +1688,37 @@ def domain_data(args, device):
     import timm
     if not timm.is_model(args.weak_model):
         raise UserError(f"--weak-model {args.weak_model}: not a timm model (timm.list_models())")
-    if not args.clip_model.endswith(".json") and args.clip_model not in open_clip.list_models():
-        raise UserError(f"--clip-model {args.clip_model}: not an open_clip model (list_models())")
-    for folder, flag in ((args.out_dir, "--out-dir"), (args.cache_dir, "--cache-dir")):
-        try:
-            os.makedirs(folder, exist_ok=True)
-            probe = Path(folder) / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"{flag} {folder} is not writable ({e.strerror}); pick another folder")
+    json_config = args.clip_model.endswith(".json")
+    if (json_config and not os.path.isfile(args.clip_model)) or (
+            not json_config and args.clip_model not in open_clip.list_models()):
+        raise UserError(f"--clip-model {args.clip_model}: neither an open_clip model name "
+                        f"(open_clip.list_models()) nor an open_clip JSON config file")
+    weights = args.clip_pretrained
+    if (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))) and not (
+            os.path.isfile(weights)):
+        raise UserError(f"--clip-pretrained {weights}: no such checkpoint file")
+    check_writable(args.out_dir, "--out-dir")
+    check_writable(args.cache_dir, "--cache-dir")
     data = load_domain(args.data_root, args.domain)
     split_sizes(len(data["test_labels"]), os.path.join(args.data_root, f"{args.domain}_test.txt"))
     check_images(args.data_root, data["train_paths"] + data["test_paths"])
     return {**data, "images": image_stats_digest(args.data_root, data["train_paths"] + data["test_paths"])}
+
+
+def check_writable(folder, flag):
+    """Stop early, naming `flag`, if `folder` cannot be created or written (a file, a full disk)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file, not a folder; pick a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = Path(folder) / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{flag} {folder}: no space left on {folder}; free some space or pick "
+                            f"another folder") from None
+        raise UserError(f"{flag} {folder} is not writable ({e.strerror}); pick another folder") from None
 
 
 def split_sizes(n_test, where):
@@ -1689,63 +1731,62 @@ def split_sizes(n_test, where):
     return sizes
 
 
-HOOKS = {  # what w2s_clip_lab replaces to extend a run: other layouts, checks, models, images, CPE
-    "data": domain_data,  # (args, device) -> load_domain's dict after the preflight
-    "settings": run_settings,  # (args, data, device, precision) -> the settings of every result
+HOOKS = {  # the stages w2s_clip_lab replaces to extend a run: layouts, checks, models, images, CPE
+    "data": domain_data,  # (args, device) -> load_domain's dict with "images", after the preflight
+    "settings": run_settings,  # (args, data, device, precision) -> run_settings' dict (CLIP_SETTINGS)
     "weak_model": create_weak_model,  # (name, k, pretrained) -> (model, train and eval transforms)
     "datasets": image_datasets,  # (args, data, seed, train_tf, eval_tf) -> two Datasets
     "seed": None,  # (args, strong, data, splits, methods): before a seed's methods (CPE)
     "on_head": None,  # (strong, data, splits, weak_logits) -> run_method's on_head (CMM)
-    "after_seed": None,  # (args, seed, methods, settings, results): a box of each seed run
+    "after_seed": None,  # (args, seed, methods, settings, results of this command): a box per seed
 }
 
 
-def run_experiment(args, hooks=HOOKS):
-    """The paper's protocol for one domain (Section 5): for each seed the splits (step 0), the weak
-    model and its logits (steps 1-2), then every requested method (steps 3-5) on CLIP features
-    computed once; each result saved as it finishes; finished runs are kept; then a table of the
-    seeds. `hooks` (HOOKS) are the stages another entry point may replace."""
+def run_experiment(args, hooks=None):
+    """The paper's protocol for one domain (Section 5), every seed: the splits (step 0), the weak
+    model and its logits (steps 1-2), every requested method (steps 3-5) on CLIP features computed
+    once, each result saved as it finishes; finished runs are kept; then a table of the seeds.
+    `hooks` ({name: function}, HOOKS) replace the stages another entry point extends."""
+    hooks = {**HOOKS, **(hooks or {})}
     methods = list(dict.fromkeys(m for name in args.method for m in METHOD_GROUPS.get(name, [name])))
     device, precision, hardware = choose_device(args.device, args.precision)
     print(device_line(hardware), flush=True)
-    data = hooks["data"](args, device)
+    data = hooks["data"](args, device)  # D_train and D_test, checked
     settings = hooks["settings"](args, data, device, precision)
-    todo, strong = pending_runs(args, methods, settings), None
-    for seed in (seed for seed, seed_methods in todo.items() if seed_methods):
-        splits = protocol_splits(len(data["test_labels"]), seed)
-        try:
-            weak = weak_stage(args, data, seed, device, precision, settings, hooks["weak_model"],
-                              hooks["datasets"])
-        except FloatingPointError as e:
-            raise UserError(f"{args.domain} seed {seed} weak: {e}; lower --weak-lr (now "
-                            f"{args.weak_lr:g})") from None
-        if strong is None and set(todo[seed]) - {"weak"}:
-            strong = feature_stage(args, data, device, precision, settings)
-        if hooks["seed"] and strong is not None:
-            hooks["seed"](args, strong, data, splits, todo[seed])
-        on_head = hooks["on_head"] and strong and hooks["on_head"](strong, data, splits, weak[0])
-        results = {m: run_and_save(m, seed, args, data, splits, weak, strong, settings, hardware,
-                                   on_head) for m in todo[seed]}
+    todo = pending_runs(args, methods, settings)  # {seed: methods}: finished runs are kept
+    strong = None  # CLIP, its tokenizer and D_test's image features: once, before any training
+    if any(set(pending) - {"weak"} for pending in todo.values()):
+        strong = feature_stage(args, data, device, precision, settings)
+    for seed in args.seeds:
+        results = {}
+        if todo[seed]:
+            splits = protocol_splits(len(data["test_labels"]), seed)  # step 0
+            weak_logits, history = weak_stage(args, data, seed, device, precision, settings,
+                                              hooks["weak_model"], hooks["datasets"])  # steps 1-2
+            if hooks["seed"] and strong:
+                hooks["seed"](args, strong, data, splits, todo[seed])
+            on_head = strong and hooks["on_head"] and hooks["on_head"](strong, data, splits, weak_logits)
+            results = {m: run_and_save(m, seed, args, data, splits, weak_logits, history, strong,
+                                       settings, hardware, on_head or None) for m in todo[seed]}  # steps 3-5
         if hooks["after_seed"]:
             hooks["after_seed"](args, seed, methods, settings, results)
-    if hooks["after_seed"] and not any(todo.values()):
-        for seed in args.seeds:  # what the runs hold, as the command that made them printed it
-            hooks["after_seed"](args, seed, methods, settings, {})
     if not any(todo.values()):
         print(f"all runs exist under {args.out_dir}/{args.domain}; --force recomputes them")
     print(seeds_table(args.out_dir, args.domain, args.seeds, methods, settings))
 
 
-def run_and_save(method, seed, args, data, splits, weak, strong, settings, hardware, on_head=None):
+def run_and_save(method, seed, args, data, splits, weak_logits, history, strong, settings, hardware,
+                 on_head=None):
     """One method on one seed (`run_method`), its epochs logged as training goes, its results,
-    head and log saved together (`save_run`) with what made them; returns the results."""
+    head and log saved together (`save_run`) with what made them (`history`: the weak model's
+    training rows, kept with the weak run); returns the results."""
     device = hardware["device"]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     start, path = time.time(), result_path(args.out_dir, args.domain, method, seed)
     try:
         with epochs_log(path) as on_epoch:
-            result = run_method(method, args, data, splits, weak[0], strong, seed, on_epoch, on_head)
+            result = run_method(method, args, data, splits, weak_logits, strong, seed, on_epoch, on_head)
     except FloatingPointError as e:
         raise UserError(f"{args.domain} seed {seed} {method}: {e}; lower --lr (now {args.lr:g}) or "
                         f"check --tau-grid, --cpl-logit-scale, --kd-temperature-grid") from None
@@ -1753,7 +1794,7 @@ def run_and_save(method, seed, args, data, splits, weak, strong, settings, hardw
         print(f"warning: {args.domain} seed {seed} {method}: {warning}", file=sys.stderr, flush=True)
     head = result.pop("_head", None)
     if method == "weak":
-        result["weak_training"] = weak[1]  # per epoch; None from an older cache
+        result["weak_training"] = history  # per epoch; None from an older cache
     result.update(domain=args.domain, method=method, seed=seed, classnames=data["classnames"],
                   hardware=hardware, n_weak_train=len(data["train_labels"]),
                   **{f"n_{s}": len(i) for s, i in splits.items()}, seconds=time.time() - start,
@@ -1768,28 +1809,29 @@ def run_and_save(method, seed, args, data, splits, weak, strong, settings, hardw
 
 
 def seeds_table(out_dir, domain, seeds, methods, settings):
-    """The D'_test accuracy (%) of each method (weak first, the ceiling last) per seed, their mean
-    ± std over seeds and the PGR of the means (Burns et al. 2023), from the results.json files
-    made with `settings`; a run not there is `-`."""
+    """The D'_test accuracy (%) of each method (weak first, the ceiling last) per seed, its mean and
+    std over seeds, and the PGR (Burns et al. 2023) of the means over the seeds where weak, the
+    method and the ceiling all have a run; from the results.json files made with `settings`."""
     order = ["weak", *[m for m in methods if m not in ("weak", "ceiling")], "ceiling"]
     acc = {m: {} for m in order}
     for m in order:
         for s in seeds:
             path = result_path(out_dir, domain, m, s)
             r = read_result(path, "left out of the table") if path.exists() else None
-            if r is not None and settings_key(r.get("settings"), m) == settings_key(settings, m):
+            if r is not None and same_settings(r.get("settings"), settings, m):
                 acc[m][s] = 100 * r["test_accuracy"]
-    mean = {m: sum(a.values()) / len(a) for m, a in acc.items() if a}
+    mean = lambda m, over: sum(acc[m][s] for s in over) / len(over)  # noqa: E731
     lines = [f"{domain}: accuracy on D'_test (%) per seed, mean and std over seeds, PGR of the means",
              f"{'method':<14}" + "".join(f"{f'seed {s}':>8}" for s in seeds)
              + f"{'mean':>8}{'std':>6}{'PGR':>7}"]
-    for m in (m for m in order if m in mean):
+    for m in (m for m in order if acc[m]):
         values = list(acc[m].values())
-        std = math.sqrt(sum((v - mean[m]) ** 2 for v in values) / max(1, len(values) - 1))
-        gap = "" if m in ("weak", "ceiling") or not {"weak", "ceiling"} <= mean.keys() else (
-            f"{pgr(mean['weak'], mean[m], mean['ceiling']):7.2f}")
+        both = [s for s in acc[m] if s in acc["weak"] and s in acc["ceiling"]]  # PGR's seeds
+        std = math.sqrt(sum((v - mean(m, acc[m])) ** 2 for v in values) / max(1, len(values) - 1))
+        gap = ("" if m in ("weak", "ceiling") or not both
+               else f"{pgr(mean('weak', both), mean(m, both), mean('ceiling', both)):7.2f}")
         lines.append(f"{m:<14}" + "".join(f"{acc[m][s]:8.2f}" if s in acc[m] else f"{'-':>8}" for s in seeds)
-                     + f"{mean[m]:8.2f}{std:6.2f}{gap}")
+                     + f"{mean(m, acc[m]):8.2f}{std:6.2f}" + gap.replace("nan", "n/a"))
     return "\n".join(lines)
 
 
@@ -1972,18 +2014,14 @@ def build_parser():
 
 def parse_args(argv=None, parser=None):
     """The flags of `argv` (default sys.argv) by `parser` (default `build_parser()`); a domain
-    typed as a path (`sketch/`) is its name, a real path is refused in one line."""
+    typed as a path (`sketch/`) is its name, a real path is refused in one line (a DomainNet
+    domain name is checked by `domain_data`)."""
     p = parser or build_parser()
     args = p.parse_args(argv)
     args.domain = args.domain.rstrip("/").removeprefix("./")  # `sketch/` from tab completion
     if "/" in args.domain or args.domain in ("", ".", ".."):  # a name: paths go to --data-root
         p.error(f"argument --domain: {args.domain!r} is a path; a domain is one folder name under "
                 f"--data-root")
-    if getattr(args, "dataset", "domainnet") == "domainnet" and args.domain not in DOMAINS:
-        other = ("--dataset officehome or folder" if hasattr(args, "dataset")
-                 else f"`{PACKAGE_COMMAND} --dataset officehome` or `folder`")
-        p.error(f"argument --domain: invalid choice: {args.domain!r} (DomainNet has "
-                f"{', '.join(DOMAINS)}; other data: {other})")
     return args
 
 
@@ -1999,11 +2037,17 @@ def main(argv=None, parser=None, run=run_experiment):
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
         sys.exit(130)
-    except OSError as e:  # a full disk outside atomic_save
+    except torch.OutOfMemoryError:
+        sys.exit(f"error: out of GPU memory on {args.device or 'cuda'}; pass --weak-micro-batch 128 "
+                 f"(the same weak-training step in parts) or, changing the setting, a smaller --batch-size")
+    except OSError as e:  # a full disk outside atomic_save, a file it may not read
+        where = e.filename or f"{args.out_dir} or {args.cache_dir}"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            sys.exit(f"error: permission denied on {where}; check its permissions")
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        sys.exit(f"error: no space left on {e.filename or f'{args.out_dir} or {args.cache_dir}'} "
-                 f"({e.strerror}); free some space and run the command again")
+        sys.exit(f"error: no space left on {where} ({e.strerror}); free some space and run the "
+                 f"command again")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Each mistake becomes one line naming the flag or file and what to do (a `UserErr
 changes a result.
 """
 import argparse
-import errno
 import json
 import logging
 import math
@@ -15,8 +14,8 @@ import warnings
 from pathlib import Path
 
 
-from w2s_clip import (UserError, check_images, choose_device, device_line,  # noqa: F401 (re-exported)
-                      gpu_build_problem)
+from w2s_clip import (UserError, check_images, check_writable, choose_device,  # noqa: F401 (re-exported)
+                      device_line, gpu_build_problem)
 from w2s_clip_lab.hf import check_hf_weak_model, import_transformers
 from w2s_clip_lab.weights import offline_problem
 
@@ -121,11 +120,6 @@ def check_clip_files(model_name, pretrained):
         logging.disable(logging.NOTSET)
 
 
-# ------------------------------------------------------------------------------------------------
-# The device and its precision
-# ------------------------------------------------------------------------------------------------
-
-
 def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):
     """A `warning:` line for a large domain about to run on the CPU, with its rough cost from the
     slowest 2-core CPU rates `make bench` gave (13.8 CLIP images/s, 9.4 weak training images/s;
@@ -140,7 +134,7 @@ def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):
 
 
 # ------------------------------------------------------------------------------------------------
-# Folders and notes, checked and printed before a run (the runner's preflight)
+# Notes and flags, checked and printed before a run (the package's preflight, run.py)
 # ------------------------------------------------------------------------------------------------
 def small_test_note(n, limit=1000):
     """A note when D'_test (n images) is too small to rank methods a few points apart: one image
@@ -150,22 +144,6 @@ def small_test_note(n, limit=1000):
     return (f"note: D'_test has {n} images per seed: one image is {100 / n:.2f} points and an "
             f"accuracy near 50% has a standard error of ±{50 / math.sqrt(n):.1f} points, so "
             f"methods a few points apart are not ranked by one seed (more test images or seeds)")
-
-
-def check_writable(folder, flag):
-    """Stop early if `folder` cannot be created or written."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"{flag} {folder} is a file, not a folder; pick a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = Path(folder) / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{flag} {folder}: no space left on {folder}; free some space or pick "
-                            f"another folder")
-        raise UserError(f"{flag} {folder} is not writable ({e.strerror}); pick another folder")
 
 
 def check_split_flags(args):

@@ -82,6 +82,9 @@ def preflight(args, device):
     the class descriptions, every image's header once per data folder (a stamp in --cache-dir).
     Returns load_domain's dict, with `images` and `descriptions`."""
     checks.check_split_flags(args)
+    if args.dataset == "domainnet" and args.domain not in w2s_clip.DOMAINS:
+        raise UserError(f"--domain {args.domain}: DomainNet has {', '.join(w2s_clip.DOMAINS)}; "
+                        f"another data set needs --dataset officehome or folder")
     split_root = None
     if args.dataset != "domainnet":  # another layout: DomainNet-format split files written first
         checks.check_writable(args.out_dir, "--out-dir")

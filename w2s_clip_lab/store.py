@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import w2s_clip
 from w2s_clip import (CLIP_SETTINGS, EPOCH_FIELDS, RUN_FLAGS, WEAK_SETTINGS,  # noqa: F401 (re-exported)
-                      UserError, atomic_save, cache_key, check_images, decode_image, describe_difference,
-                      epochs_log, feature_stage, file_digest, file_lock, image_stats_digest, log_computed,
-                      method_settings, pending_runs, progress, refuse_link, remove_stale_temps,
-                      result_path, save_run, settings_key, temp_path, unused_flags, weak_stage)
+                      UserError, atomic_save, cache_key, check_images, decode_image,
+                      describe_difference, epochs_log, feature_stage, file_digest, file_lock,
+                      filled_settings, image_stats_digest, log_computed, method_settings,
+                      pending_runs, progress, refuse_link, remove_stale_temps, result_path,
+                      same_settings, save_run, settings_key, temp_path, unused_flags, weak_stage)
 from w2s_clip_lab.checks import one_line
 
 
@@ -237,20 +238,6 @@ def run_settings(args, data, device, precision="fp32"):
     if args.weak_model.startswith("hf:") and os.path.isdir(args.weak_model[3:]):  # a local folder
         flags["weak_model"] = "hf:" + os.path.realpath(args.weak_model[3:])
     return flags
-
-
-def filled_settings(settings):
-    """`settings` with each flag of w2s_clip.py it lacks (one newer than its file) at its default."""
-    return {**json.loads(w2s_clip.flag_defaults()), **settings}
-
-
-def same_settings(old, new, method):
-    """Whether a result made with settings `old` is valid under `new` for `method`: the settings
-    it depends on agree (an older file's `old`, a hash of all its settings, against all of `new`)."""
-    if isinstance(old, str):
-        return old == settings_key(new)
-    key = settings_key(old, method)
-    return key is not None and key == settings_key(new, method)
 
 
 # ------------------------------------------------------------------------------------------------
