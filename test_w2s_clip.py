@@ -1286,3 +1286,43 @@ def test_the_file_alone_stops_a_users_mistake_in_one_line(tmp_path, case):
     proc = run_alone(folder, *flags)
     one_line_error(proc, *fragments)
     assert not (folder / "runs").exists() or not list((folder / "runs").rglob("results.json"))
+
+
+def record_disk_events(monkeypatch):
+    """Patch os.fsync and os.replace to log ("fsync", path) and ("replace", src, dst) in order (a
+    descriptor's path read from /proc), doing what they do."""
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return replace(src, dst)
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    return events
+
+
+def test_every_write_is_flushed_then_renamed_then_its_folder_flushed(tmp_path, monkeypatch):
+    """atomic_save (results, caches) and save_run (head.pt, results.json, epochs.csv): each file's
+    data reach the disk before its rename, and the folder's entry after it, so that a node losing
+    power leaves the old file or the new one, whole, never an empty or truncated one."""
+    events = record_disk_events(monkeypatch)
+    path = tmp_path / "cache" / "x.pt"
+    w2s_clip.atomic_save({"a": torch.ones(3)}, path)
+    (kind, tmp), rename, folder = events
+    assert kind == "fsync" and rename == ("replace", tmp, str(path.resolve()))
+    assert folder == ("fsync", str(path.parent.resolve())) and torch.load(path)["a"].sum() == 3
+    events.clear()
+    result = w2s_clip.result_path(tmp_path / "runs", "sketch", "cpl", 0)
+    with w2s_clip.epochs_log(result) as on_epoch:
+        on_epoch({"epoch": 1, "step": 2, "loss": 0.5})
+    w2s_clip.save_run(result, {"method": "cpl", "test_accuracy": 0.5, "settings": {}},
+                      {"prototypes": torch.zeros(2, 3)}, {})
+    renamed = [e[2].rsplit("/", 1)[1] for e in events if e[0] == "replace"]
+    assert renamed == ["head.pt", "results.json", "epochs.csv"]
+    for i, e in enumerate(events):
+        if e[0] == "replace":
+            assert events[i - 1] == ("fsync", e[1]) and events[i + 1] == ("fsync", str(result.parent.resolve()))

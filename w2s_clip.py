@@ -1275,10 +1275,26 @@ def refuse_link(path):
                         f"replaced or written through; remove the link or write elsewhere")
 
 
+def fsync_path(path):
+    """Flush a file's data, or a folder's entries (a rename), to the disk, so that a node losing
+    power keeps them; a file system that refuses (some network mounts) is tolerated."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj, path):
-    """torch.save (JSON for a .json path; str or bytes as they are) to a temporary file renamed into
-    place: `path` is whole or absent. A failed write leaves no temporary file; a full disk or an
-    unwritable folder is a UserError naming it."""
+    """torch.save (JSON for a .json path; str or bytes as they are) to a temporary file, flushed to
+    disk, renamed into place, the folder flushed: `path` is whole or absent, also after a power
+    loss. A failed write leaves no temporary file; a full disk or an unwritable folder is a
+    UserError naming it."""
     path = Path(path)
     refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1295,7 +1311,10 @@ def atomic_save(obj, path):
             data = buffer.getbuffer()
         with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -1614,7 +1633,9 @@ def save_run(path, result, head, settings, force=False):
             if head is not None:  # before results.json: a finished run has its head
                 atomic_save(head, path.with_name("head.pt"))
             atomic_save(result, path)
+            fsync_path(log_path)
             os.replace(log_path, path.with_name("epochs.csv"))
+            fsync_path(path.parent)
     finally:
         log_path.unlink(missing_ok=True)
 

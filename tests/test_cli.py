@@ -729,3 +729,28 @@ def test_the_file_and_the_package_give_the_same_numbers_and_share_runs_and_cache
         assert proc.returncode == 0, proc.stderr
     computed = env_log.read_text().splitlines() if env_log.exists() else []
     assert not [line for line in computed if "weak-" in line or "clip-" in line], computed
+
+
+def test_console_scripts_and_python_m_w2s_clip_lab(tmp_path):
+    """Each [project.scripts] entry of pyproject.toml, run as its console script would be (without
+    installing), prints its help and exits 0: the file's command lists no package flag, the
+    package's lists them; `python -m w2s_clip_lab` lists the package's commands, each a module
+    with a `main`, and exits 0."""
+    import importlib
+    import tomllib
+    scripts = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"w2s-clip", "w2s-clip-lab"}
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        code = f"import sys; sys.argv = [{name!r}, '--help']; from {module} import {function}; {function}()"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and "--data-root" in proc.stdout, proc.stderr
+        assert ("--dataset" in proc.stdout) == (name == "w2s-clip-lab"), name
+    proc = subprocess.run([sys.executable, "-m", "w2s_clip_lab"], cwd=HERE, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.splitlines()[1:] if line.startswith("  ")]
+    assert {"run", "grid", "miniature", "regret", "bench", "gpu_check", "weights"} <= set(listed)
+    for name in listed:
+        assert callable(importlib.import_module(f"w2s_clip_lab.{name}").main), name

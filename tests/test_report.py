@@ -836,3 +836,36 @@ def test_a_sweep_over_tune_by_is_a_row_per_criterion_in_tables_and_ablation(tmp_
     text = ablations.ablation_table(tmp_path / "runs")
     assert table_row(text, "paper defaults") == ["40.00 ± 0.00", "50.00 ± 0.00"]
     assert table_row(text, "--tune-by weak-kl") == ["40.00 ± 0.00 (+0.00)", "60.00 ± 0.00 (+10.00)"]
+
+
+def test_each_table_has_a_long_form_csv_of_its_numbers_removed_with_it(tmp_path):
+    """table2.csv holds every number of table2.md's main table as one row: accuracy (mean, std
+    and n over seeds; Avg. over the columns), PGR of the means, CPL − the best baseline with
+    its interval and the baseline named, and the paper's value; a CSV of another name is the
+    user's and kept."""
+    import csv
+    out = tmp_path / "runs"
+    accs = {"weak": (0.40, 0.42), "kd-lp": (0.50, 0.46), "ce-lp": (0.44, 0.44), "cpl": (0.55, 0.53),
+            "ceiling": (0.70, 0.72)}
+    for method, (a, b) in accs.items():
+        for seed, acc in ((0, a), (1, b)):  # 100 D'_test images, round(100 acc) of them right
+            right = round(100 * acc)
+            put(out, {**good_result(method, seed, acc), "d_test_index": list(range(100)),
+                      "d_test_labels": [0] * 100, "predictions": [0] * right + [1] * (100 - right)})
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "table9.csv").write_text("not ours\n")
+    run.main(["--build-tables", "--out-dir", str(out), "--tables-dir", str(tmp_path / "t")])
+    rows = list(csv.DictReader((tmp_path / "t" / "table2.csv").open()))
+    cell = lambda kind, method, col: next(r for r in rows if (r["kind"], r["method"], r["column"])  # noqa: E731
+                                          == (kind, method, col))
+    kd = cell("accuracy", "kd-lp", "sketch")
+    assert float(kd["mean"]) == pytest.approx(48.0) and float(kd["std"]) == pytest.approx(2 ** 0.5 * 2)
+    assert kd["n"] == "2" and float(kd["paper"]) == report.PAPER[("table2", "kd-lp", "sketch")]
+    assert float(cell("pgr", "cpl", "sketch")["mean"]) == pytest.approx((54 - 41) / (71 - 41))
+    delta = cell("delta", "cpl", "Avg.")
+    assert float(delta["mean"]) == pytest.approx(54 - 48) and delta["compared_with"] == "kd-lp"
+    assert float(delta["low"]) <= float(delta["mean"]) <= float(delta["high"])
+    assert float(cell("accuracy", "weak", "Avg.")["mean"]) == pytest.approx(41.0)
+    assert {r["table"] for r in rows} == {"table2"} and (tmp_path / "t" / "table9.csv").exists()
+    for name in ("table3.csv", "table4.csv"):  # written and owned (removed) with their tables
+        assert (tmp_path / "t" / name).exists() and name in report.TABLE_FILES

@@ -15,6 +15,7 @@ import torch
 import w2s_clip
 from w2s_clip_lab import checks, datasets, files, hf, run, store
 from conftest import cli_args, corrupt_copy, folder_copy, good_result, main_error, varied_images
+from test_w2s_clip import record_disk_events
 
 
 def test_cached_computes_once_then_loads_and_leaves_no_temporary_files(tmp_path):
@@ -461,3 +462,28 @@ def test_zero_shot_and_the_ceiling_are_not_stale_for_flags_they_do_not_use():
         assert not stale("zero-shot", **change) and stale("cpl", **change), change
     assert stale("zero-shot", prompt_template="a {}") and stale("zero-shot", weak_lr=0.5)
     assert not stale("ceiling", tune_by="weak-kl") and stale("ceiling", lr=0.3)
+
+
+def test_the_package_writers_flush_each_file_before_its_rename_and_the_folder_after(demo, tmp_path,
+                                                                                  monkeypatch):
+    """The pixel cache, the images-checked stamp and the tables (written as a set): every file
+    renamed into place had its data flushed to disk first, and its folder is flushed after."""
+    from w2s_clip_lab import report
+    events = record_disk_events(monkeypatch)
+    data = demo / "data"
+    paths = [line.split()[0] for line in (data / "sketch_test.txt").read_text().splitlines()[:3]]
+    prepare, out_size = store.short_side(16)
+    store.build_pixel_cache(tmp_path / "pixels", str(data), paths, prepare, out_size)
+    store.check_images_once(str(data), paths, tmp_path / "cache", "sketch")
+    report.save_together({"table2.md": "| a |\n", "runs.csv": "a\n"}, tmp_path / "tables")
+    renamed = [(i, e) for i, e in enumerate(events) if e[0] == "replace"]
+    finals = {e[2] for _, e in renamed}
+    assert {Path(f).name for f in finals} >= {"pixels.u8", "pixels.idx.pt", "table2.md", "runs.csv"}
+    assert any(Path(f).name.startswith("images-checked-sketch-") for f in finals)
+    flushed = set()
+    for i, e in enumerate(events):
+        if e[0] == "fsync":
+            flushed.add(e[1])
+        else:  # a rename: its source's data were flushed before it, its folder is flushed after it
+            assert e[1] in flushed or any(r[2] == e[1] for _, r in renamed[:[j for j, _ in renamed].index(i)]), e
+            assert ("fsync", os.path.dirname(e[2])) in events[i + 1:], e

@@ -14,7 +14,8 @@ import torch
 
 from w2s_clip import DOMAINS, LOSS_NAMES, METHOD_HEAD_LOSS, UserError, pgr
 from w2s_clip_lab.checks import check_writable
-from w2s_clip_lab.files import atomic_save, cache_key, refuse_link, remove_stale_temps, temp_path
+from w2s_clip_lab.files import (atomic_save, cache_key, fsync_path, refuse_link, remove_stale_temps,
+                                temp_path)
 from w2s_clip_lab.store import (describe_difference, filled_settings, method_settings, read_result,
                                 result_files, result_path, same_settings, settings_key)
 
@@ -398,9 +399,10 @@ def differences(rows, col_key, col_names, baselines, n_boot=2000):
     return out
 
 
-def differences_table(title, rows, col_key, col_names, baselines):
-    """differences.md's section for one table: `+d [low, high]` per column and Avg."""
-    diffs = differences(rows, col_key, col_names, baselines)
+def differences_table(title, rows, col_key, col_names, baselines, diffs=None):
+    """differences.md's section for one table: `+d [low, high]` per column and Avg. (`diffs`:
+    `differences`' result, computed here if not given)."""
+    diffs = differences(rows, col_key, col_names, baselines) if diffs is None else diffs
     lines = [f"### {title}", "", "| CPL − | " + " | ".join(list(col_names) + ["Avg."]) + " |",
              "|" + "---|" * (len(col_names) + 2)]
     for comparison in ("best baseline", "weak"):
@@ -520,6 +522,56 @@ def table_markdown(table_id, title, names, subset, col_key, col_names, delta, sh
     return text
 
 
+LONG_FIELDS = ("table", "kind", "method", "variant", "column", "mean", "std", "n", "low", "high",
+               "compared_with", "paper")  # tableN.csv: one row per number of tableN.md's main table
+
+
+def table_long_form(table_id, names, subset, col_key, col_names, delta, shown, diffs=None):
+    """tableN.md's main table as long-form rows (LONG_FIELDS), one per number, for pandas: kind
+    `accuracy` (mean and std over seeds in %, n seeds; Avg.: the mean of the column means over n
+    columns), `pgr` (of the means, per column and for Avg.), `delta` (CPL − the best baseline in
+    points, with its 95% paired-bootstrap interval from `differences` where it names the same
+    baseline); `variant` is a settings variant's label (`tau=0.1`), `paper` the published value."""
+    grid = accuracy_grid(subset, "method", col_key)
+    means = {key: mean_std(v)[0] for key, v in grid.items()}
+    cols = list(col_names) + ["Avg."]
+
+    def level(row, col):  # a row's mean in a column, or its Avg. over every column
+        if col != "Avg.":
+            return means.get((row, col))
+        vals = [means.get((row, c)) for c in col_names]
+        return sum(vals) / len(vals) if vals and None not in vals else None
+
+    out = []
+
+    def add(kind, row, col, mean, **more):
+        method, _, variant = row.partition(" (")
+        out.append({"table": table_id, "kind": kind, "method": method, "variant": variant.rstrip(")"),
+                    "column": col, "mean": mean, "paper": shown.get((table_id, row, col)), **more})
+    for row in names:
+        for col in cols:
+            if col != "Avg." and (row, col) in grid:
+                m, s = mean_std(grid[(row, col)])
+                add("accuracy", row, col, m, std=s, n=len(grid[(row, col)]))
+            elif col == "Avg." and level(row, col) is not None:
+                add("accuracy", row, col, level(row, col), n=len(col_names))
+            levels = (level("weak", col), level(row, col), level("ceiling", col))
+            if row not in ("weak", "ceiling") and None not in levels:
+                add("pgr", row, col, pgr(*levels))
+    baselines = [r for r in names if is_baseline(r)]
+    for col in cols if delta and "cpl" in names and baselines else []:
+        scored = {b: level(b, col) for b in baselines if level(b, col) is not None}
+        if level("cpl", col) is None or not scored:
+            continue
+        best = max(scored, key=scored.get)
+        found = (diffs or {}).get(("best baseline", col))
+        low, high = found[1][1:] if found and found[0] == best else (None, None)
+        out.append({"table": table_id, "kind": "delta", "method": "cpl", "variant": "", "column": col,
+                    "mean": level("cpl", col) - scored[best], "low": low, "high": high,
+                    "compared_with": best, "paper": shown.get((table_id, "Δ (CPL − best baseline)", col))})
+    return out
+
+
 def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, paper=PAPER,
                  paper_weak_models=PAPER_WEAK_MODELS):
     """Write table2.md, table3.md, table4.md, paper_gap.md, runs.csv and figure2.csv (+ .png).
@@ -586,11 +638,15 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
         shown = {key: v for key, v in paper.items() if same_cols or key[2] != "Avg."}
         files[f"{table_id}.md"] = table_markdown(table_id, title, names, subset, col_key, col_names,
                                                  delta, shown)
+        diffs = None
         if table_id != "table4":
             diff_title = f"{title.split(':')[0]}: CPL minus ..., points, 95% interval"
-            difference_parts.append(differences_table(
-                diff_title, subset, col_key, col_names,
-                [n for n in names if is_baseline(n)]))
+            baselines = [n for n in names if is_baseline(n)]
+            diffs = differences(subset, col_key, col_names, baselines)
+            difference_parts.append(differences_table(diff_title, subset, col_key, col_names,
+                                                      baselines, diffs))
+        files[f"{table_id}.csv"] = csv_text(table_long_form(
+            table_id, names, subset, col_key, col_names, delta, shown, diffs), LONG_FIELDS)
         if dataset == "domainnet":
             gaps.append(paper_gap(title.split(":")[0], table_id, names, col_names, subset, col_key,
                                   shown))
@@ -603,8 +659,9 @@ def build_tables(out_dir, tables_dir, table_rows=TABLE2_ROWS, domains=DOMAINS, p
     print(f"wrote {', '.join(sorted(files))} to {tables_dir}")
 
 
-TABLE_FILES = ("runs.csv", "table2.md", "table3.md", "table4.md", "paper_gap.md", "figure2.csv",
-               "figure2.png", "differences.md", "imitation.csv", "imitation.png")  # build_tables owns them
+TABLE_FILES = ("runs.csv", "table2.md", "table3.md", "table4.md", "table2.csv", "table3.csv",
+               "table4.csv", "paper_gap.md", "figure2.csv", "figure2.png", "differences.md",
+               "imitation.csv", "imitation.png")  # build_tables owns them
 
 
 DIFFERENCES_HEAD = """# CPL minus the best baseline and minus the weak model, with 95% intervals
@@ -637,8 +694,9 @@ def save_together(files, folder, owned=()):
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         raise
-    for name, tmp in temps.items():
+    for name, tmp in temps.items():  # each flushed by atomic_save; the folder once after
         os.replace(tmp, folder / name)
+    fsync_path(folder)
     for name in set(owned) - set(files):
         if not (folder / name).is_symlink():  # a link is the user's, not an earlier build's
             (folder / name).unlink(missing_ok=True)

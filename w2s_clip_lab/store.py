@@ -21,7 +21,7 @@ import w2s_clip
 from w2s_clip import (CLIP_SETTINGS, EPOCH_FIELDS, RUN_FLAGS, WEAK_SETTINGS,  # noqa: F401 (re-exported)
                       UserError, atomic_save, cache_key, check_images, decode_image,
                       describe_difference, epochs_log, feature_stage, file_digest, file_lock,
-                      filled_settings, image_stats_digest, log_computed, method_settings,
+                      filled_settings, fsync_path, image_stats_digest, log_computed, method_settings,
                       pending_runs, progress, refuse_link, remove_stale_temps, result_path,
                       same_settings, save_run, settings_key, temp_path, unused_flags, weak_stage)
 from w2s_clip_lab.checks import one_line
@@ -41,7 +41,7 @@ def check_images_once(root, paths, cache_dir, domain):
     if not stamp.exists():
         check_images(root, paths)
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.touch()
+        atomic_save(b"", stamp)  # flushed, renamed, the folder flushed
     return images
 
 
@@ -138,7 +138,10 @@ def build_pixel_cache(stem, root, paths, prepare, out_size, workers=0, force=Fal
                                             f"--no-eval-image-cache or --train-image-cache 0")
                         f.write(a.tobytes())
                         i += 1
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, f"{stem}.u8")
+            fsync_path(Path(stem).parent)
         except BaseException as e:
             tmp.unlink(missing_ok=True)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
