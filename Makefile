@@ -76,7 +76,7 @@ DEMO_PT_METHODS ?= weak zero-shot ceiling ce-lp kd-lp ce-tp cpl
 PT_TAGS ?= datacomp_s_s13m_b4k datacomp_m_s128m_b4k datacomp_xl_s13b_b90k openai
 PT_METHODS := $(T3_METHODS)
 
-.PHONY: help venv test demo data data-all paper-tables tables demo-tables demo-pretraining \
+.PHONY: help venv test demo data data-all paper-tables grid tables demo-tables demo-pretraining \
 	pretraining-table ablations demo-ablations demo-tuning gpu-check weights jobs bench clean
 
 help: ## list the targets
@@ -154,6 +154,13 @@ jobs: ## print paper-tables' grid as one command per line, to run in any order a
 	@for d in $(DOMAINS); do for i in ensemble cpe; do for s in $(SEEDS); do \
 	  echo "$(RUN) $(FLAGS) --dataset $(DATASET) --data-root $(call q,$(DATA)) --domain $$d --method zero-shot cpl --prototype-init $$i --seeds $$s --out-dir $(call q,$(OUT)/)$$i-init --cache-dir $(call q,$(CACHE))"; \
 	done; done; done
+
+GPUS ?= 0
+grid: venv ## run make jobs' grid on this node's GPUS ("0 1 2 3"), one job per GPU at a time, then the tables
+	mkdir -p $(OUT)
+	$(MAKE) -s --no-print-directory jobs > $(OUT)/jobs.txt
+	$(PY) -m w2s_clip_lab.grid --jobs $(OUT)/jobs.txt --gpus $(GPUS) --logs $(OUT)/logs
+	$(MAKE) tables
 
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT
 	$(RUN) --build-tables --out-dir $(OUT) --tables-dir $(TABLES)
