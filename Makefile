@@ -157,10 +157,12 @@ jobs: ## print paper-tables' grid as one command per line, to run in any order a
 
 GPUS ?= 0
 grid: venv ## run make jobs' grid on this node's GPUS ("0 1 2 3"), one job per GPU at a time, then the tables
-	mkdir -p $(OUT)
-	$(MAKE) -s --no-print-directory jobs > $(OUT)/jobs.txt
-	$(PY) -m w2s_clip_lab.grid --jobs $(OUT)/jobs.txt --gpus $(GPUS) --logs $(OUT)/logs
-	$(MAKE) tables
+	mkdir -p $(call q,$(OUT))
+	$(MAKE) -s --no-print-directory jobs > $(call q,$(OUT)/jobs.txt)
+	status=0; $(PY) -m w2s_clip_lab.grid --jobs $(call q,$(OUT)/jobs.txt) --gpus $(GPUS) \
+	  --logs $(call q,$(OUT)/logs) || status=$$?; \
+	  $(PY) -m w2s_clip_lab.run --build-tables --out-dir $(call q,$(OUT)) --tables-dir $(call q,$(TABLES)) \
+	  && exit $$status
 
 tables: venv ## build Tables 2-4, Figure 2 and paper_gap.md from the results under OUT
 	$(RUN) --build-tables --out-dir $(OUT) --tables-dir $(TABLES)

@@ -1312,9 +1312,10 @@ def test_every_write_is_flushed_then_renamed_then_its_folder_flushed(tmp_path, m
     events = record_disk_events(monkeypatch)
     path = tmp_path / "cache" / "x.pt"
     w2s_clip.atomic_save({"a": torch.ones(3)}, path)
-    (kind, tmp), rename, folder = events
+    (kind, tmp), rename, folder, made = events  # cache/ was made: its entry in tmp_path too
     assert kind == "fsync" and rename == ("replace", tmp, str(path.resolve()))
-    assert folder == ("fsync", str(path.parent.resolve())) and torch.load(path)["a"].sum() == 3
+    assert folder == ("fsync", str(path.parent.resolve())) and made == ("fsync", str(tmp_path.resolve()))
+    assert torch.load(path)["a"].sum() == 3
     events.clear()
     result = w2s_clip.result_path(tmp_path / "runs", "sketch", "cpl", 0)
     with w2s_clip.epochs_log(result) as on_epoch:

@@ -1277,15 +1277,17 @@ def refuse_link(path):
 
 def fsync_path(path):
     """Flush a file's data, or a folder's entries (a rename), to the disk, so that a node losing
-    power keeps them; a file system that refuses (some network mounts) is tolerated."""
+    power keeps them; a file system that cannot (some network mounts) is tolerated, a failing
+    disk (EIO) is not."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS):
+            raise
     finally:
         os.close(fd)
 
@@ -1297,6 +1299,7 @@ def atomic_save(obj, path):
     UserError naming it."""
     path = Path(path)
     refuse_link(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # their entries too
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
     tmp = temp_path(path)
@@ -1314,7 +1317,8 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_path(path.parent)
+        for folder in (path.parent, *(p.parent for p in made)):
+            fsync_path(folder)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -1630,8 +1634,9 @@ def save_run(path, result, head, settings, force=False):
                 raise UserError(f"{path} was written by another command meanwhile, with other "
                                 f"settings ({describe_difference(other.get('settings'), settings, method)}"
                                 f"); kept it: rerun with another --out-dir")
-            if head is not None:  # before results.json: a finished run has its head
+            if head is not None:  # before results.json, which names it by digest
                 atomic_save(head, path.with_name("head.pt"))
+                result = {**result, "head_digest": file_digest(path.with_name("head.pt"))}
             atomic_save(result, path)
             fsync_path(log_path)
             os.replace(log_path, path.with_name("epochs.csv"))

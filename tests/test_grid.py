@@ -55,10 +55,11 @@ def test_missing_runs_of_a_job_list_are_named(tmp_path):
     assert grid.missing_runs([job]) == {}
 
 
-def test_the_slurm_script_submits_the_array_and_a_tables_job_after_it(tmp_path):
-    """With a fake sbatch: the job list is `make jobs`' lines, the log folder exists before the
-    array is submitted, the array has a time, a throttle, one GPU a task, --requeue and its output
-    in that folder, the tables job depends on the array (afterany); a task runs its own line."""
+def test_the_slurm_script_submits_the_arrays_and_a_tables_job_after_them(tmp_path):
+    """With a fake sbatch: this submission's job list is `make jobs`' lines, the log folder exists
+    before the arrays are submitted; each array (CHUNK tasks at most) has a time, a throttle, one
+    GPU a task, --requeue and its output in that folder; the tables job depends on every array
+    (afterany); a task runs its own line of the list from the checkout, and one past the end fails."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n"
@@ -66,32 +67,41 @@ def test_the_slurm_script_submits_the_array_and_a_tables_job_after_it(tmp_path):
     (bin_dir / "sbatch").chmod(0o755)
     out = tmp_path / "runs"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    variables = [f"OUT={out}", "DOMAINS=sketch", "SEEDS=0 1", "THROTTLE=3", "TIME=02:00:00"]
+    variables = [f"OUT={out}", "DOMAINS=sketch clipart", "SEEDS=0 1", "THROTTLE=3", "TIME=02:00:00",
+                 "CHUNK=5"]
     proc = subprocess.run(["bash", "w2s_clip_lab/slurm.sh", *variables], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    expected = subprocess.run(["make", "-s", "jobs", *variables], cwd=HERE, capture_output=True,
-                              text=True, check=True).stdout
-    jobs = out / "slurm" / "jobs.txt"
+    expected = subprocess.run(["make", "-s", "--no-print-directory", "jobs", *variables], cwd=HERE,
+                              capture_output=True, text=True, check=True).stdout
+    (jobs,) = (out / "slurm").glob("jobs-*.txt")
     assert jobs.read_text() == expected and (out / "slurm" / "logs").is_dir()
     n = len(expected.splitlines())
-    array, tables = calls.read_text().splitlines()
-    for option in (f"--array=1-{n}%3", "--gres=gpu:1", "--time=02:00:00", "--requeue",
-                   f"--output={out}/slurm/logs/%A_%a.out", f"--task {jobs}"):
-        assert option in array, option
-    assert "--dependency=afterany:1001" in tables and f"--tables {jobs} {out}" in tables
-    assert f"array 1001: {n} tasks, at most 3 at once; tables job 1002" in proc.stdout
+    *arrays, tables = calls.read_text().splitlines()
+    sizes = [min(5, n - offset) for offset in range(0, n, 5)]
+    assert len(arrays) == len(sizes) >= 2
+    for k, (array, size) in enumerate(zip(arrays, sizes)):
+        for option in (f"--array=1-{size}%3", "--gres=gpu:1", "--time=02:00:00", "--requeue",
+                       f"--output={out}/slurm/logs/%A_%a.out", f"--task {HERE} {jobs} {5 * k}"):
+            assert option in array, option
+    ids = ":".join(str(1001 + k) for k in range(len(arrays)))
+    assert f"--dependency=afterany:{ids}" in tables and f"--tables {HERE} {jobs} {out} results" in tables
+    assert f"{n} tasks, at most 3 at once each; tables job {1001 + len(arrays)}" in proc.stdout
     fake = tmp_path / "fake-jobs.txt"
-    fake.write_text(f"echo one > {tmp_path}/ran\necho two > {tmp_path}/ran\n")
-    task = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2", "SLURM_SUBMIT_DIR": str(HERE)}
-    proc = subprocess.run(["bash", str(HERE / "w2s_clip_lab" / "slurm.sh"), "--task", str(fake)],
-                          cwd=tmp_path, env=task, capture_output=True, text=True, timeout=60)
+    fake.write_text(f"echo one > {tmp_path}/ran\necho two > {tmp_path}/ran\necho three > {tmp_path}/ran\n")
+    task = lambda i, offset: subprocess.run(  # noqa: E731  # as SLURM runs a copy, elsewhere
+        ["bash", str(HERE / "w2s_clip_lab" / "slurm.sh"), "--task", str(HERE), str(fake), str(offset)],
+        cwd=tmp_path, env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)}, capture_output=True,
+        text=True, timeout=60)
+    proc = task(1, 1)
     assert proc.returncode == 0 and (tmp_path / "ran").read_text() == "two\n", proc.stderr
+    proc = task(3, 1)
+    assert proc.returncode == 1 and "has no line 4" in proc.stderr
 
 
 def test_the_grid_refuses_no_gpu_and_a_gpu_named_twice(tmp_path):
     (tmp_path / "jobs.txt").write_text("true\n")
-    for gpus, fragment in ((["0", "0"], "names a GPU twice"),):
+    for gpus, fragment in ((["0", "0"], "name each GPU once"), (["0,1"], "separated by spaces")):
         proc = subprocess.run([sys.executable, "-m", "w2s_clip_lab.grid", "--jobs", str(tmp_path / "jobs.txt"),
                                "--gpus", *gpus], cwd=HERE, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1 and proc.stderr.startswith("error: ") and fragment in proc.stderr
@@ -101,3 +111,29 @@ def test_the_grid_refuses_no_gpu_and_a_gpu_named_twice(tmp_path):
     assert proc.returncode == 1 and "no GPU visible" in proc.stderr
     with pytest.raises(SystemExit):
         grid.main(["--jobs", str(tmp_path / "none.txt")])
+
+
+def test_a_stopped_grid_leaves_no_job_running(tmp_path):
+    """SIGTERM to the grid (a closed terminal, kill) stops its jobs as Ctrl-C would and it exits
+    130; a job that ignores Ctrl-C is stopped by SIGTERM after the grace time: none is left on a
+    GPU without the grid."""
+    import signal
+    import time
+    marker = tmp_path / "alive"
+    (tmp_path / "jobs.txt").write_text(f"touch {marker}; sleep 30; echo not stopped > {tmp_path}/late\n")
+    grid_proc = subprocess.Popen([sys.executable, "-m", "w2s_clip_lab.grid", "--jobs", str(tmp_path / "jobs.txt"),
+                                  "--gpus", "0", "--logs", str(tmp_path / "logs")], cwd=HERE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        if marker.exists():
+            break
+        time.sleep(0.1)
+    grid_proc.send_signal(signal.SIGTERM)
+    _, err = grid_proc.communicate(timeout=60)
+    assert grid_proc.returncode == 130 and "every job stopped" in err
+    stubborn = subprocess.Popen(["bash", "-c", "trap '' INT; sleep 30"], start_new_session=True)
+    start = time.time()
+    grid.stop({"0": (1, stubborn, open(tmp_path / "log", "w"), start)}, grace=0.5)
+    assert stubborn.returncode is not None and time.time() - start < 20
+    time.sleep(0.5)
+    assert not (tmp_path / "late").exists()

@@ -56,6 +56,11 @@ def test_a_weak_run_a_changed_or_moved_config_and_a_lost_head_are_one_line(runs,
     (copy / "head.pt").unlink()
     with pytest.raises(w2s_clip.UserError, match="head.pt not found"):
         load_run(copy)
+    foreign = tmp_path / "kd-lp"
+    shutil.copytree(base / "kd-lp" / "seed0", foreign)
+    shutil.copy(base / "ce-tp" / "seed0" / "head.pt", foreign / "head.pt")
+    with pytest.raises(w2s_clip.UserError, match="is not the head this results.json was written with"):
+        load_run(foreign)
     config = runs / "tiny-clip.json"
     original = config.read_text()
     try:
@@ -63,8 +68,10 @@ def test_a_weak_run_a_changed_or_moved_config_and_a_lost_head_are_one_line(runs,
         with pytest.raises(w2s_clip.UserError, match="has changed since the run"):
             load_run(base / "cpl" / "seed0")
         config.unlink()
-        with pytest.raises(w2s_clip.UserError, match="is gone"):
+        with pytest.raises(w2s_clip.UserError, match="is gone.*clip_model=<where it is now>"):
             load_run(base / "cpl" / "seed0")
+        (tmp_path / "moved.json").write_text(original)  # the same config elsewhere: checked, loaded
+        assert load_run(base / "cpl" / "seed0", clip_model=str(tmp_path / "moved.json")).method == "cpl"
     finally:
         config.write_text(original)
     with pytest.raises(w2s_clip.UserError, match="not found"):

@@ -5,11 +5,13 @@
     python -m w2s_clip_lab.grid --jobs jobs.txt --missing  # the results.json not written yet
 
 Each GPU takes the next line when its job ends and runs it with CUDA_VISIBLE_DEVICES set to that
-GPU alone (the job's `cuda` is that GPU), its output in `<logs>/job-<n>.log`. Jobs share the cache
-folder safely and skip finished runs, so the same command resumes a grid; Ctrl-C stops every job
-(each keeps what it finished). A cluster's array: w2s_clip_lab/slurm.sh.
+GPU alone (the job's `cuda` is that GPU), its output appended to `<logs>/job-<n>.log`. Jobs share
+the cache folder safely and skip finished runs, so the same command resumes a grid; Ctrl-C, kill or
+a closed terminal stops every job (each keeps what it finished). A cluster: w2s_clip_lab/slurm.sh.
 """
 import argparse
+import contextlib
+import io
 import os
 import shlex
 import signal
@@ -36,23 +38,52 @@ def read_jobs(path):
     return jobs
 
 
+def stop(running, grace=30.0):
+    """Stop every running job as Ctrl-C would (SIGINT to its process group: it finishes writing
+    and exits); one still running after `grace` seconds, or when Ctrl-C comes again, gets SIGTERM,
+    then SIGKILL: no job is left on a GPU without the grid watching it."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+        alive = [proc for _, proc, _, _ in running.values() if proc.poll() is None]
+        if not alive:
+            break
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        try:
+            end = time.time() + (wait or 0)
+            while wait and time.time() < end and any(proc.poll() is None for proc in alive):
+                time.sleep(0.1)
+        except KeyboardInterrupt:  # Ctrl-C again: the next signal now
+            continue
+    for _, proc, log, _ in running.values():
+        proc.wait()
+        log.close()
+
+
 def run_grid(jobs, gpus, logs, poll=0.2, out=sys.stdout):
     """Run the shell commands `jobs` with at most one running per GPU of `gpus` (each started with
-    CUDA_VISIBLE_DEVICES=<gpu>), each one's output to `<logs>/job-<n>.log`. Returns {job number:
-    exit status}; on Ctrl-C every running job gets SIGINT and is waited for (its finished runs
-    are whole files), then KeyboardInterrupt is raised again."""
+    CUDA_VISIBLE_DEVICES=<gpu>), each one's output appended to `<logs>/job-<n>.log`. Returns {job
+    number: exit status}. On Ctrl-C, SIGTERM or SIGHUP (a closed terminal) every running job is
+    stopped (`stop`) and KeyboardInterrupt raised again."""
     Path(logs).mkdir(parents=True, exist_ok=True)
     pending, running, status = list(enumerate(jobs, 1)), {}, {}
     width = len(str(len(jobs)))
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while pending or running:
             for gpu in [g for g in gpus if g not in running][:len(pending)]:
-                n, job = pending.pop(0)
-                log = open(Path(logs) / f"job-{n:0{width}d}.log", "w")
+                n, job = pending[0]
+                log = open(Path(logs) / f"job-{n:0{width}d}.log", "a")
+                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} on GPU {gpu}: {job}\n")
+                log.flush()
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-                proc = subprocess.Popen(job, shell=True, executable="/bin/bash", env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-                running[gpu] = (n, proc, log, time.time())
+                running[gpu] = (n, subprocess.Popen(job, shell=True, executable="/bin/bash", env=env,
+                                                    stdout=log, stderr=subprocess.STDOUT,
+                                                    start_new_session=True), log, time.time())
+                pending.pop(0)
                 print(f"[gpu {gpu}] job {n}/{len(jobs)} started: {job[:100]}", file=out, flush=True)
             time.sleep(poll)
             for gpu, (n, proc, log, start) in list(running.items()):
@@ -63,38 +94,45 @@ def run_grid(jobs, gpus, logs, poll=0.2, out=sys.stdout):
                     print(f"[gpu {gpu}] job {n}/{len(jobs)} {'done' if proc.returncode == 0 else 'FAILED'}"
                           f" in {time.time() - start:.0f} s (exit {proc.returncode})", file=out, flush=True)
     except KeyboardInterrupt:
-        for n, proc, log, _ in running.values():
-            os.killpg(proc.pid, signal.SIGINT)  # the job's own Ctrl-C: it exits 130, files whole
-        for n, proc, log, _ in running.values():
-            proc.wait()
-            log.close()
+        stop(running)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return status
 
 
+COMMANDS = ("w2s_clip.py", "w2s_clip_lab.run", "w2s-clip", "w2s-clip-lab")  # a job line's command
+
+
 def expected_results(job):
-    """The results.json paths a job line of `make jobs` (w2s_clip.py or `-m w2s_clip_lab.run`)
-    writes: one per method (groups expanded) and seed, under its --out-dir and --domain."""
-    words = shlex.split(job)
-    for start, word in enumerate(words):
-        if word.endswith("w2s_clip.py") or word == "w2s_clip_lab.run":
-            break
-    else:
-        return []
+    """The results.json paths a job line (w2s_clip.py, `-m w2s_clip_lab.run` or their console
+    scripts, as `make jobs` writes them) writes: one per method (groups expanded) and seed under
+    its --out-dir and --domain; None for a line this cannot read."""
     try:
-        args = w2s_clip.parse_args(words[start + 1:], build_parser())
-    except SystemExit:
-        return []
+        words = shlex.split(job)
+    except ValueError:
+        return None
+    start = next((i for i, w in enumerate(words) if os.path.basename(w) in COMMANDS), None)
+    if start is None:
+        return None
+    with contextlib.redirect_stderr(io.StringIO()):  # a bad line is reported by the caller
+        try:
+            args = w2s_clip.parse_args(words[start + 1:], build_parser())
+        except SystemExit:
+            return None
     methods = dict.fromkeys(m for name in args.method for m in METHOD_GROUPS.get(name, [name]))
     return [w2s_clip.result_path(args.out_dir, args.domain, m, s) for s in args.seeds for m in methods]
 
 
 def missing_runs(jobs):
-    """{job number: [results.json paths not there yet]} of the jobs with any missing."""
+    """{job number: [results.json paths not there yet], or None for a line that cannot be read}
+    of the jobs with any missing (or unread)."""
     out = {}
     for n, job in enumerate(jobs, 1):
-        gone = [p for p in expected_results(job) if not p.is_file()]
-        if gone:
+        paths = expected_results(job)
+        gone = None if paths is None else [p for p in paths if not p.is_file()]
+        if gone is None or gone:
             out[n] = gone
     return out
 
@@ -132,16 +170,20 @@ def main(argv=None):
         if args.missing:
             gone = missing_runs(jobs)
             for n, paths in gone.items():
-                print(f"job {n}: {len(paths)} runs missing, e.g. {paths[0]}: {jobs[n - 1][:200]}")
-            print(f"{sum(map(len, gone.values()))} runs missing in {len(gone)} of {len(jobs)} jobs"
+                what = (f"{len(paths)} runs missing, e.g. {paths[0]}" if paths is not None
+                        else "not a w2s_clip command this can read")
+                print(f"job {n}: {what}: {jobs[n - 1][:200]}")
+            print(f"{sum(len(p or []) for p in gone.values())} runs missing or unknown in {len(gone)} "
+                  f"of {len(jobs)} jobs; to rerun them on SLURM: --array={','.join(map(str, gone))}"
                   if gone else f"every run of the {len(jobs)} jobs is there")
             sys.exit(1 if gone else 0)
         gpus = args.gpus or visible_gpus()
         if not gpus:
             raise UserError("no GPU visible; pass --gpus 0 1 ... (or run the list one line at a "
                             "time on the CPU: bash jobs.txt)")
-        if len(set(gpus)) != len(gpus):
-            raise UserError(f"--gpus {' '.join(gpus)} names a GPU twice; one job per GPU at a time")
+        if len(set(gpus)) != len(gpus) or any("," in g for g in gpus):
+            raise UserError(f"--gpus {' '.join(gpus)}: name each GPU once, separated by spaces "
+                            f"(--gpus 0 1 2 3); one job per GPU at a time")
         status = run_grid(jobs, gpus, args.logs)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -34,19 +34,21 @@ class LoadedRun:
     result: dict = field(repr=False)
 
 
-def checked_clip_files(settings, folder):
+def checked_clip_files(settings, folder, clip_model=None, clip_pretrained=None):
     """(model, pretrained) as `w2s_clip.load_clip` takes them, from a run's settings: a JSON
-    config or a checkpoint file at the path the settings recorded, whose contents must still have
-    the digest recorded beside it (`settings["clip"]`); a UserError names one moved or changed."""
-    model, weights = settings["clip_model"], settings["clip_pretrained"]
+    config or a checkpoint file at the path the settings recorded (or at `clip_model` /
+    `clip_pretrained`, a copy moved elsewhere), whose contents must have the digest recorded
+    beside it (`settings["clip"]`); a UserError names one moved or changed."""
+    model = clip_model or settings["clip_model"]
+    weights = clip_pretrained or settings["clip_pretrained"]
     model_id, weights_id = settings["clip"]
     files = [("--clip-model", model, model_id)] if model.endswith(".json") else []
     if weights.lower() != "none" and weights_id != weights:  # recorded by digest: it was a file
         files.append(("--clip-pretrained", weights, weights_id))
     for flag, path, digest in files:
         if not os.path.isfile(path):
-            raise UserError(f"{folder}: its {flag} {path} is gone (moved or deleted); put it back "
-                            f"there, or the same file, to load this run")
+            raise UserError(f"{folder}: its {flag} {path} is gone (moved or deleted); put it back, "
+                            f"or pass load_run(..., {flag[2:].replace('-', '_')}=<where it is now>)")
         if w2s_clip.file_digest(path) != digest:
             raise UserError(f"{folder}: its {flag} {path} has changed since the run (digest "
                             f"{w2s_clip.file_digest(path)}, recorded {digest}); this head was "
@@ -57,7 +59,9 @@ def checked_clip_files(settings, folder):
 def head_of(kind, state, clip, tokenizer, classnames, settings):
     """An untrained head of `kind` (lp, tp, cpl, cpl-text) shaped as `state` (head.pt), loaded
     with it: every parameter the run saved, no other."""
-    scale = settings["cpl_logit_scale"]
+    scale, needs = settings["cpl_logit_scale"], {"cpl-text": "class_features", "cpl": "prototypes"}
+    if kind in needs and set(state) != {needs[kind]}:
+        raise UserError(f"head.pt holds {sorted(state)}, not the {kind} head's ['{needs[kind]}']")
     if kind == "cpl-text":  # the tuned text tower's class features: logits = scale * cos(x, C)
         head = w2s_clip.PrototypeHead(state["class_features"], logit_scale=scale)
         return head.requires_grad_(False)
@@ -76,14 +80,16 @@ def head_of(kind, state, clip, tokenizer, classnames, settings):
     return head
 
 
-def load_run(run_folder, device="cpu"):
+def load_run(run_folder, device="cpu", clip_model=None, clip_pretrained=None):
     """The trained head of a run folder (`<out-dir>/<domain>/<method>/seed<k>`, or its
     results.json) on `device`, in eval mode, with the CLIP model it scores the features of.
 
     cpl, cpl-text, zero-shot and every `<loss>-lp` / `<loss>-tp` give their head; the ceiling the
     head it chose (its `ceiling_head`); a weak run keeps no head (a UserError says where its
     model is). A UserError names the file for a folder without a results.json or head.pt, and
-    for a CLIP config or checkpoint moved or changed since the run.
+    for a CLIP config or checkpoint moved (`clip_model`, `clip_pretrained`: where it is now, checked
+    by its digest) or changed since the run, and for a head.pt that is not the run's own (the
+    digest results.json records).
     Returns:
         LoadedRun: head (features [n, d] -> logits [n, k]), clip, preprocess, tokenizer,
         classnames, method, result.
@@ -112,7 +118,11 @@ def load_run(run_folder, device="cpu"):
         raise UserError(f"{path}: no head to load for method {method!r}")
     if not (folder / "head.pt").is_file():
         raise UserError(f"{folder / 'head.pt'} not found: the run's head is gone; rerun the method")
-    model, pretrained = checked_clip_files(settings, folder)
+    recorded = result.get("head_digest")  # written with the head, by w2s_clip.save_run
+    if recorded and w2s_clip.file_digest(folder / "head.pt") != recorded:
+        raise UserError(f"{folder / 'head.pt'} is not the head this results.json was written with "
+                        f"(another run's, or a rerun stopped between the two); rerun the method")
+    model, pretrained = checked_clip_files(settings, folder, clip_model, clip_pretrained)
     clip, preprocess, tokenizer = w2s_clip.load_clip(model, pretrained, device)
     state = torch.load(folder / "head.pt", map_location="cpu", weights_only=True)
     head = head_of(kind, state, clip, tokenizer, result["classnames"], settings)
