@@ -7,7 +7,7 @@
 # here: THROTTLE (tasks at once, 8), TIME (a task's limit, 08:00:00), CHUNK (tasks per array, 1000:
 # under SLURM's default MaxArraySize of 1001), CPUS (8), TABLES (results), TABLES_TIME (01:00:00),
 # SBATCH_EXTRA (options of every job: --account=..., --partition=...) and ARRAY_EXTRA (of the GPU
-# tasks only: --constraint=a100, --gres=gpu:a100:1, ...).
+# tasks only: --constraint=a100, --qos=..., ...).
 # It writes this submission's job list, one command a line, to $OUT/slurm/jobs-<id>.txt and creates
 # $OUT/slurm/logs/ (SLURM opens --output before a task runs, so the folder must exist), then submits
 #   - the arrays: one task a line, one GPU a task, at most $THROTTLE tasks at once, --time $TIME,
