@@ -53,6 +53,14 @@ class UserError(Exception):
     """A mistake the user can fix (a path, a flag, a file); main() prints it as one line."""
 
 
+def one_line(error, limit=160):
+    """The first informative line of an exception's message (a heading ending in ':' is joined to
+    the line after it; the exception's type for an empty one), cut to `limit` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def set_seed(seed):
     """Seed Python's, torch's and every CUDA device's generators."""
     random.seed(seed)
@@ -298,7 +306,7 @@ def create_weak_model(name, num_classes, pretrained=True):
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
     except (OSError, RuntimeError, ValueError) as e:  # no network, no weights, a bad file
         raise UserError(f"cannot load timm model {name} (pretrained={pretrained}): "
-                        f"{str(e).splitlines()[0]}; check the network or pass --no-weak-pretrained")
+                        f"{one_line(e)}; check the network or pass --no-weak-pretrained")
     cfg = timm.data.resolve_model_data_config(model)
     return (model, timm.data.create_transform(**cfg, is_training=True),
             timm.data.create_transform(**cfg))
@@ -451,9 +459,8 @@ def load_clip(model_name, pretrained, device="cpu"):
                 logging.disable(logging.NOTSET)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
             pickle.UnpicklingError) as e:  # no network, bad tag, config or checkpoint file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"cannot load open_clip {name} with weights {pretrained}: {reason}; check "
-                        f"the network or the --clip-* flags") from None
+        raise UserError(f"cannot load open_clip {name} with weights {pretrained}: {one_line(e)}; "
+                        f"check the network or the --clip-* flags") from None
     return model.to(device).eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
 
 
@@ -1353,8 +1360,8 @@ def load_cache(path):
             return json.loads(Path(path).read_text())
         return torch.load(path, weights_only=True)
     except Exception as e:  # any failure to read derived data means: compute it again
-        reason = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:120]
-        print(f"warning: cache file {path} cannot be loaded ({reason}); recomputing it",
+        print(f"warning: cache file {path} cannot be loaded ({type(e).__name__}: {one_line(e, 120)}); "
+              f"recomputing it",
               file=sys.stderr, flush=True)
         return None
 
@@ -1677,9 +1684,8 @@ def choose_device(requested, precision):
         if dev.type == "cuda" and dev.index is not None:
             torch.cuda.set_device(dev)  # the current device: pinned memory, streams, current_device()
     except (RuntimeError, AssertionError, NotImplementedError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-        raise UserError(f"--device {requested}: not usable here ({reason}); pass --device cpu, "
-                        f"cuda or cuda:<index>") from None
+        raise UserError(f"--device {requested}: not usable here ({one_line(e, 100)}); pass --device "
+                        f"cpu, cuda or cuda:<index>") from None
     capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
     precision = resolve_precision(precision, dev.type, capability)
     report = {"device": str(dev), "precision": precision, "torch": torch.__version__}
@@ -1768,13 +1774,18 @@ HOOKS = {  # the stages w2s_clip_lab replaces to extend a run: layouts, checks, 
 }
 
 
+def requested_methods(names):
+    """--method's names with each group (all, lp, tp: METHOD_GROUPS) expanded, in order, once each."""
+    return list(dict.fromkeys(m for name in names for m in METHOD_GROUPS.get(name, [name])))
+
+
 def run_experiment(args, hooks=None):
     """The paper's protocol for one domain (Section 5), every seed: the splits (step 0), the weak
     model and its logits (steps 1-2), every requested method (steps 3-5) on CLIP features computed
     once, each result saved as it finishes; finished runs are kept; then a table of the seeds.
     `hooks` ({name: function}, HOOKS) replace the stages another entry point extends."""
     hooks = {**HOOKS, **(hooks or {})}
-    methods = list(dict.fromkeys(m for name in args.method for m in METHOD_GROUPS.get(name, [name])))
+    methods = requested_methods(args.method)
     device, precision, hardware = choose_device(args.device, args.precision)
     print(device_line(hardware), flush=True)
     data = hooks["data"](args, device)  # D_train and D_test, checked

@@ -15,13 +15,13 @@ from pathlib import Path
 
 
 from w2s_clip import (UserError, check_images, check_writable, choose_device,  # noqa: F401 (re-exported)
-                      device_line, gpu_build_problem)
+                      device_line, gpu_build_problem, one_line)
 from w2s_clip_lab.hf import check_hf_weak_model, import_transformers
 from w2s_clip_lab.weights import offline_problem
 
 
 # ------------------------------------------------------------------------------------------------
-# A table script's flag type, and one-line messages
+# A table script's flag type (one-line messages: w2s_clip.one_line, named here)
 # ------------------------------------------------------------------------------------------------
 def label_dir(text):
     """argparse type: `LABEL=DIR` (a table row's label and its results folder) -> (label, dir)."""
@@ -29,14 +29,6 @@ def label_dir(text):
     if not sep or not label or not folder:
         raise argparse.ArgumentTypeError(f"expected LABEL=DIR, got {text!r}")
     return label, folder
-
-
-def one_line(error, limit=160):
-    """The first informative line of an exception's message (a heading ending in ':' is joined
-    to the line after it), cut to `limit` characters, for a one-line message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,7 +122,7 @@ def cpu_cost_warning(n_train, n_test, seeds, weak_epochs):
     hours = (n_test / 13.8 * (1 + 11 * seeds) + seeds * weak_epochs * n_train / 9.4) / 3600
     return (f"warning: no usable GPU, so this runs on the CPU: roughly {hours:.0f} h for "
             f"{n_train + n_test} images and {seeds} seeds (docs/speed.md); pass --device cpu to "
-            f"mean it, or see README, Running on a GPU")
+            f"mean it, or see docs/usage.md, Running on a GPU")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import w2s_clip
-from w2s_clip import METHOD_GROUPS, UserError
+from w2s_clip import UserError
 from w2s_clip_lab.run import build_parser
 
 
@@ -121,7 +121,7 @@ def expected_results(job):
             args = w2s_clip.parse_args(words[start + 1:], build_parser())
         except SystemExit:
             return None
-    methods = dict.fromkeys(m for name in args.method for m in METHOD_GROUPS.get(name, [name]))
+    methods = w2s_clip.requested_methods(args.method)
     return [w2s_clip.result_path(args.out_dir, args.domain, m, s) for s in args.seeds for m in methods]
 
 

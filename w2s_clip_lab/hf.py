@@ -5,7 +5,7 @@ Needs the optional `transformers` package.
 import torch.nn as nn
 from PIL import Image
 
-from w2s_clip import UserError, create_weak_model
+from w2s_clip import UserError, create_weak_model, one_line
 
 
 def import_transformers(flag_value):
@@ -60,7 +60,7 @@ def create_hf_weak_model(hub_id, num_classes, pretrained=True):
         processor = transformers.AutoImageProcessor.from_pretrained(hub_id)
     except (OSError, ValueError, KeyError) as e:  # no network, unknown id, not an image classifier
         raise UserError(f"cannot load Hugging Face model {hub_id} (pretrained={pretrained}): "
-                        f"{str(e).splitlines()[0]}; check the id and the network")
+                        f"{one_line(e)}; check the id and the network")
     eval_tf = HFEvalTransform(processor)
     size = tuple(eval_tf(Image.new("RGB", (64, 48))).shape[-2:])  # (H, W) the model is fed
     steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()]
@@ -77,7 +77,7 @@ def check_hf_weak_model(name):
         config = transformers.AutoConfig.from_pretrained(name[3:])
     except (OSError, ValueError) as e:  # unknown id, no network and not cached, a bad folder
         raise UserError(f"--weak-model {name}: no Hugging Face model config found "
-                        f"({str(e).splitlines()[0]}); check the id and the network")
+                        f"({one_line(e)}); check the id and the network")
     if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
         raise UserError(f"--weak-model {name}: a {config.model_type} model, not an image classifier")
 

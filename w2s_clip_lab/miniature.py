@@ -6,7 +6,7 @@ split-file or Office-Home's layout), domains that shift the style, classes that 
 confuses image by image, and a strong model that has learnt image-text matching before it sees
 any weak label: an open_clip CLIP from a JSON config, pretrained with open_clip's own contrastive
 loss (`open_clip.loss.ClipLoss`, CLIP's L_CLIP) on an endless stream of synthetic captioned images
-drawn apart from the demo's D_train / D_test files. Manual: README.md ("Quick start").
+drawn apart from the demo's D_train / D_test files. Manual: docs/usage.md ("The demo in detail").
 
     # data, tiny CLIP config and a checkpoint pretrained for 300 steps (cached), under a minute
     python -m w2s_clip_lab.miniature --out demo --pretrain-steps 300

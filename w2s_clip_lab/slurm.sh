@@ -50,7 +50,7 @@ TABLES_TIME=${TABLES_TIME:-01:00:00} CPUS=${CPUS:-8} CHUNK=${CHUNK:-1000} PY=${P
 command -v sbatch > /dev/null || { echo "error: sbatch not found: run this on a SLURM login node" >&2; exit 1; }
 mkdir -p "$OUT/slurm/logs"
 jobs=$(mktemp "$OUT/slurm/jobs-XXXXXX.txt")  # this submission's own list: tasks read it later
-make -s --no-print-directory jobs "$@" > "$jobs"
+make -s --no-print-directory jobs "$@" > "$jobs" || { rm -f "$jobs"; exit 1; }
 n=$(grep -c . "$jobs" || true)
 [ "$n" -gt 0 ] || { echo "error: make jobs $* printed no job (DOMAINS? SEEDS?)" >&2; exit 1; }
 arrays=()
