@@ -543,6 +543,18 @@ def test_bench_error_device_nonsense_is_one_line():
     assert proc.returncode == 1 and len(lines) == 1 and "--device nonsense" in lines[0], proc.stderr
 
 
+def test_bench_decode_counts_run_the_package_command_and_match_their_closed_forms(tmp_path, capsys):
+    """make bench's decode count (2 seeds, 1 weak epoch, n_train + n_test images): without pixel
+    caches each seed decodes D_train and D_test, CLIP's features D_test once: 2 (n_train + n_test)
+    + n_test; with the eval cache D_test is decoded once for it: 2 n_train + 2 n_test; with the
+    train cache too, every image once plus CLIP's pass: n_train + 2 n_test."""
+    from w2s_clip_lab import bench
+    per_image, (n_train, n_test) = bench.decode_counts(tmp_path, seeds=2, epochs=1)
+    n = n_train + n_test
+    assert list(per_image.values()) == pytest.approx([(2 * n + n_test) / n, (2 * n_train + 2 * n_test) / n,
+                                                       (n_train + 2 * n_test) / n])
+
+
 def test_make_demo_refuses_a_data_folder_that_is_a_symlink(tmp_path):
     """A user's dataset linked in as DIR/data is never written into nor deleted."""
     mine = tmp_path / "my-dataset"

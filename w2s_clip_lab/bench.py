@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import w2s_clip as W
-from w2s_clip_lab import checks, datasets, hf, miniature, report, store
+from w2s_clip_lab import checks, datasets, hf, miniature, report, run, store
 
 
 def parse_args():
@@ -153,7 +153,7 @@ def decode_counts(folder, seeds=5, epochs=3, short=256):
     """Images decoded by weak training, weak logits and CLIP features for `seeds` seeds, counted in
     process (decode_image patched where ImageList and the pixel caches call it, no workers) on a
     small generated domain with tiny models: the paper's defaults, then with the pixel caches
-    (--train-image-cache `short`).
+    (--train-image-cache `short`), through the package's command (its pixel-cache flags).
     Returns:
         {setting: decodes per image}, and the counts (n_train, n_test)."""
     root = Path(folder) / "decodes"
@@ -162,25 +162,25 @@ def decode_counts(folder, seeds=5, epochs=3, short=256):
     (root / "tiny-clip.json").write_text(json.dumps(miniature.TINY_CLIP))
     data = datasets.load_domain(root / "data", "sketch")
     n_train, n_test = len(data["train_paths"]), len(data["test_paths"])
-    count, real = [0], datasets.decode_image
+    count, real = [0], W.decode_image
     counted = lambda path: count.__setitem__(0, count[0] + 1) or real(path)  # noqa: E731
-    datasets.decode_image = store.decode_image = counted
+    W.decode_image = store.decode_image = counted  # where ImageList and the pixel cache call it
     per_image = {}
     try:
         for name, flags in (("paper defaults, no pixel cache", ["--no-eval-image-cache"]),
                             ("eval cache (default)", []),
                             (f"eval + --train-image-cache {short}", ["--train-image-cache", str(short)])):
             count[0] = 0
-            W.main(["--data-root", str(root / "data"), "--domain", "sketch",
-                    "--method", "weak", "zero-shot", "--seeds", *map(str, range(seeds)),
-                    "--clip-model", str(root / "tiny-clip.json"), "--clip-pretrained", "none",
-                    "--weak-model", "test_resnet", "--no-weak-pretrained",
-                    "--weak-epochs", str(epochs), "--batch-size", "32", "--workers", "0",
-                    "--device", "cpu", "--cache-dir", str(root / f"cache-{len(per_image)}"),
-                    "--out-dir", str(root / f"runs-{len(per_image)}"), "--force", *flags])
+            run.main(["--data-root", str(root / "data"), "--domain", "sketch",
+                      "--method", "weak", "zero-shot", "--seeds", *map(str, range(seeds)),
+                      "--clip-model", str(root / "tiny-clip.json"), "--clip-pretrained", "none",
+                      "--weak-model", "test_resnet", "--no-weak-pretrained",
+                      "--weak-epochs", str(epochs), "--batch-size", "32", "--workers", "0",
+                      "--device", "cpu", "--cache-dir", str(root / f"cache-{len(per_image)}"),
+                      "--out-dir", str(root / f"runs-{len(per_image)}"), "--force", *flags])
             per_image[name] = count[0] / (n_train + n_test)
     finally:
-        datasets.decode_image = store.decode_image = real
+        W.decode_image = store.decode_image = real
     return per_image, (n_train, n_test)
 
 
