@@ -33,12 +33,14 @@ DOMAINNET := http://csr.bu.edu/ftp/visda/2019/multi-source
 
 # The demo: a synthetic miniature DomainNet and a tiny CLIP pretrained on it for DEMO_PRETRAIN
 # steps (w2s_clip_lab/miniature.py), a tiny random-init weak model, on the CPU with DEMO_THREADS threads.
-# DEMO_REGIME=paper (default): weak and ceiling as far apart per domain as in the paper's Table 2;
-# easy: the first miniature, in $(DEMO)/easy for make demo-tuning.
+# DEMO_REGIME=paper (default): 30 classes in the paper's budget (Table 1's images per class, its
+# batch per class and epochs), Table 2's weak and ceiling and CLIP's zero-shot per domain;
+# paper-10class: the ten-class preset of earlier versions; easy: the first miniature, in
+# $(DEMO)/easy for make demo-tuning. DEMO_TEST: D_test images per class (default: the preset's).
 DEMO := demo
 DEMO_REGIME ?= paper
-DEMO_PRETRAIN ?= 300
-DEMO_TEST ?= 300
+DEMO_PRETRAIN ?= 1000
+DEMO_TEST ?=
 DEMO_THREADS ?= 1
 # make demo runs its seeds, demo-tables its one-domain jobs, DEMO_JOBS at a time (each on
 # DEMO_THREADS threads): the same runs, files and cells as one after another, in about half the
@@ -48,15 +50,21 @@ DEMO_JOBS ?= 2
 # computes the same floats as this one (docs/miniature.md, "Threads and knobs").
 DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS) ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 \
 	ONEDNN_MAX_CPU_ISA=AVX2
-demo_data = $(DEMO_ENV) $(PY) -m w2s_clip_lab.miniature --out $(1) --regime $(2) --test-per-class $(DEMO_TEST) \
-	--pretrain-steps $(3)
+demo_data = $(DEMO_ENV) $(PY) -m w2s_clip_lab.miniature --out $(1) --regime $(2) \
+	$(if $(DEMO_TEST),--test-per-class $(DEMO_TEST)) --pretrain-steps $(3)
+# Each preset's batch and epochs. paper: the paper's, one --batch-size for the weak model and the
+# heads as in §5, at 512/345 images per class per step (45 at 30 classes), 10 head and 3 weak
+# epochs; the weak model at its images' 32 px (deviation 26). The ten-class presets: earlier versions'.
+demo_run_paper := --batch-size 45 --strong-epochs 10 --weak-epochs 3 --weak-input-size 32
+demo_run_easy := --batch-size 32 --strong-epochs 20 --weak-epochs 5
+demo_run_paper-10class := $(demo_run_easy)
 demo_flags = --dataset folder --data-root $(1)/data --clip-model $(1)/tiny-clip.json \
 	--clip-pretrained $(1)/tiny-clip-$(DEMO_PRETRAIN)steps.pt \
-	--weak-model test_resnet --no-weak-pretrained --weak-epochs 5 --strong-epochs 20 \
-	--batch-size 32 --workers 0 --device cpu --cache-dir $(1)/cache
-DEMO_FLAGS := $(call demo_flags,$(DEMO))
+	--weak-model test_resnet --no-weak-pretrained $(demo_run_$(2)) --workers 0 --device cpu \
+	--cache-dir $(1)/cache
+DEMO_FLAGS := $(call demo_flags,$(DEMO),$(DEMO_REGIME))
 DEMO_WEAK_MODELS := test_resnet test_byobnet test_efficientnet test_coatnet test_convnext
-DEMO_SEEDS ?= 0 1
+DEMO_SEEDS ?= 0 1 2 3 4
 # The faithfulness ablation: the paper's defaults, then one flag changed at a time (flag=value).
 ABLATIONS := paper tune=none tune-by=weak-kl select-from=start-and-epochs ceiling-data=hold-train cpl-kl=printed \
 	cpl-logit-scale=100 prototype-norm=unit lp-input=normalized lr-schedule=cosine max-grad-norm=0 \
@@ -76,7 +84,7 @@ DEMO_PT_METHODS ?= weak zero-shot ceiling ce-lp kd-lp ce-tp cpl
 PT_TAGS ?= datacomp_s_s13m_b4k datacomp_m_s128m_b4k datacomp_xl_s13b_b90k openai
 PT_METHODS := $(T3_METHODS)
 
-.PHONY: help venv test demo data data-all paper-tables grid tables demo-tables demo-pretraining \
+.PHONY: help venv test demo data data-all paper-tables grid tables demo-tables demo-calibrate demo-pretraining \
 	pretraining-table ablations demo-ablations demo-tuning gpu-check weights jobs bench clean
 
 help: ## list the targets
@@ -174,6 +182,18 @@ demo-tables: venv ## Tables 2-4 and Figure 2 on six synthetic domains, CPU (make
 	  $(foreach i,ensemble cpe,$(addprefix demo-t4-$(i)-,$(DOMAINS)))
 	$(MAKE) tables OUT=$(DEMO)/tables-runs TABLES=$(DEMO)/results
 
+# The paper preset's calibration: only weak, zero-shot and ceiling (no weak-to-strong method), into
+# demo-tables' own folder (its runs are kept), and the table of targets, results and knobs.
+demo-calibrate: venv ## the paper preset against Table 2 and CLIP's zero-shot -> demo/results/calibration.md
+	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
+	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line $(addprefix demo-cal-,$(DOMAINS))
+	$(PY) -m w2s_clip_lab.miniature --calibration-table $(DEMO)/tables-runs --regime $(DEMO_REGIME) \
+	  --tables-dir $(DEMO)/results
+
+demo-cal-%:  # one domain of demo-calibrate
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain $* --method weak zero-shot ceiling \
+	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs
+
 demo-seed-%:  # one seed of make demo
 	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain sketch --method $(DEMO_METHODS) \
 	  --seeds $* --out-dir $(DEMO)/runs
@@ -219,7 +239,7 @@ demo-tune-paper-%:  # one domain of demo-tuning, paper preset (demo-tables' runs
 	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain $* --method $(TUNING_METHODS) \
 	  --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tables-runs
 demo-tune-easy-%:  # one domain of demo-tuning, easy preset
-	$(DEMO_ENV) $(RUN) $(call demo_flags,$(DEMO)/easy) --domain $* \
+	$(DEMO_ENV) $(RUN) $(call demo_flags,$(DEMO)/easy,easy) --domain $* \
 	  --method $(TUNING_METHODS) --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tuning/easy
 
 demo-pretraining: venv ## the pretraining table and figure on the miniature: DEMO_PRETRAIN_AXIS steps -> demo/results/pretraining.{md,png}

@@ -1399,12 +1399,12 @@ def log_computed(path):
 # ---- Settings: what a result depends on (its key), and when an existing result is stale ----------
 RUN_FLAGS = ("seeds", "method", "device", "out_dir", "cache_dir", "force", "workers")  # no effect
 CLIP_SETTINGS = ("clip", "data_root", "splits", "domain", "device", "precision")  # CLIP's features
-# All that decides a weak run; dataset, split_share, split_seed and train_image_cache are set only
-# by w2s_clip_lab's layouts and pixel cache, and only when they are not at their defaults.
+# All that decides a weak run; dataset, split_share, split_seed, train_image_cache and
+# weak_input_size are set only by w2s_clip_lab, and only when they are not at their defaults.
 WEAK_SETTINGS = ("weak_model", "weak_pretrained", "weak_epochs", "weak_lr", "batch_size",
                  "warmup_ratio", "weight_decay", "lr_schedule", "max_grad_norm", "weak_micro_batch",
-                 "train_image_cache", "data_root", "splits", "domain", "dataset", "split_share",
-                 "split_seed", "device", "precision")
+                 "train_image_cache", "weak_input_size", "data_root", "splits", "domain", "dataset",
+                 "split_share", "split_seed", "device", "precision")
 
 
 def run_settings(args, data, device, precision):

@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip / timm are imported
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +350,53 @@ def test_paper_preset_is_in_the_papers_regime(pretrained):
     assert abs(gap["real"]) <= 12, probe
     assert gap["infograph"] >= gap["real"] + 10, probe
     assert probe["quickdraw"]["zero-shot"] <= probe["quickdraw"]["weak"] - 25, probe
+
+
+# Table 1 (DomainNet cleaned, #test images per domain) and Section 5's budget, stated here apart
+# from the generator's constants: hold-train is 64% of D_test; heads train at batch 512 over
+# DomainNet's 345 classes for 10 epochs, the weak model for 3.
+TABLE1_TEST = {"clipart": 14604, "infograph": 15582, "painting": 21850, "quickdraw": 51750,
+               "real": 52041, "sketch": 20916}
+
+
+def make_flags(target):
+    """The flags `make -n` prints for a Makefile target, {flag: value}."""
+    out = subprocess.run(["make", "-n", "-s", target], cwd=HERE, capture_output=True, text=True,
+                         timeout=60).stdout.split()
+    return {a: b for a, b in zip(out, out[1:] + [""]) if a.startswith("--")}
+
+
+def test_paper_preset_has_the_papers_images_per_class_and_steps(tmp_path):
+    """On the generated domains of the paper preset (at least 30 classes spread over DomainNet's
+    label order), hold-train images per class and steps per epoch of `make demo`'s flags equal
+    the paper's per domain: within 2% and one step (the issue allows 20%)."""
+    classes = M.REGIMES["paper"]["classes"]
+    k = len(classes)
+    assert k >= 30 and list(classes) != sorted(classes)  # The_Mona_Lisa sorts first
+    order = [M.DOMAINNET_CLASSES.index(c) for c in classes]
+    assert order == sorted(order) and order[-1] - order[0] >= 0.9 * 345
+    assert any(c.startswith("The_") for c in classes)
+    flags = make_flags("demo-seed-0")
+    batch = int(flags["--batch-size"])
+    assert flags["--strong-epochs"] == "10" and flags["--weak-epochs"] == "3"
+    assert abs(batch / k - 512 / 345) / (512 / 345) <= 0.02  # images per class per step
+    M.make_synthetic_domainnet(tmp_path, n_train=1)
+    for domain, n_test in TABLE1_TEST.items():
+        data = w2s_clip.load_domain(tmp_path, domain)
+        assert data["classnames"] == [c.replace("_", " ") for c in classes]
+        paper_per_class, paper_steps = 0.64 * n_test / 345, math.ceil(0.64 * n_test / 512)
+        for seed in range(5):
+            hold_train = len(w2s_clip.protocol_splits(len(data["test_labels"]), seed)["hold_train"])
+            assert abs(hold_train / k - paper_per_class) <= 0.02 * paper_per_class, domain
+            assert abs(math.ceil(hold_train / batch) - paper_steps) <= 1, domain
+
+
+def test_stripe_angles_keep_hue_neighbours_apart_at_thirty_classes():
+    """Classes one and two hues apart differ in stripe angle by at least 45 degrees at 30 classes
+    (angles repeat every 180); the ten-class presets keep their step of 3."""
+    hue, angle = M.class_codes(30)
+    order = torch.argsort(hue)
+    for gap in (1, 2):
+        d = (angle[order] - angle[order.roll(-gap)]).abs() % math.pi
+        assert torch.minimum(d, math.pi - d).min() >= math.pi / 4 - 1e-6, gap
+    assert M.stripe_step(10) == 3 and M.stripe_step(30) == 11

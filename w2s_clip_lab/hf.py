@@ -82,9 +82,18 @@ def check_hf_weak_model(name):
         raise UserError(f"--weak-model {name}: a {config.model_type} model, not an image classifier")
 
 
-def load_weak_model(name, num_classes, pretrained=True):
+def load_weak_model(name, num_classes, pretrained=True, input_size=None):
     """--weak-model's classifier and transforms: `hf:<id>` a transformers one
-    (`create_hf_weak_model`), any other name timm's (`w2s_clip.create_weak_model`)."""
+    (`create_hf_weak_model`), any other name timm's (`w2s_clip.create_weak_model`), whose
+    transforms `input_size` (pixels, --weak-input-size) sets instead of the model's own."""
     if name.startswith("hf:"):
+        if input_size:
+            raise UserError(f"--weak-input-size {input_size}: timm weak models only; drop it for "
+                            f"{name}")
         return create_hf_weak_model(name[3:], num_classes, pretrained)
-    return create_weak_model(name, num_classes, pretrained)
+    model, train_tf, eval_tf = create_weak_model(name, num_classes, pretrained)
+    if input_size:
+        import timm
+        cfg = {**timm.data.resolve_model_data_config(model), "input_size": (3, input_size, input_size)}
+        train_tf, eval_tf = timm.data.create_transform(**cfg, is_training=True), timm.data.create_transform(**cfg)
+    return model, train_tf, eval_tf

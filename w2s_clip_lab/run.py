@@ -59,6 +59,13 @@ def build_parser():
     lab.add_argument("--class-descriptions", metavar="FILE",
                      help="CPE: JSON {class name: [sentences]}, each sentence one more prompt of its "
                           "class (e.g. written by a language model beforehand)")
+    lab.add_argument("--hold-train-per-class", type=w2s_clip.positive(int), default=None,
+                     metavar="N", help="train every head on at most N hold-train images per class "
+                     "(each class's first N in the seed's split order; hold-val, D'_test and the "
+                     "weak model unchanged): the images-per-class axis of make demo-regimes")
+    lab.add_argument("--weak-input-size", type=w2s_clip.positive(int), default=None, metavar="PIXELS",
+                     help="train and evaluate a timm weak model at this input size instead of its "
+                          "own (the miniature: 32, its images' size; deviation 26)")
     lab.add_argument("--build-tables", action="store_true",
                      help="only build Tables 2-4 and Figure 2 from the results under --out-dir")
     lab.add_argument("--tables-dir", default="results", help="where --build-tables writes")
@@ -124,6 +131,25 @@ def preflight(args, device):
     return {**data, "images": images, "descriptions": descriptions}
 
 
+def first_per_class(indices, labels, n):
+    """The first n of `indices` [m] of each class (labels[indices]), in their order [<= m]."""
+    seen, keep = {}, []
+    for position, c in enumerate(labels[indices].tolist()):
+        seen[c] = seen.get(c, 0) + 1
+        if seen[c] <= n:
+            keep.append(position)
+    return indices[keep]
+
+
+def seed_stage(args, strong, data, splits, methods):
+    """The `seed` hook: --hold-train-per-class's hold-train (in place, before any head sees it),
+    then CPE's prototypes (`weigh_cpe`)."""
+    if args.hold_train_per_class:
+        splits["hold_train"] = first_per_class(splits["hold_train"], data["test_labels"],
+                                               args.hold_train_per_class)
+    weigh_cpe(args, strong, data, splits, methods)
+
+
 def weigh_cpe(args, strong, data, splits, methods):
     """The `seed` hook: with --prototype-init cpe, this seed's starting prototypes, CPE's template
     weights found on its hold-train images (no true label), put in `strong` for
@@ -159,7 +185,7 @@ def seed_box(args, seed, methods, settings, results):
 
 
 HOOKS = {**w2s_clip.HOOKS, "data": preflight, "settings": store.run_settings,
-         "weak_model": load_weak_model, "datasets": store.cached_datasets, "seed": weigh_cpe,
+         "weak_model": load_weak_model, "datasets": store.cached_datasets, "seed": seed_stage,
          "on_head": cmm_of, "after_seed": seed_box}
 
 
@@ -172,7 +198,9 @@ def run(args):
     else:
         if args.dataset == "officehome":
             args.domain = args.domain.replace(" ", "_")  # "Real World" is run as Real_World
-        w2s_clip.run_experiment(args, HOOKS)
+        size = args.weak_input_size
+        w2s_clip.run_experiment(args, {**HOOKS, "weak_model": lambda name, k, pretrained:
+                                       load_weak_model(name, k, pretrained, input_size=size)})
 
 
 def main(argv=None):

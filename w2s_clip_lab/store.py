@@ -226,8 +226,9 @@ def run_settings(args, data, device, precision="fp32"):
     flags = w2s_clip.run_settings(args, data, device, precision)
     for name in PACKAGE_RUN_FLAGS:
         flags.pop(name, None)
-    if not flags.get("train_image_cache"):
-        flags.pop("train_image_cache", None)
+    for name in ("train_image_cache", "hold_train_per_class", "weak_input_size"):
+        if not flags.get(name):  # at its default: the file's settings
+            flags.pop(name, None)
     if flags.get("dataset") == "domainnet":
         flags.pop("dataset")
     if flags.get("dataset") != "officehome":  # the split flags apply to Office-Home only
