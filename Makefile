@@ -63,7 +63,7 @@ demo_flags = --dataset folder --data-root $(1)/data --clip-model $(1)/tiny-clip.
 	--weak-model test_resnet --no-weak-pretrained $(demo_run_$(2)) --workers 0 --device cpu \
 	--cache-dir $(1)/cache
 DEMO_FLAGS := $(call demo_flags,$(DEMO),$(DEMO_REGIME))
-DEMO_WEAK_MODELS := test_resnet test_byobnet test_efficientnet test_coatnet test_convnext
+DEMO_WEAK_MODELS := test_resnet test_byobnet test_efficientnet test_vit test_convnext
 DEMO_SEEDS ?= 0 1 2 3 4
 # The faithfulness ablation: the paper's defaults, then one flag changed at a time (flag=value).
 ABLATIONS := paper tune=none tune-by=weak-kl select-from=start-and-epochs ceiling-data=hold-train cpl-kl=printed \
@@ -84,7 +84,7 @@ DEMO_PT_METHODS ?= weak zero-shot ceiling ce-lp kd-lp ce-tp cpl
 PT_TAGS ?= datacomp_s_s13m_b4k datacomp_m_s128m_b4k datacomp_xl_s13b_b90k openai
 PT_METHODS := $(T3_METHODS)
 
-.PHONY: help venv test demo data data-all paper-tables grid tables demo-tables demo-calibrate demo-pretraining \
+.PHONY: help venv test demo data data-all paper-tables grid tables demo-tables demo-calibrate demo-regimes demo-pretraining \
 	pretraining-table ablations demo-ablations demo-tuning gpu-check weights jobs bench clean
 
 help: ## list the targets
@@ -187,7 +187,8 @@ demo-tables: venv ## Tables 2-4 and Figure 2 on six synthetic domains, CPU (make
 demo-calibrate: venv ## the paper preset against Table 2 and CLIP's zero-shot -> demo/results/calibration.md
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN))
 	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line $(addprefix demo-cal-,$(DOMAINS))
-	$(PY) -m w2s_clip_lab.miniature --calibration-table $(DEMO)/tables-runs --regime $(DEMO_REGIME) \
+	$(PY) -m w2s_clip_lab.miniature --calibration-table $(addprefix $(DEMO)/tables-runs/,$(DOMAINS)) \
+	  --regime $(DEMO_REGIME) \
 	  --tables-dir $(DEMO)/results
 
 demo-cal-%:  # one domain of demo-calibrate
@@ -241,6 +242,35 @@ demo-tune-paper-%:  # one domain of demo-tuning, paper preset (demo-tables' runs
 demo-tune-easy-%:  # one domain of demo-tuning, easy preset
 	$(DEMO_ENV) $(RUN) $(call demo_flags,$(DEMO)/easy,easy) --domain $* \
 	  --method $(TUNING_METHODS) --seeds $(DEMO_SEEDS) --tune hold-val --out-dir $(DEMO)/tuning/easy
+
+# The regime map (its own time, outside make test): on DEMO_MAP_DOMAIN, the same methods and seeds
+# with every head trained on the first N hold-train images of each class (D'_test, hold-val and the
+# weak model unchanged; the batch stays the paper's per class), and with the tiny CLIP pretrained for
+# fewer steps (zero-shot − weak). The full level of both axes is demo-tables' own runs.
+DEMO_MAP_DOMAIN ?= sketch
+DEMO_MAP_IMAGES ?= 4 8 16 24 32
+DEMO_MAP_PRETRAIN ?= 0 100 200 300 500
+DEMO_MAP_METHODS ?= weak zero-shot ceiling ce-lp kd-lp adaptconf-lp ce-tp kd-tp cpl
+demo-regimes: venv ## CPL − best baseline by images per class and by zero-shot − weak -> demo/results/regimes.{md,png}
+	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_MAP_PRETRAIN) $(DEMO_PRETRAIN))
+	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line demo-map-full \
+	  $(addprefix demo-map-images-,$(DEMO_MAP_IMAGES)) $(addprefix demo-map-pretrain-,$(DEMO_MAP_PRETRAIN))
+	$(DEMO_ENV) $(PY) -m w2s_clip_lab.miniature --tables-dir $(DEMO)/results --regime-map \
+	  $(foreach n,$(DEMO_MAP_IMAGES),images:$(n)=$(DEMO)/regimes/images-$(n)) \
+	  images:all=$(DEMO)/tables-runs/$(DEMO_MAP_DOMAIN) \
+	  $(foreach s,$(DEMO_MAP_PRETRAIN),pretraining:$(s)=$(DEMO)/regimes/pretrain-$(s)) \
+	  pretraining:$(DEMO_PRETRAIN)=$(DEMO)/tables-runs/$(DEMO_MAP_DOMAIN)
+
+demo-map-full:  # the full level of demo-regimes: demo-tables' runs (a finished run is skipped)
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain $(DEMO_MAP_DOMAIN) --method $(DEMO_MAP_METHODS) \
+	  --seeds $(DEMO_SEEDS) --out-dir $(DEMO)/tables-runs
+demo-map-images-%:  # one images-per-class level of demo-regimes
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --domain $(DEMO_MAP_DOMAIN) --method $(DEMO_MAP_METHODS) \
+	  --seeds $(DEMO_SEEDS) --hold-train-per-class $* --out-dir $(DEMO)/regimes/images-$*
+demo-map-pretrain-%:  # one pretraining level of demo-regimes
+	$(DEMO_ENV) $(RUN) $(DEMO_FLAGS) --clip-pretrained $(DEMO)/tiny-clip-$*steps.pt \
+	  --domain $(DEMO_MAP_DOMAIN) --method $(DEMO_MAP_METHODS) --seeds $(DEMO_SEEDS) \
+	  --out-dir $(DEMO)/regimes/pretrain-$*
 
 demo-pretraining: venv ## the pretraining table and figure on the miniature: DEMO_PRETRAIN_AXIS steps -> demo/results/pretraining.{md,png}
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_PRETRAIN_AXIS))

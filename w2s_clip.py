@@ -234,7 +234,7 @@ class ImageList(Dataset):
         sample_seed = int(hashlib.sha1(f"{self.seed} {epoch} {i}".encode()).hexdigest()[:15], 16)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            torch.random.default_generator.manual_seed(sample_seed)  # the CPU's alone: no CUDA call
             random.seed(sample_seed)
             x = self.transform(image)
         random.setstate(state)

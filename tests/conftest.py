@@ -82,7 +82,7 @@ def demo(tmp_path_factory):
     """One tiny synthetic DomainNet-layout domain (4 classes, 8 train / 20 test images each)."""
     root = tmp_path_factory.mktemp("demo")
     miniature.make_synthetic_domainnet(root / "data", domains=("sketch",), classes=DEMO_NAMES,
-                                           n_train=8, n_test=20, size=32)
+                                           n_train=8, n_test=20, size=32, regime="paper-10class")
     (root / "tiny-clip.json").write_text(json.dumps(miniature.TINY_CLIP))
     return root
 
@@ -121,7 +121,8 @@ def officehome(tmp_path_factory):
     4 classes of 8 + 20 images."""
     root = tmp_path_factory.mktemp("officehome")
     miniature.make_synthetic_domainnet(root, domains=("sketch",), classes=DEMO_NAMES,
-                                           n_train=8, n_test=20, layout="officehome")
+                                           n_train=8, n_test=20, layout="officehome",
+                                           regime="paper-10class")
     (root / "sketch").rename(root / "Real World")
     return root
 
@@ -130,7 +131,8 @@ def folder_copy(demo_folder, tmp_path, classnames=True):
     """The fixture's images in the folder layout <root>/sketch/{train,test}/<class>/<image>."""
     root = tmp_path / "mine"
     miniature.make_synthetic_domainnet(root, domains=("sketch",), classes=DEMO_NAMES,
-                                           n_train=8, n_test=20, layout="folder")
+                                           n_train=8, n_test=20, layout="folder",
+                                           regime="paper-10class")
     if not classnames:
         (root / "classnames.txt").unlink()
     return root

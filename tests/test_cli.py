@@ -766,3 +766,44 @@ def test_console_scripts_and_python_m_w2s_clip_lab(tmp_path):
     assert {"run", "grid", "miniature", "regret", "bench", "gpu_check", "weights"} <= set(listed)
     for name in listed:
         assert callable(importlib.import_module(f"w2s_clip_lab.{name}").main), name
+
+
+def test_first_per_class_keeps_each_class_first_n_in_order():
+    indices = torch.tensor([7, 3, 9, 1, 4, 8, 0])
+    labels = torch.tensor([0, 1, 0, 1, 0, 2, 1, 0, 1, 2])  # labels of images 0..9
+    # classes of the indices in order: 0, 1, 1, 1, 0, 2, 0 -> the first two of each
+    assert run.first_per_class(indices, labels, 2).tolist() == [7, 3, 9, 4, 8]
+    assert run.first_per_class(indices, labels, 5).tolist() == indices.tolist()
+
+
+def test_cli_hold_train_per_class_trains_heads_on_fewer_images_only(demo, tmp_path):
+    """--hold-train-per-class 2: the heads see each class's first 2 hold-train images; D'_test,
+    the weak model and its logits are the full run's; the flag is in the run's settings, and a
+    run without it keeps the file's settings (no such key)."""
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    full = run_cli(cli_args(demo, demo / "data", out / "full", cache), PACKAGE)
+    few = run_cli(cli_args(demo, demo / "data", out / "few", cache,
+                           **{"--hold-train-per-class": "2"}), PACKAGE)
+    assert full.returncode == 0 and few.returncode == 0, few.stderr
+    r = {k: json.loads((out / k / "sketch" / "cpl" / "seed0" / "results.json").read_text())
+         for k in ("full", "few")}
+    assert r["full"]["n_hold_train"] == 51 and r["few"]["n_hold_train"] == 4 * 2
+    assert r["few"]["d_test_index"] == r["full"]["d_test_index"]
+    assert r["few"]["weak_test_accuracy"] == r["full"]["weak_test_accuracy"]
+    assert r["few"]["settings"]["hold_train_per_class"] == 2
+    assert "hold_train_per_class" not in r["full"]["settings"]
+    assert "weak_input_size" not in r["full"]["settings"]
+
+
+def test_weak_input_size_sets_timm_transforms_and_refuses_hugging_face():
+    from PIL import Image
+    from w2s_clip_lab import hf
+    model, train_tf, eval_tf = hf.load_weak_model("test_resnet", 4, pretrained=False, input_size=32)
+    image = Image.new("RGB", (32, 32), (200, 10, 10))
+    assert eval_tf(image).shape == train_tf(image).shape == (3, 32, 32)
+    _, _, own = hf.load_weak_model("test_resnet", 4, pretrained=False)
+    assert own(image).shape == (3, 160, 160)  # test_resnet's own input size
+    with pytest.raises(w2s_clip.UserError, match="--weak-input-size 32: timm weak models only"):
+        hf.load_weak_model("hf:microsoft/resnet-18", 4, pretrained=False, input_size=32)
+    with pytest.raises(w2s_clip.UserError, match="test_coatnet cannot run at --weak-input-size 32"):
+        hf.load_weak_model("test_coatnet", 4, pretrained=False, input_size=32)  # fixed-size tables

@@ -172,6 +172,22 @@ def test_image_list_augmentation_is_seeded_per_sample_and_epoch(demo):
     assert torch.equal(ds[3][0], first)  # after other draws
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
     assert not torch.equal(ds[n + 3][0], first)  # epoch 1 of image 3
+    # the draw is what torch.manual_seed and random.seed of the sample's seed give (the CPU
+    # generator is all the transforms use), and no CUDA seeding is queued per image
+    import hashlib
+    sample_seed = int(hashlib.sha1(b"7 0 3").hexdigest()[:15], 16)
+    image = datasets.decode_image(str(demo / "data" / paths[3]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        assert torch.equal(tf(image), first)
+    calls = []
+    original = torch.cuda.manual_seed_all
+    torch.cuda.manual_seed_all = lambda seed: calls.append(seed)
+    try:
+        assert torch.equal(ds[3][0], first) and calls == []
+    finally:
+        torch.cuda.manual_seed_all = original
     sampler = datasets.EpochSampler(n, seed=0)
     e0, e1 = list(sampler), list(sampler)
     assert sorted(e0) == list(range(n)) and sorted(e1) == list(range(n, 2 * n)) and e0 != [i - n for i in e1]

@@ -216,7 +216,8 @@ def test_demo_tables_small_version_end_to_end(demo, tmp_path):
     the ensemble init; then --build-tables writes every row and column from the results alone."""
     data = tmp_path / "data"
     miniature.make_synthetic_domainnet(data, domains=("clipart",), classes=DEMO_NAMES[:3],
-                                           n_train=6, n_test=15, size=32)
+                                           n_train=6, n_test=15, size=32,
+                                           regime="paper-10class")
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     common = {"--data-root": data, "--domain": "clipart", "--cache-dir": cache}
     for out, extra in ((runs / "t2", {"--method": "all"}),

@@ -2,6 +2,7 @@
 transformers image classifier called like a timm one, with transforms from its own processor.
 Needs the optional `transformers` package.
 """
+import torch
 import torch.nn as nn
 from PIL import Image
 
@@ -94,6 +95,12 @@ def load_weak_model(name, num_classes, pretrained=True, input_size=None):
     model, train_tf, eval_tf = create_weak_model(name, num_classes, pretrained)
     if input_size:
         import timm
+        try:  # some models fix their input size (e.g. relative position tables)
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, 3, input_size, input_size))
+        except RuntimeError as e:
+            raise UserError(f"--weak-model {name} cannot run at --weak-input-size {input_size} "
+                            f"({one_line(e)}); drop the flag or pick another model") from None
         cfg = {**timm.data.resolve_model_data_config(model), "input_size": (3, input_size, input_size)}
         train_tf, eval_tf = timm.data.create_transform(**cfg, is_training=True), timm.data.create_transform(**cfg)
     return model, train_tf, eval_tf

@@ -8,11 +8,12 @@ any weak label: an open_clip CLIP from a JSON config, pretrained with open_clip'
 loss (`open_clip.loss.ClipLoss`, CLIP's L_CLIP) on an endless stream of synthetic captioned images
 drawn apart from the demo's D_train / D_test files. Manual: docs/usage.md ("The demo in detail").
 
-    # data, tiny CLIP config and a checkpoint pretrained for 300 steps (cached), under a minute
-    python -m w2s_clip_lab.miniature --out demo --pretrain-steps 300
+    # data, tiny CLIP config and a checkpoint pretrained for 1000 steps (cached), about a minute
+    python -m w2s_clip_lab.miniature --out demo --pretrain-steps 1000
     python -m w2s_clip_lab.run --dataset folder --data-root demo/data --clip-model demo/tiny-clip.json \\
-        --clip-pretrained demo/tiny-clip-300steps.pt --weak-model test_resnet --no-weak-pretrained \\
-        --domain sketch --method weak ceiling kd-lp cpl --device cpu --cache-dir demo/cache
+        --clip-pretrained demo/tiny-clip-1000steps.pt --weak-model test_resnet --no-weak-pretrained \\
+        --weak-input-size 32 --batch-size 45 --domain sketch --method weak ceiling kd-lp cpl \\
+        --device cpu --cache-dir demo/cache
     # the pretraining table from runs made with 0, a few and many pretraining steps
     python -m w2s_clip_lab.miniature --pretraining-table 0=demo/pretraining-runs/0 \\
         300=demo/pretraining-runs/300 --tables-dir demo/results
@@ -149,7 +150,7 @@ REGIMES["paper"] = dict(
             "sketch": dict(DOMAIN_STYLES["sketch"], jitter=0.4)},
     label_noise={"clipart": 0.23, "infograph": 0.46, "painting": 0.26, "quickdraw": 0.45,
                  "real": 0.11, "sketch": 0.35},
-    train_per_class={"clipart": 190, "infograph": 200, "painting": 320, "quickdraw": 210, "real": 350,
+    train_per_class={"clipart": 190, "infograph": 200, "painting": 420, "quickdraw": 210, "real": 350,
                      "sketch": 190},
     test_per_class=PAPER_TEST_PER_CLASS,
     pretrain_domains=DOMAINS,
@@ -650,6 +651,135 @@ def pretraining_figure(points):
 
 
 # ------------------------------------------------------------------------------------------------
+# The regime map: CPL against the best baseline by images per class and by zero-shot − weak
+# ------------------------------------------------------------------------------------------------
+MAP_AXES = {"images": "hold-train images per class (mean over classes and seeds)",
+            "pretraining": "zero-shot − weak (points, mean over seeds)"}
+
+
+def map_level(label, rows, axis):
+    """One level of a regime-map axis from one domain's rows: its x (MAP_AXES), every method's
+    accuracy per seed, the best baseline and CPL − best with its 95% paired bootstrap interval
+    (report.differences). Returns a dict."""
+    acc = seed_means(rows)
+    mean = lambda m: sum(acc[m].values()) / len(acc[m]) if acc.get(m) else float("nan")  # noqa: E731
+    if axis == "images":  # what the heads trained on, read from the results themselves
+        sizes = [json.loads(Path(r["path"]).read_text()) for r in rows if r["method"] == "cpl"]
+        x = sum(s["n_hold_train"] / len(s["per_class_accuracy"]) for s in sizes) / max(1, len(sizes))
+    else:
+        x = mean("zero-shot") - mean("weak")
+    baselines = [m for m in acc if report.is_baseline(m) and " (" not in m]
+    domain = rows[0]["domain"]
+    found = report.differences(rows, "domain", [domain], baselines).get(("best baseline", domain)) \
+        if baselines and "cpl" in acc else None
+    best, diff = found if found else (max(baselines, key=mean, default=None), None)
+    return {"label": label, "x": x, "acc": acc, "mean": mean, "best": best, "diff": diff}
+
+
+def regime_map(levels, tables_dir):
+    """Write `tables_dir/regimes.md` (and `regimes.png`, with matplotlib): per axis of MAP_AXES and
+    level, every method's accuracy on D'_test and CPL − best baseline with its interval.
+
+    Args:
+        levels: list of (axis, label, out_dir); each folder's runs of one domain (the first
+            domain found in the first folder), with the settings most of its runs share, and of
+            the methods every level ran (so that each level picks its best baseline from the same).
+    Returns:
+        the markdown text
+    """
+    found, domain = [], None
+    for axis, label, out_dir in levels:
+        if axis not in MAP_AXES:
+            raise UserError(f"--regime-map {axis}:{label}: the axis is one of {', '.join(MAP_AXES)}")
+        rows, notes = report.comparable_runs(report.load_results(out_dir))
+        domain = domain or (rows[0]["domain"] if rows else None)
+        rows = [r for r in rows if r["domain"] == domain]
+        if not rows:
+            raise UserError(f"--regime-map {axis}:{label}={out_dir}: no results.json of "
+                            f"{domain or 'any domain'} there; run make demo-regimes")
+        for note in notes:
+            print(f"note: {axis} {label}: {note}")
+        found.append((axis, label, rows))
+    methods = set.intersection(*({r["method"] for r in rows} for _, _, rows in found))
+    points = {}
+    for axis, label, rows in found:
+        points.setdefault(axis, []).append(
+            map_level(label, [r for r in rows if r["method"] in methods], axis))
+    lines = [f"## The regime map on {domain}: CPL against the best baseline", "",
+             "Accuracy (%) on D'_test, mean over seeds; CPL − best baseline (the baseline with the "
+             "highest mean at that level) with its 95% paired bootstrap interval over the D'_test "
+             "images of every seed; PGR on the means (n/a: ceiling <= weak). Methods: "
+             + ", ".join(sorted(methods)) + ".", ""]
+    for axis, pts in points.items():
+        pts.sort(key=lambda p: p["x"])
+        lines += [f"### Against {MAP_AXES[axis]}", "",
+                  "| level | x | weak | zero-shot | ceiling | best baseline | CPL | CPL − best [95%] "
+                  "| PGR best | PGR CPL |", "|" + " --- |" * 10]
+        for p in pts:
+            mean = p["mean"]
+            cell = lambda m: "—" if math.isnan(mean(m)) else f"{mean(m):.2f}"  # noqa: E731
+            gain = lambda m: "—" if any(math.isnan(mean(n)) for n in ("weak", "ceiling", m)) \
+                else report.pgr_text(mean("weak"), mean(m), mean("ceiling"))  # noqa: E731
+            diff = (f"{p['diff'][1][0]:+.2f} [{p['diff'][1][1]:+.2f}, {p['diff'][1][2]:+.2f}]"
+                    if p["diff"] else "—")
+            best = p["best"]
+            lines.append(f"| {p['label']} | {p['x']:.1f} | {cell('weak')} | {cell('zero-shot')} | "
+                         f"{cell('ceiling')} | {best or '—'} {cell(best) if best else ''} | "
+                         f"{cell('cpl')} | {diff} | {gain(best) if best else '—'} | {gain('cpl')} |")
+        lines.append("")
+    text = "\n".join(lines)
+    outputs = {"regimes.md": text}
+    png = regime_figure(points, domain)
+    if png is not None:
+        outputs["regimes.png"] = png
+    checks.check_writable(tables_dir, "--tables-dir")
+    for name, content in outputs.items():
+        files.atomic_save(content, Path(tables_dir) / name)
+    return text
+
+
+def regime_figure(points, domain):
+    """regimes.png: one row per axis; left every method's accuracy (mean ± std over seeds, a band)
+    against the level's x, right CPL − best baseline with its interval. Points are joined in the
+    order of x; each level is labelled once, under its point. None without matplotlib."""
+    plt = report.pyplot()
+    if plt is None or not points:
+        return None
+    fig, axes = plt.subplots(len(points), 2, figsize=(12, 4.3 * len(points)), squeeze=False)
+    for (axis, pts), (left, right) in zip(points.items(), axes):
+        xs = [p["x"] for p in pts]
+        methods = [m for m in dict.fromkeys(m for p in pts for m in p["acc"]) if " (" not in m]
+        for m in methods:
+            got = [(p["x"], report.mean_std(list(p["acc"][m].values()))) for p in pts if p["acc"].get(m)]
+            x, y, sd = [g[0] for g in got], [g[1][0] for g in got], [g[1][1] for g in got]
+            style = dict(lw=2.5, color="black") if m == "cpl" else dict(lw=1)
+            line, = left.plot(x, y, marker="o", label=m, **style)
+            left.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
+                              color=line.get_color(), alpha=0.12, linewidth=0)
+        with_diff = [p for p in pts if p["diff"]]
+        right.errorbar([p["x"] for p in with_diff], [p["diff"][1][0] for p in with_diff],
+                       yerr=[[p["diff"][1][0] - p["diff"][1][1] for p in with_diff],
+                             [p["diff"][1][2] - p["diff"][1][0] for p in with_diff]],
+                       marker="o", capsize=3, color="black", lw=1)
+        right.axhline(0, color="gray", lw=1, ls="--")
+        for ax in (left, right):
+            if axis == "images":
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{p['x']:.0f}" if axis == "images" else f"{p['x']:+.0f}"
+                                for p in pts], fontsize=7)
+            ax.set_xlabel(MAP_AXES[axis] + ("; levels: " + ", ".join(p["label"] for p in pts)
+                                            if axis == "pretraining" else ""), fontsize=8)
+        left.set(ylabel="accuracy on D'_test (%), mean ± std",
+                 title=f"{domain}: every method against {axis}")
+        right.set(ylabel="points, 95% paired bootstrap", title="CPL − best baseline")
+        left.legend(fontsize=7, ncol=2)
+        for ax in (left, right):
+            ax.title.set_fontsize(9)
+    return report.png_bytes(fig, plt)
+
+
+# ------------------------------------------------------------------------------------------------
 # The calibration table: the paper preset against what the paper's setting publishes
 # ------------------------------------------------------------------------------------------------
 # OpenAI CLIP ViT-B/32's zero-shot accuracy (%) on the whole of each DomainNet domain, prompt "a
@@ -677,13 +807,17 @@ def calibration_rows(rows, domains=DOMAINS):
     return out
 
 
-def calibration_table(out_dir, tables_dir, regime="paper"):
-    """Write `tables_dir/calibration.md`: per domain the targets, what came out and the preset's
-    knobs (REGIMES[regime]); returns the markdown text."""
-    rows, notes = report.comparable_runs(report.load_results(out_dir))
+def calibration_table(out_dirs, tables_dir, regime="paper"):
+    """Write `tables_dir/calibration.md` from the runs in `out_dirs` (one weak model's): per domain
+    the targets, what came out and the preset's knobs (REGIMES[regime]); returns the markdown."""
+    rows, notes = report.comparable_runs([r for d in out_dirs for r in report.load_results(d)])
     if not rows:
-        raise UserError(f"--calibration-table {out_dir}: no results.json there; run make "
-                        f"demo-calibrate first")
+        raise UserError(f"--calibration-table {' '.join(map(str, out_dirs))}: no results.json "
+                        f"there; run make demo-calibrate first")
+    weak_models = sorted({r["weak_model"] for r in rows if r["method"] == "weak"})
+    if len(weak_models) > 1:
+        raise UserError(f"--calibration-table: runs of {len(weak_models)} weak models "
+                        f"({', '.join(weak_models)}); give the folders of one (the domains' own)")
     for note in notes:
         print(f"note: {note}")
     preset, cal = REGIMES[regime], calibration_rows(rows)
@@ -714,6 +848,15 @@ def calibration_table(out_dir, tables_dir, regime="paper"):
 # ------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------
+def map_level_arg(text):
+    """argparse type: `AXIS:LABEL=DIR` -> (axis, label, dir)."""
+    axis, sep, rest = text.partition(":")
+    if not sep or axis not in MAP_AXES:
+        raise argparse.ArgumentTypeError(f"expected AXIS:LABEL=DIR with AXIS one of "
+                                         f"{', '.join(MAP_AXES)}, got {text!r}")
+    return (axis, *checks.label_dir(rest))
+
+
 def parse_args(argv=None):
     """The miniature's command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -733,9 +876,10 @@ def parse_args(argv=None):
                    help="how DIR/data is laid out: folder (w2s_clip --dataset folder, the demo: "
                         "its own data set), domainnet (split files) or officehome")
     p.add_argument("--regime", choices=tuple(REGIMES), default="paper",
-                   help="paper: weak and ceiling as far apart per domain as in the paper's Table 2, "
-                        "QuickDraw unseen in pretraining; easy: the first miniature, a strong model "
-                        "far above its weak supervisor (docs/miniature.md)")
+                   help="paper: 30 classes in the paper's images per class, per domain Table 2's "
+                        "weak and ceiling and CLIP's zero-shot against the weak model; "
+                        "paper-10class: the ten-class preset of earlier versions; easy: the first "
+                        "miniature, a strong model far above its weak supervisor (docs/miniature.md)")
     p.add_argument("--test-per-class", type=w2s_clip.positive(int), default=None,
                    help="D_test images per class and domain (D'_test is a fifth of D_test); "
                         "default: the preset's (paper: Table 1's per domain; the others: 300)")
@@ -743,11 +887,15 @@ def parse_args(argv=None):
     p.add_argument("--pretraining-table", nargs="+", metavar="LABEL=DIR", default=None,
                    type=checks.label_dir,
                    help="only write TABLES_DIR/pretraining.md from w2s_clip result folders")
-    p.add_argument("--calibration-table", metavar="DIR",
+    p.add_argument("--regime-map", nargs="+", metavar="AXIS:LABEL=DIR", default=None,
+                   type=map_level_arg,
+                   help="only write TABLES_DIR/regimes.{md,png} from w2s_clip result folders, "
+                        "AXIS images or pretraining (make demo-regimes)")
+    p.add_argument("--calibration-table", nargs="+", metavar="DIR",
                    help="only write TABLES_DIR/calibration.md from the weak, zero-shot and ceiling "
-                        "runs in DIR (make demo-calibrate)")
+                        "runs in these folders, of one weak model (make demo-calibrate)")
     p.add_argument("--tables-dir", default="results",
-                   help="where --pretraining-table and --calibration-table write")
+                   help="where --pretraining-table, --regime-map and --calibration-table write")
     return p.parse_args(argv)
 
 
@@ -757,6 +905,8 @@ def main(argv=None):
     try:
         if args.pretraining_table:
             print(pretraining_table(args.pretraining_table, args.tables_dir), end="")
+        elif args.regime_map:
+            print(regime_map(args.regime_map, args.tables_dir), end="")
         elif args.calibration_table:
             print(calibration_table(args.calibration_table, args.tables_dir, args.regime), end="")
         elif args.out:
