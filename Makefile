@@ -250,7 +250,7 @@ demo-tune-easy-%:  # one domain of demo-tuning, easy preset
 DEMO_MAP_DOMAIN ?= sketch
 DEMO_MAP_IMAGES ?= 4 8 16 24 32
 DEMO_MAP_PRETRAIN ?= 0 100 200 300 500
-DEMO_MAP_METHODS ?= weak zero-shot ceiling ce-lp kd-lp adaptconf-lp ce-tp kd-tp cpl
+DEMO_MAP_METHODS ?= weak zero-shot ceiling lp tp cpl
 demo-regimes: venv ## CPL − best baseline by images per class and by zero-shot − weak -> demo/results/regimes.{md,png}
 	$(call demo_data,$(DEMO),$(DEMO_REGIME),$(DEMO_MAP_PRETRAIN) $(DEMO_PRETRAIN))
 	$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=line demo-map-full \

@@ -771,8 +771,8 @@ def test_console_scripts_and_python_m_w2s_clip_lab(tmp_path):
 def test_first_per_class_keeps_each_class_first_n_in_order():
     indices = torch.tensor([7, 3, 9, 1, 4, 8, 0])
     labels = torch.tensor([0, 1, 0, 1, 0, 2, 1, 0, 1, 2])  # labels of images 0..9
-    # classes of the indices in order: 0, 1, 1, 1, 0, 2, 0 -> the first two of each
-    assert run.first_per_class(indices, labels, 2).tolist() == [7, 3, 9, 4, 8]
+    # classes of the indices in order: 0, 1, 2, 1, 0, 1, 0 -> the first two of each
+    assert run.first_per_class(indices, labels, 2).tolist() == [7, 3, 9, 1, 4]
     assert run.first_per_class(indices, labels, 5).tolist() == indices.tolist()
 
 

@@ -184,7 +184,7 @@ def stripe_step(k):
     keeps classes one and two hues apart furthest apart in angle: the largest min(||s/k||,
     ||2s/k||), ||x|| the distance to the nearest integer (angles repeat every pi). Ties go to 3,
     the step of the first miniatures (ten classes: 3; thirty: 11, 66 and 48 degrees apart)."""
-    apart = lambda s: min(abs(x - round(x)) for x in (s / k, 2 * s / k))  # noqa: E731
+    apart = lambda s: round(min(abs(x - round(x)) for x in (s / k, 2 * s / k)), 9)  # noqa: E731
     steps = [s for s in range(1, k) if math.gcd(s, k) == 1] or [1]
     best = max(map(apart, steps))
     return 3 if 3 in steps and apart(3) == best else min(s for s in steps if apart(s) == best)
@@ -720,7 +720,7 @@ def regime_map(levels, tables_dir):
             cell = lambda m: "—" if math.isnan(mean(m)) else f"{mean(m):.2f}"  # noqa: E731
             gain = lambda m: "—" if any(math.isnan(mean(n)) for n in ("weak", "ceiling", m)) \
                 else report.pgr_text(mean("weak"), mean(m), mean("ceiling"))  # noqa: E731
-            diff = (f"{p['diff'][1][0]:+.2f} [{p['diff'][1][1]:+.2f}, {p['diff'][1][2]:+.2f}]"
+            diff = (f"{p['diff'][0]:+.2f} [{p['diff'][1]:+.2f}, {p['diff'][2]:+.2f}]"
                     if p["diff"] else "—")
             best = p["best"]
             lines.append(f"| {p['label']} | {p['x']:.1f} | {cell('weak')} | {cell('zero-shot')} | "
@@ -738,6 +738,21 @@ def regime_map(levels, tables_dir):
     return text
 
 
+def tick_labels(xs, log=False):
+    """[(x, label)] for sorted x values: a value within 4% of the axis span (on a log axis, of
+    its log span) of the last labelled one joins that label ("-34.3/-32.5") instead of overlapping."""
+    scale = (lambda v: math.log2(max(v, 1e-9))) if log else (lambda v: v)  # noqa: E731
+    span = max(1e-9, scale(max(xs)) - scale(min(xs)))
+    out = []
+    for x in xs:
+        text = f"{x:.0f}" if log else f"{x:+.1f}"
+        if out and (scale(x) - scale(out[-1][0])) / span < 0.04:
+            out[-1] = (out[-1][0], out[-1][1] + "/" + text)
+        else:
+            out.append((x, text))
+    return out
+
+
 def regime_figure(points, domain):
     """regimes.png: one row per axis; left every method's accuracy (mean ± std over seeds, a band)
     against the level's x, right CPL − best baseline with its interval. Points are joined in the
@@ -749,25 +764,27 @@ def regime_figure(points, domain):
     for (axis, pts), (left, right) in zip(points.items(), axes):
         xs = [p["x"] for p in pts]
         methods = [m for m in dict.fromkeys(m for p in pts for m in p["acc"]) if " (" not in m]
-        for m in methods:
+        colours = plt.get_cmap("tab20").colors
+        for i, m in enumerate(methods):
             got = [(p["x"], report.mean_std(list(p["acc"][m].values()))) for p in pts if p["acc"].get(m)]
             x, y, sd = [g[0] for g in got], [g[1][0] for g in got], [g[1][1] for g in got]
-            style = dict(lw=2.5, color="black") if m == "cpl" else dict(lw=1)
+            style = dict(lw=2.5, color="black") if m == "cpl" else dict(
+                lw=1, color=colours[2 * (i % 10) + i // 10], ls="--" if m.endswith("-lp") else "-")
             line, = left.plot(x, y, marker="o", label=m, **style)
             left.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
                               color=line.get_color(), alpha=0.12, linewidth=0)
         with_diff = [p for p in pts if p["diff"]]
-        right.errorbar([p["x"] for p in with_diff], [p["diff"][1][0] for p in with_diff],
-                       yerr=[[p["diff"][1][0] - p["diff"][1][1] for p in with_diff],
-                             [p["diff"][1][2] - p["diff"][1][0] for p in with_diff]],
+        right.errorbar([p["x"] for p in with_diff], [p["diff"][0] for p in with_diff],
+                       yerr=[[p["diff"][0] - p["diff"][1] for p in with_diff],
+                             [p["diff"][2] - p["diff"][0] for p in with_diff]],
                        marker="o", capsize=3, color="black", lw=1)
         right.axhline(0, color="gray", lw=1, ls="--")
+        ticks = tick_labels(xs, log=axis == "images")
         for ax in (left, right):
             if axis == "images":
                 ax.set_xscale("log", base=2)
-            ax.set_xticks(xs)
-            ax.set_xticklabels([f"{p['x']:.0f}" if axis == "images" else f"{p['x']:+.0f}"
-                                for p in pts], fontsize=7)
+            ax.set_xticks([x for x, _ in ticks])
+            ax.set_xticklabels([label for _, label in ticks], fontsize=7)
             ax.set_xlabel(MAP_AXES[axis] + ("; levels: " + ", ".join(p["label"] for p in pts)
                                             if axis == "pretraining" else ""), fontsize=8)
         left.set(ylabel="accuracy on D'_test (%), mean ± std",
