@@ -151,8 +151,8 @@ def seed_stage(args, strong, data, splits, methods):
 
 
 def weigh_cpe(args, strong, data, splits, methods):
-    """The `seed` hook: with --prototype-init cpe, this seed's starting prototypes, CPE's template
-    weights found on its hold-train images (no true label), put in `strong` for
+    """Part of the `seed` hook: with --prototype-init cpe, this seed's starting prototypes, CPE's
+    template weights found on its hold-train images (no true label), put in `strong` for
     `w2s_clip.zero_shot_prototypes`; only when a method of the seed starts from them."""
     if args.prototype_init != "cpe":
         return
