@@ -98,7 +98,7 @@ def load_weak_model(name, num_classes, pretrained=True, input_size=None):
         try:  # some models fix their input size (e.g. relative position tables)
             with torch.no_grad():
                 model.eval()(torch.zeros(1, 3, input_size, input_size))
-        except RuntimeError as e:
+        except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts some sizes
             raise UserError(f"--weak-model {name} cannot run at --weak-input-size {input_size} "
                             f"({one_line(e)}); drop the flag or pick another model") from None
         cfg = {**timm.data.resolve_model_data_config(model), "input_size": (3, input_size, input_size)}
